@@ -1,0 +1,166 @@
+"""Latent caching: encode every image once, keep the latents in memory and, optionally, in sd-scripts' npz files.
+
+The npz files sit beside the images under sd-scripts' name (`<stem>_<W>x<H>_sdxl.npz`) with its keys, so a
+cache made by either trainer is used by the other. Unlike sd-scripts we check that a cache fits the bucket
+the image is in now (latent shape, original size, crop) and recompute it when it does not.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from library.atomic import atomic_path
+from library.buckets import sdscripts_crop_ltrb
+from library.dataset import ImageRecord, TrainDataset
+from library.errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+LATENT_CHANNELS = 4
+LATENT_STRIDE = 8
+NPZ_KEYS = ("latents", "original_size", "crop_ltrb")
+"""Keys every cache file must hold (`latents` (C, H, W) float32, `original_size` [W, H], `crop_ltrb` [l, t, r, b])."""
+
+Encoder = Callable[[torch.Tensor], torch.Tensor]
+"""(B, 3, H, W) images in [-1, 1] -> (B, 4, H/8, W/8) unscaled latents."""
+
+
+def npz_cache_path(image_path: Path, original_size: tuple[int, int]) -> Path:
+    """`<stem>_<W:04d>x<H:04d>_sdxl.npz` beside the image: sd-scripts' SDXL latent cache name."""
+    image_path = Path(image_path)
+    width, height = original_size
+    return image_path.with_name(f"{image_path.stem}_{width:04d}x{height:04d}_sdxl.npz")
+
+
+def expected_latent_shape(bucket: tuple[int, int]) -> tuple[int, int, int]:
+    """(C, H, W) of the latents of an image in `bucket` (w, h)."""
+    return LATENT_CHANNELS, bucket[1] // LATENT_STRIDE, bucket[0] // LATENT_STRIDE
+
+
+def crop_ltrb(record: ImageRecord) -> tuple[int, int, int, int]:
+    """The real crop window of a record in its resized image: (left, top, right, bottom)."""
+    left, top = record.crop_left_top
+    return left, top, left + record.bucket[0], top + record.bucket[1]
+
+
+def _crop_matches(stored: np.ndarray, record: ImageRecord) -> bool:
+    """Whether a stored `crop_ltrb` describes this record's crop: ours, or sd-scripts' letterbox value.
+
+    sd-scripts always caches centre crops and stores a letterbox offset instead of the crop, so its value
+    identifies the same pixels as our centre crop.
+    """
+    stored = np.asarray(stored, dtype=np.float64).reshape(-1)
+    if stored.shape != (4,):
+        return False
+    if np.allclose(stored, crop_ltrb(record), atol=1e-3):
+        return True
+    return np.allclose(stored, sdscripts_crop_ltrb(record.bucket, record.original_size), atol=1e-3)
+
+
+def load_cached_latents(npz_path: Path, record: ImageRecord) -> tuple[torch.Tensor | None, str]:
+    """(latents, "") from a cache file that fits `record`, else (None, why it cannot be used)."""
+    if not npz_path.exists():
+        return None, "no cache file"
+    try:
+        with np.load(npz_path) as npz:
+            missing = [key for key in NPZ_KEYS if key not in npz.files]
+            if missing:
+                return None, f"it lacks {', '.join(missing)}"
+            latents = npz["latents"]
+            original_size = npz["original_size"].reshape(-1).tolist()
+            stored_crop = npz["crop_ltrb"]
+    except (OSError, ValueError, EOFError) as error:
+        return None, f"it is unreadable ({error})"
+    expected = expected_latent_shape(record.bucket)
+    if tuple(latents.shape) != expected:
+        return None, f"its latents are {tuple(latents.shape)}, the bucket {record.bucket} needs {expected}"
+    if [int(v) for v in original_size] != list(record.original_size):
+        return None, f"it was made from an image of {original_size}, this one is {list(record.original_size)}"
+    if not _crop_matches(stored_crop, record):
+        return None, f"its crop {np.asarray(stored_crop).tolist()} differs from {list(crop_ltrb(record))}"
+    return torch.from_numpy(np.ascontiguousarray(latents, dtype=np.float32)), ""
+
+
+def save_cached_latents(npz_path: Path, latents: torch.Tensor, record: ImageRecord) -> None:
+    """Write a cache file atomically (temporary file, then rename) with sd-scripts' keys."""
+    try:
+        with atomic_path(npz_path) as tmp_path, open(tmp_path, "wb") as handle:  # a handle: savez adds no suffix
+            np.savez(
+                handle,
+                latents=latents.detach().to("cpu", torch.float32).numpy(),
+                original_size=np.array(record.original_size),
+                crop_ltrb=np.array(crop_ltrb(record)),
+            )
+    except OSError as error:
+        raise UserInputError(
+            f"cannot write latent cache {npz_path}: {error.strerror or error}; make the folder writable"
+            " or drop --cache_latents_to_disk"
+        ) from None
+
+
+def _encode_batch(encode: Encoder, dataset: TrainDataset, indices: list[int]) -> torch.Tensor:
+    """Latents of the records `indices` (one bucket), checked for the shape the bucket needs."""
+    images = torch.stack([dataset.load_image_tensor(index) for index in indices])
+    with torch.no_grad():
+        latents = encode(images)
+    bucket = dataset.records[indices[0]].bucket
+    expected = (len(indices), *expected_latent_shape(bucket))
+    if tuple(latents.shape) != expected:
+        raise RuntimeError(f"encode returned latents of shape {tuple(latents.shape)}, expected {expected}")
+    return latents.detach().to("cpu", torch.float32)
+
+
+def cache_latents(
+    dataset: TrainDataset,
+    encode: Encoder,
+    *,
+    to_disk: bool,
+    batch_size: int = 1,
+    show_progress: bool = True,
+) -> None:
+    """Give every record of `dataset` its latents, so training never decodes an image again.
+
+    With `to_disk`, a fitting npz beside the image is loaded instead of encoding, and new latents are
+    written there. Images are encoded in batches of up to `batch_size` from one bucket. `encode` gets
+    (B, 3, H, W) images in [-1, 1] and returns unscaled (B, 4, H/8, W/8) latents.
+    """
+    if dataset.config.random_crop:
+        raise UserInputError(
+            "--random_crop cannot be used with --cache_latents (a cached latent holds one fixed crop): drop one of them"
+        )
+    pending: dict[tuple[int, int], list[int]] = {}
+    for index, record in enumerate(dataset.records):
+        if dataset.has_latents(index):
+            continue
+        if to_disk:
+            npz_path = npz_cache_path(record.path, record.original_size)
+            latents, reason = load_cached_latents(npz_path, record)
+            if latents is not None:
+                dataset.set_latents(index, latents)
+                continue
+            if npz_path.exists():
+                logger.info("recomputing latent cache %s: %s", npz_path, reason)
+        pending.setdefault(record.bucket, []).append(index)
+
+    total = sum(len(indices) for indices in pending.values())
+    if total == 0:
+        return
+    with tqdm(total=total, desc="caching latents", unit="img", disable=not show_progress) as progress:
+        for bucket in sorted(pending):
+            indices = pending[bucket]
+            for start in range(0, len(indices), max(1, batch_size)):
+                chunk = indices[start : start + max(1, batch_size)]
+                latents = _encode_batch(encode, dataset, chunk)
+                for index, sample in zip(chunk, latents):
+                    sample = sample.clone()
+                    dataset.set_latents(index, sample)
+                    if to_disk:
+                        record = dataset.records[index]
+                        save_cached_latents(npz_cache_path(record.path, record.original_size), sample, record)
+                progress.update(len(chunk))
