@@ -1,0 +1,295 @@
+"""`networks.lora`: the sd-scripts network API for SDXL LoRA, with LoRA+ parameter groups.
+
+API (as sd-scripts): `create_network(...)`, `create_network_from_weights(...)`, and on the network
+`apply_to`, `prepare_optimizer_params`, `save_weights`, `load_weights`, `state_dict()` whose keys are
+the file's keys (`lora_unet_..._to_q.lora_down.weight`, `...alpha`).
+
+LoRA+ rule: a parameter is in the "plus" group iff it is a B matrix (`lora_up`); its learning rate is its
+component's learning rate x that component's ratio. `lora_down` (A) keeps the component's rate.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from networks.lora_module import LoRAModule
+from networks.lora_targets import TEXT_ENCODER_PREFIXES, LoRATarget, text_encoder_targets, unet_targets
+from networks.network_args import LoRAPlusRatios, parse_network_args
+
+
+@dataclass(frozen=True)
+class ParamGroupInfo:
+    """What one optimizer parameter group holds, for logging and the start-up table."""
+
+    description: str  # "textencoder", "textencoder plus", "unet", "unet plus"
+    component: str  # "textencoder" | "unet"
+    plus: bool
+    lr: float
+    tensors: int
+    parameters: int
+
+
+class LoRANetwork(nn.Module):
+    """All LoRA adapters of one SDXL model. Each adapter is a child named by its sd-scripts name."""
+
+    def __init__(
+        self,
+        text_encoders: Sequence[nn.Module],
+        unet: nn.Module,
+        multiplier: float = 1.0,
+        lora_dim: int = 4,
+        alpha: float = 1.0,
+        dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
+        conv_lora_dim: int | None = None,
+        conv_alpha: float | None = None,
+        modules_dim: Mapping[str, int] | None = None,
+        modules_alpha: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.multiplier = multiplier
+        self.lora_dim = lora_dim
+        self.alpha = alpha
+        self.conv_lora_dim = conv_lora_dim
+        self.conv_alpha = conv_alpha
+        self.loraplus = LoRAPlusRatios(unet=None, text_encoder=None)
+
+        def build(targets: list[LoRATarget]) -> list[LoRAModule]:
+            loras = []
+            for target in targets:
+                if modules_dim is not None:
+                    if target.lora_name not in modules_dim:
+                        continue
+                    dim, module_alpha = modules_dim[target.lora_name], (modules_alpha or {}).get(target.lora_name)
+                elif target.is_conv3x3:
+                    if not conv_lora_dim:
+                        continue
+                    dim, module_alpha = conv_lora_dim, conv_alpha if conv_alpha is not None else 1.0
+                else:
+                    dim, module_alpha = lora_dim, alpha
+                loras.append(
+                    LoRAModule(target.lora_name, target.module, multiplier, dim, module_alpha, dropout, rank_dropout, module_dropout)
+                )
+            return loras
+
+        te_targets = [t for i, te in enumerate(text_encoders) for t in text_encoder_targets(te, TEXT_ENCODER_PREFIXES[i])]
+        include_conv = bool(conv_lora_dim) or (
+            modules_dim is not None and any(name.startswith("lora_unet") for name in modules_dim)
+        )
+        self.text_encoder_loras = build(te_targets)
+        self.unet_loras = build(unet_targets(unet, include_conv=include_conv))
+        for lora in self.text_encoder_loras + self.unet_loras:
+            if lora.lora_name in self._modules:
+                raise ValueError(f"duplicate LoRA name {lora.lora_name}")
+            self.add_module(lora.lora_name, lora)
+
+    # --- sd-scripts API -------------------------------------------------------------------------
+
+    def set_loraplus_lr_ratio(
+        self,
+        loraplus_lr_ratio: float | None,
+        loraplus_unet_lr_ratio: float | None = None,
+        loraplus_text_encoder_lr_ratio: float | None = None,
+    ) -> None:
+        """Set LoRA+ ratios (the specific ones win over the general one)."""
+        self.loraplus = LoRAPlusRatios.from_network_args(
+            {
+                "loraplus_lr_ratio": loraplus_lr_ratio,
+                "loraplus_unet_lr_ratio": loraplus_unet_lr_ratio,
+                "loraplus_text_encoder_lr_ratio": loraplus_text_encoder_lr_ratio,
+            }
+        )
+
+    def set_multiplier(self, multiplier: float) -> None:
+        self.multiplier = multiplier
+        for lora in self.text_encoder_loras + self.unet_loras:
+            lora.multiplier = multiplier
+
+    def apply_to(
+        self,
+        text_encoders: Sequence[nn.Module] | None,
+        unet: nn.Module | None,
+        apply_text_encoder: bool = True,
+        apply_unet: bool = True,
+    ) -> None:
+        """Attach the adapters; a component not applied loses its adapters (as in sd-scripts)."""
+        if not apply_text_encoder:
+            self._drop(self.text_encoder_loras)
+            self.text_encoder_loras = []
+        if not apply_unet:
+            self._drop(self.unet_loras)
+            self.unet_loras = []
+        for lora in self.text_encoder_loras + self.unet_loras:
+            lora.apply_to()
+
+    def remove_from_model(self) -> None:
+        """Detach every adapter (the base model computes exactly as before)."""
+        for lora in self.text_encoder_loras + self.unet_loras:
+            lora.remove()
+
+    def _drop(self, loras: list[LoRAModule]) -> None:
+        for lora in loras:
+            lora.remove()
+            delattr(self, lora.lora_name)
+
+    def prepare_optimizer_params(
+        self,
+        text_encoder_lr: float | Sequence[float] | None,
+        unet_lr: float | None,
+        default_lr: float,
+    ) -> tuple[list[dict], list[str]]:
+        """Optimizer parameter groups and their descriptions (sd-scripts' return shape).
+
+        Component lr: text encoders take the first `text_encoder_lr` value, the UNet `unet_lr`, each
+        falling back to `default_lr`. With a LoRA+ ratio the component splits into A (lr) and B
+        ("plus", lr x ratio). Groups whose lr is 0 are dropped (that component stays frozen).
+        """
+        groups, infos = self._param_groups(text_encoder_lr, unet_lr, default_lr)
+        return groups, [info.description for info in infos]
+
+    def param_group_infos(
+        self, text_encoder_lr: float | Sequence[float] | None, unet_lr: float | None, default_lr: float
+    ) -> list[ParamGroupInfo]:
+        """The same groups as `prepare_optimizer_params`, described (for the start-up table and metadata)."""
+        return self._param_groups(text_encoder_lr, unet_lr, default_lr)[1]
+
+    def _param_groups(
+        self, text_encoder_lr: float | Sequence[float] | None, unet_lr: float | None, default_lr: float
+    ) -> tuple[list[dict], list[ParamGroupInfo]]:
+        if isinstance(text_encoder_lr, Sequence) and not isinstance(text_encoder_lr, str):
+            text_encoder_lr = text_encoder_lr[0] if len(text_encoder_lr) else None
+        te_lr = default_lr if text_encoder_lr is None else float(text_encoder_lr)
+        u_lr = default_lr if unet_lr is None else float(unet_lr)
+
+        groups: list[dict] = []
+        infos: list[ParamGroupInfo] = []
+        for component, loras, lr, ratio in (
+            ("textencoder", self.text_encoder_loras, te_lr, self.loraplus.text_encoder),
+            ("unet", self.unet_loras, u_lr, self.loraplus.unet),
+        ):
+            if not loras or lr == 0:
+                continue
+            split = {False: [], True: []}
+            for lora in loras:
+                for name, param in lora.named_parameters():
+                    split[ratio is not None and name.startswith("lora_up.")].append(param)
+            for plus, params in split.items():
+                if not params:
+                    continue
+                group_lr = lr * ratio if plus else lr
+                groups.append({"params": params, "lr": group_lr})
+                infos.append(
+                    ParamGroupInfo(
+                        description=f"{component} plus" if plus else component,
+                        component=component,
+                        plus=plus,
+                        lr=group_lr,
+                        tensors=len(params),
+                        parameters=sum(p.numel() for p in params),
+                    )
+                )
+        return groups, infos
+
+    def prepare_grad_etc(self, text_encoders: Sequence[nn.Module] | None, unet: nn.Module | None) -> None:
+        self.requires_grad_(True)
+
+    def on_epoch_start(self, text_encoders: Sequence[nn.Module] | None, unet: nn.Module | None) -> None:
+        self.train()
+
+    def get_trainable_params(self) -> list[nn.Parameter]:
+        return list(self.parameters())
+
+    def save_weights(self, file: str | os.PathLike, dtype: torch.dtype | None, metadata: Mapping[str, str] | None) -> None:
+        """Write the adapters (every tensor, alpha included, cast to `dtype`) atomically as safetensors."""
+        from library.lora_io import save_lora_file
+
+        save_lora_file(self.state_dict(), file, dtype, metadata)
+
+    def load_weights(self, file: str | os.PathLike) -> dict:
+        """Load a LoRA file (ours or sd-scripts') into these adapters; returns load_state_dict's report."""
+        from library.lora_io import load_lora_file
+
+        weights_sd, _ = load_lora_file(file)
+        return self.load_state_dict(weights_sd, strict=False)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _float_or_none(value: str | float | None) -> float | None:
+    return None if value is None or value == "None" else float(value)
+
+
+def create_network(
+    multiplier: float,
+    network_dim: int | None,
+    network_alpha: float | None,
+    vae: nn.Module | None,
+    text_encoders: Sequence[nn.Module] | nn.Module,
+    unet: nn.Module,
+    neuron_dropout: float | None = None,
+    **kwargs: str,
+) -> LoRANetwork:
+    """sd-scripts' entry point: `kwargs` are the raw `--network_args` strings (validated here too)."""
+    args = parse_network_args([f"{k}={v}" for k, v in kwargs.items() if v is not None])
+    if isinstance(text_encoders, nn.Module):
+        text_encoders = [text_encoders]
+    conv_dim = int(args["conv_dim"]) if "conv_dim" in args else None
+    network = LoRANetwork(
+        text_encoders,
+        unet,
+        multiplier=multiplier,
+        lora_dim=network_dim if network_dim is not None else 4,
+        alpha=network_alpha if network_alpha is not None else 1.0,
+        dropout=neuron_dropout if neuron_dropout is not None else _float_or_none(args.get("dropout")),
+        rank_dropout=_float_or_none(args.get("rank_dropout")),
+        module_dropout=_float_or_none(args.get("module_dropout")),
+        conv_lora_dim=conv_dim,
+        conv_alpha=_float_or_none(args.get("conv_alpha")) if conv_dim else None,
+    )
+    network.set_loraplus_lr_ratio(
+        _float_or_none(args.get("loraplus_lr_ratio")),
+        _float_or_none(args.get("loraplus_unet_lr_ratio")),
+        _float_or_none(args.get("loraplus_text_encoder_lr_ratio")),
+    )
+    return network
+
+
+def create_network_from_weights(
+    multiplier: float,
+    file: str | os.PathLike | None,
+    vae: nn.Module | None,
+    text_encoders: Sequence[nn.Module] | nn.Module,
+    unet: nn.Module,
+    weights_sd: Mapping[str, torch.Tensor] | None = None,
+    for_inference: bool = False,
+    **kwargs: str,
+) -> tuple[LoRANetwork, dict[str, torch.Tensor]]:
+    """Build a network whose modules, dims and alphas are read from a LoRA file (or state dict)."""
+    from library.lora_io import load_lora_file
+
+    if weights_sd is None:
+        weights_sd, _ = load_lora_file(file)
+    weights_sd = dict(weights_sd)
+    modules_dim: dict[str, int] = {}
+    modules_alpha: dict[str, float] = {}
+    for key, value in weights_sd.items():
+        name, _, leaf = key.partition(".")
+        if leaf == "alpha":
+            modules_alpha[name] = float(value.float().item())
+        elif leaf == "lora_down.weight":
+            modules_dim[name] = int(value.shape[0])
+    for name, dim in modules_dim.items():
+        modules_alpha.setdefault(name, float(dim))
+    if isinstance(text_encoders, nn.Module):
+        text_encoders = [text_encoders]
+    network = LoRANetwork(
+        text_encoders, unet, multiplier=multiplier, modules_dim=modules_dim, modules_alpha=modules_alpha
+    )
+    return network, weights_sd
