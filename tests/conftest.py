@@ -1,0 +1,29 @@
+"""Shared fixtures: the tiny SDXL, written once per test session and loaded once.
+
+- ``tiny_sdxl``: paths of the tiny model (``.single_file``: original-layout ``tiny_sdxl.safetensors``;
+  ``.diffusers_dir``: the same weights as a diffusers folder beside it, also the single file's config folder).
+- ``tiny_models``: ``library.models.SDXLModels`` loaded from the single file in fp32 (shared: tests that change
+  the models must work on copies).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """The tiny SDXL written to a session temp folder (seed 0, fp32)."""
+    from tools.make_tiny_sdxl import write_tiny_sdxl
+
+    return write_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_sdxl):
+    """The tiny SDXL loaded from its single file with ``load_sdxl`` (fp32, eval mode, CPU)."""
+    import torch
+
+    from library.models import load_sdxl
+
+    return load_sdxl(tiny_sdxl.single_file, dtype=torch.float32)
