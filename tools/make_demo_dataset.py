@@ -17,7 +17,7 @@ import random  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 ASPECTS: tuple[tuple[int, int], ...] = ((1, 1), (4, 3), (3, 4), (16, 9), (9, 16), (3, 2), (2, 3))
-"""(w, h) aspect ratios, used in turn."""
+"""(w, h) aspect ratios, each used for two images in turn, so batches of 2 fill their buckets."""
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -71,7 +71,7 @@ def make_demo_dataset(
     count: int = 4,
     min_side: int = 512,
     max_side: int = 1024,
-    repeats: int = 5,
+    repeats: int = 1,
     name: str = "toy",
     seed: int = 0,
 ) -> Path:
@@ -85,7 +85,7 @@ def make_demo_dataset(
     folder = Path(directory) / f"{repeats}_{name}"
     folder.mkdir(parents=True, exist_ok=True)
     for number in range(count):
-        size = demo_size(ASPECTS[number % len(ASPECTS)], min_side, max_side, rng)
+        size = demo_size(ASPECTS[(number // 2) % len(ASPECTS)], min_side, max_side, rng)
         shape = SHAPES[number % len(SHAPES)]
         colour_name = rng.choice(sorted(COLOURS))
         background_name = rng.choice(sorted(BACKGROUNDS))
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--count", type=int, default=4, help="number of images (default 4)")
     parser.add_argument("--min-side", type=int, default=512, help="shortest side in pixels (default 512)")
     parser.add_argument("--max-side", type=int, default=1024, help="longest side in pixels (default 1024)")
-    parser.add_argument("--repeats", type=int, default=5, help="repeat count in the folder name (default 5)")
+    parser.add_argument("--repeats", type=int, default=1, help="repeat count in the folder name (default 1)")
     parser.add_argument("--name", default="toy", help="class token, also the folder name (default toy)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = parser.parse_args(argv)

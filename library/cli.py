@@ -1,0 +1,105 @@
+"""The command line: sd-scripts' flag names and defaults, so existing batch scripts run unchanged.
+
+Only this module and `library.config` see the argparse namespace.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+OPTIMIZER_TYPES = ("AdamW", "AdamW8bit", "Lion")
+SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train_network.py",
+        description="Train an SDXL LoRA (LoRA+ built in) with sd-scripts' command line.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--pretrained_model_name_or_path", required=True,
+                       help="SDXL single file (.safetensors, original layout) or diffusers folder")
+    model.add_argument("--model_config_dir", default=None,
+                       help="diffusers-format config folder for a single file (default: a <stem>_diffusers or "
+                            "<stem>_config folder beside it, else the shipped configs/sdxl)")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--train_data_dir", required=True, help="folder of N_name subfolders (N = repeats)")
+    data.add_argument("--caption_extension", default=".caption")
+    data.add_argument("--resolution", default="512", help='training resolution: "W,H" or one number')
+    data.add_argument("--enable_bucket", action="store_true", help="aspect-ratio buckets")
+    data.add_argument("--min_bucket_reso", type=int, default=256)
+    data.add_argument("--max_bucket_reso", type=int, default=1024)
+    data.add_argument("--bucket_reso_steps", type=int, default=64)
+    data.add_argument("--bucket_no_upscale", action="store_true")
+    data.add_argument("--random_crop", action="store_true")
+    data.add_argument("--shuffle_caption", action="store_true")
+    data.add_argument("--keep_tokens", type=int, default=0)
+    data.add_argument("--cache_latents", action="store_true", help="encode every image once, before training")
+    data.add_argument("--cache_latents_to_disk", action="store_true",
+                      help="also store latents as sd-scripts-compatible .npz beside the images (implies --cache_latents)")
+    data.add_argument("--vae_batch_size", type=int, default=1)
+    data.add_argument("--max_data_loader_n_workers", type=int, default=8, help="capped at the CPU count")
+    data.add_argument("--persistent_data_loader_workers", action="store_true")
+
+    network = parser.add_argument_group("network")
+    network.add_argument("--network_module", default="networks.lora")
+    network.add_argument("--network_dim", type=int, default=4)
+    network.add_argument("--network_alpha", type=float, default=1.0)
+    network.add_argument("--network_dropout", type=float, default=None)
+    network.add_argument("--network_args", nargs="*", default=None, help='key=value, e.g. "loraplus_lr_ratio=16"')
+    network.add_argument("--network_weights", default=None, help="LoRA file to start from")
+    network.add_argument("--network_train_unet_only", action="store_true")
+    network.add_argument("--network_train_text_encoder_only", action="store_true")
+    network.add_argument("--loraplus_lr_ratio", type=float, default=None,
+                         help="LoRA+: lr of B (lora_up) = lr x ratio, for UNet and text encoders")
+    network.add_argument("--loraplus_unet_lr_ratio", type=float, default=None, help="LoRA+ ratio for the UNet only")
+    network.add_argument("--loraplus_text_encoder_lr_ratio", type=float, default=None,
+                         help="LoRA+ ratio for the text encoders only")
+
+    optim = parser.add_argument_group("optimizer and schedule")
+    optim.add_argument("--optimizer_type", default="AdamW", help=f"one of {', '.join(OPTIMIZER_TYPES)}")
+    optim.add_argument("--optimizer_args", nargs="*", default=None, help="key=value passed to the optimizer")
+    optim.add_argument("--learning_rate", type=float, default=2e-6)
+    optim.add_argument("--unet_lr", type=float, default=None)
+    optim.add_argument("--text_encoder_lr", type=float, nargs="*", default=None,
+                       help="one value (or two: TE1 TE2; like sd-scripts, only the first is used)")
+    optim.add_argument("--max_grad_norm", type=float, default=1.0, help="0 turns clipping off")
+    optim.add_argument("--lr_scheduler", default="constant", help=f"one of {', '.join(SCHEDULERS)}")
+    optim.add_argument("--lr_warmup_steps", type=float, default=0, help="steps, or a ratio of all steps if < 1")
+    optim.add_argument("--lr_scheduler_num_cycles", type=int, default=1)
+    optim.add_argument("--lr_scheduler_power", type=float, default=1.0)
+
+    loop = parser.add_argument_group("training")
+    loop.add_argument("--train_batch_size", type=int, default=1)
+    loop.add_argument("--max_train_steps", type=int, default=1600)
+    loop.add_argument("--max_train_epochs", type=int, default=None, help="overrides --max_train_steps")
+    loop.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    loop.add_argument("--seed", type=int, default=None)
+    loop.add_argument("--gradient_checkpointing", action="store_true")
+
+    precision = parser.add_argument_group("precision and attention")
+    precision.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"))
+    precision.add_argument("--fp8_base", action="store_true",
+                           help="store base (UNet and text encoder) weights in float8_e4m3fn")
+    precision.add_argument("--xformers", action="store_true", help="xformers attention (falls back to SDPA)")
+    precision.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (default)")
+
+    save = parser.add_argument_group("saving and logging")
+    save.add_argument("--output_dir", required=True)
+    save.add_argument("--output_name", default="last")
+    save.add_argument("--save_model_as", default="safetensors", choices=("safetensors",))
+    save.add_argument("--save_precision", default=None, choices=("float", "fp16", "bf16"))
+    save.add_argument("--save_every_n_epochs", type=int, default=None)
+    save.add_argument("--training_comment", default=None)
+    save.add_argument("--logging_dir", default=None, help="TensorBoard logs go under this folder")
+    save.add_argument("--log_prefix", default=None)
+    return parser

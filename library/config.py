@@ -1,0 +1,235 @@
+"""The one place the argparse namespace becomes typed, frozen, validated configuration.
+
+Everything below this module receives the dataclass slice it needs. Validation here is cheap and
+runs before any model loads, so bad input costs a second and one clear line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from library.cli import OPTIMIZER_TYPES, SCHEDULERS
+from library.dataset import DatasetConfig
+from library.errors import UserInputError
+from networks.network_args import LORAPLUS_KEYS, LoRAPlusRatios, merge_loraplus_flags, parse_network_args
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: Path
+    """SDXL single file or diffusers folder."""
+    config_dir: Path | None
+    """Config folder for a single file (None: found beside it, else configs/sdxl)."""
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    module: str
+    """Python module with create_network (sd-scripts' `--network_module`)."""
+    dim: int
+    alpha: float
+    dropout: float | None
+    args: dict[str, str]
+    """Raw network_args strings, LoRA+ flags folded in (recorded in `ss_network_args`)."""
+    loraplus: LoRAPlusRatios
+    """Effective LoRA+ ratio per component."""
+    weights: Path | None
+    train_unet: bool
+    train_text_encoder: bool
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    optimizer_type: str
+    optimizer_args: dict[str, str]
+    learning_rate: float
+    unet_lr: float | None
+    text_encoder_lr: list[float] | None
+    max_grad_norm: float
+    lr_scheduler: str
+    lr_warmup_steps: float
+    """Steps, or a ratio of all steps when < 1."""
+    lr_scheduler_num_cycles: int
+    lr_scheduler_power: float
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    mixed_precision: str
+    """What the user asked for: no | fp16 | bf16 (the trainer decides what the device can do)."""
+    fp8_base: bool
+    xformers: bool
+    gradient_checkpointing: bool
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    batch_size: int
+    max_train_steps: int
+    max_train_epochs: int | None
+    gradient_accumulation_steps: int
+    seed: int
+    """sd-scripts draws a random seed when none is given; we record whichever is used."""
+    seed_given: bool
+    max_data_loader_n_workers: int
+    persistent_data_loader_workers: bool
+    cache_latents: bool
+    cache_latents_to_disk: bool
+    vae_batch_size: int
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    output_dir: Path
+    output_name: str
+    save_precision: str | None
+    save_every_n_epochs: int | None
+    training_comment: str | None
+    logging_dir: Path | None
+    log_prefix: str | None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig
+    data: DatasetConfig
+    network: NetworkConfig
+    optimizer: OptimizerConfig
+    precision: PrecisionConfig
+    loop: LoopConfig
+    output: OutputConfig
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """'1024' -> (1024, 1024); '832,1216' -> (832, 1216) as (W, H)."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise UserInputError(f'--resolution: {text!r} is not "W,H" or one number') from None
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or min(values) <= 0:
+        raise UserInputError(f'--resolution: {text!r} is not "W,H" or one number')
+    return values[0], values[1]
+
+
+def parse_key_values(items: list[str] | None, flag: str) -> dict[str, str]:
+    parsed = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserInputError(f"{flag}: '{item}' is not key=value")
+        parsed[key.strip()] = value.strip()
+    return parsed
+
+
+def _check_choice(value: str, choices: tuple[str, ...], flag: str) -> str:
+    by_lower = {c.lower(): c for c in choices}
+    if value.lower() not in by_lower:
+        raise UserInputError(f"{flag}: '{value}' is not supported; choose one of {', '.join(choices)}")
+    return by_lower[value.lower()]
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Validate the namespace and build the typed configuration (no file is read beyond existence checks)."""
+    from library.models import check_model_path
+
+    check_model_path(args.pretrained_model_name_or_path)
+    data_dir = Path(args.train_data_dir)
+    if not data_dir.is_dir():
+        raise UserInputError(f"--train_data_dir: folder not found: {data_dir}")
+    if args.network_module != "networks.lora":
+        raise UserInputError(f"--network_module: only networks.lora is available, not {args.network_module}")
+    if args.network_train_unet_only and args.network_train_text_encoder_only:
+        raise UserInputError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
+    if args.network_dim <= 0:
+        raise UserInputError(f"--network_dim must be a positive integer, got {args.network_dim}")
+    if args.train_batch_size <= 0 or args.gradient_accumulation_steps <= 0:
+        raise UserInputError("--train_batch_size and --gradient_accumulation_steps must be at least 1")
+    weights = Path(args.network_weights) if args.network_weights else None
+    if weights is not None and not weights.is_file():
+        raise UserInputError(f"--network_weights: file not found: {weights}")
+
+    network_args = merge_loraplus_flags(
+        parse_network_args(args.network_args), {key: getattr(args, key) for key in LORAPLUS_KEYS}
+    )
+    resolution = parse_resolution(args.resolution)
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % (2**31)
+    cache_to_disk = bool(args.cache_latents_to_disk)
+
+    return TrainConfig(
+        model=ModelConfig(
+            path=Path(args.pretrained_model_name_or_path),
+            config_dir=Path(args.model_config_dir) if args.model_config_dir else None,
+        ),
+        data=DatasetConfig(
+            train_data_dir=data_dir,
+            caption_extension=args.caption_extension,
+            resolution=resolution,
+            enable_bucket=args.enable_bucket,
+            min_bucket_reso=args.min_bucket_reso,
+            max_bucket_reso=args.max_bucket_reso,
+            bucket_reso_steps=args.bucket_reso_steps,
+            bucket_no_upscale=args.bucket_no_upscale,
+            shuffle_caption=args.shuffle_caption,
+            keep_tokens=args.keep_tokens,
+            random_crop=args.random_crop,
+            batch_size=args.train_batch_size,
+            seed=seed,
+        ),
+        network=NetworkConfig(
+            module=args.network_module,
+            dim=args.network_dim,
+            alpha=args.network_alpha,
+            dropout=args.network_dropout,
+            args=network_args,
+            loraplus=LoRAPlusRatios.from_network_args(network_args),
+            weights=weights,
+            train_unet=not args.network_train_text_encoder_only,
+            train_text_encoder=not args.network_train_unet_only,
+        ),
+        optimizer=OptimizerConfig(
+            optimizer_type=_check_choice(args.optimizer_type, OPTIMIZER_TYPES, "--optimizer_type"),
+            optimizer_args=parse_key_values(args.optimizer_args, "--optimizer_args"),
+            learning_rate=args.learning_rate,
+            unet_lr=args.unet_lr,
+            text_encoder_lr=list(args.text_encoder_lr) if args.text_encoder_lr else None,
+            max_grad_norm=args.max_grad_norm,
+            lr_scheduler=_check_choice(args.lr_scheduler, SCHEDULERS, "--lr_scheduler"),
+            lr_warmup_steps=args.lr_warmup_steps,
+            lr_scheduler_num_cycles=args.lr_scheduler_num_cycles,
+            lr_scheduler_power=args.lr_scheduler_power,
+        ),
+        precision=PrecisionConfig(
+            mixed_precision=args.mixed_precision,
+            fp8_base=args.fp8_base,
+            xformers=args.xformers,
+            gradient_checkpointing=args.gradient_checkpointing,
+        ),
+        loop=LoopConfig(
+            batch_size=args.train_batch_size,
+            max_train_steps=args.max_train_steps,
+            max_train_epochs=args.max_train_epochs,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            seed=seed,
+            seed_given=args.seed is not None,
+            max_data_loader_n_workers=max(0, min(args.max_data_loader_n_workers, os.cpu_count() or 1)),
+            persistent_data_loader_workers=args.persistent_data_loader_workers,
+            cache_latents=bool(args.cache_latents or cache_to_disk),
+            cache_latents_to_disk=cache_to_disk,
+            vae_batch_size=max(1, args.vae_batch_size),
+        ),
+        output=OutputConfig(
+            output_dir=Path(args.output_dir),
+            output_name=args.output_name,
+            save_precision=args.save_precision,
+            save_every_n_epochs=args.save_every_n_epochs,
+            training_comment=args.training_comment,
+            logging_dir=Path(args.logging_dir) if args.logging_dir else None,
+            log_prefix=args.log_prefix,
+        ),
+    )

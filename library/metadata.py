@@ -1,0 +1,136 @@
+"""The `ss_*` / `modelspec.*` metadata written into every LoRA file (all values are strings).
+
+ComfyUI, A1111/Forge and LoRA browsers read these; names and formats follow sd-scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime
+
+from library.config import TrainConfig
+from networks.lora import ParamGroupInfo
+
+BASE_MODEL_VERSION = "sdxl_base_v1-0"
+MODELSPEC_ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    """What the dataset contributes to the metadata."""
+
+    num_train_images: int
+    tag_frequency: Mapping[str, Mapping[str, int]]
+    dataset_dirs: Mapping[str, Mapping[str, int]]
+    bucket_counts: Mapping[tuple[int, int], int]
+    num_batches_per_epoch: int
+
+
+def _s(value: object) -> str:
+    return str(value)
+
+
+def training_metadata(
+    cfg: TrainConfig,
+    *,
+    model_name: str,
+    model_hash: str,
+    new_model_hash: str,
+    dataset: DatasetSummary,
+    param_groups: Sequence[ParamGroupInfo],
+    total_steps: int,
+    num_epochs: int,
+    mixed_precision: str,
+    optimizer_name: str,
+    session_id: int,
+    started_at: float,
+) -> dict[str, str]:
+    """Metadata fixed for the whole run (progress fields are added per save by `progress_metadata`)."""
+    data, net, opt, loop = cfg.data, cfg.network, cfg.optimizer, cfg.loop
+    buckets = {
+        str(i): {"resolution": list(reso), "count": count}
+        for i, (reso, count) in enumerate(sorted(dataset.bucket_counts.items()))
+    }
+    te_lr = opt.text_encoder_lr[0] if opt.text_encoder_lr else None
+    return {
+        "ss_session_id": _s(session_id),
+        "ss_training_started_at": _s(started_at),
+        "ss_output_name": cfg.output.output_name,
+        "ss_learning_rate": _s(opt.learning_rate),
+        "ss_text_encoder_lr": _s(te_lr),
+        "ss_unet_lr": _s(opt.unet_lr),
+        "ss_num_train_images": _s(dataset.num_train_images),
+        "ss_num_reg_images": "0",
+        "ss_num_batches_per_epoch": _s(dataset.num_batches_per_epoch),
+        "ss_num_epochs": _s(num_epochs),
+        "ss_gradient_checkpointing": _s(cfg.precision.gradient_checkpointing),
+        "ss_gradient_accumulation_steps": _s(loop.gradient_accumulation_steps),
+        "ss_max_train_steps": _s(total_steps),
+        "ss_lr_warmup_steps": _s(opt.lr_warmup_steps),
+        "ss_lr_scheduler": opt.lr_scheduler,
+        "ss_network_module": net.module,
+        "ss_network_dim": _s(net.dim),
+        "ss_network_alpha": _s(net.alpha),
+        "ss_network_dropout": _s(net.dropout),
+        "ss_network_args": json.dumps(net.args),
+        "ss_loraplus_lr_ratio": _s(net.args.get("loraplus_lr_ratio")),
+        "ss_loraplus_unet_lr_ratio": _s(net.loraplus.unet),
+        "ss_loraplus_text_encoder_lr_ratio": _s(net.loraplus.text_encoder),
+        "ss_mixed_precision": mixed_precision,
+        "ss_full_fp16": "False",
+        "ss_fp8_base": _s(cfg.precision.fp8_base),
+        "ss_v2": "False",
+        "ss_base_model_version": BASE_MODEL_VERSION,
+        "ss_sd_model_name": model_name,
+        "ss_sd_model_hash": model_hash,
+        "ss_new_sd_model_hash": new_model_hash,
+        "ss_resolution": _s(data.resolution),
+        "ss_enable_bucket": _s(data.enable_bucket),
+        "ss_min_bucket_reso": _s(data.min_bucket_reso),
+        "ss_max_bucket_reso": _s(data.max_bucket_reso),
+        "ss_bucket_no_upscale": _s(data.bucket_no_upscale),
+        "ss_bucket_info": json.dumps({"buckets": buckets}),
+        "ss_tag_frequency": json.dumps(dataset.tag_frequency, ensure_ascii=False),
+        "ss_dataset_dirs": json.dumps(dataset.dataset_dirs, ensure_ascii=False),
+        "ss_batch_size_per_device": _s(loop.batch_size),
+        "ss_total_batch_size": _s(loop.batch_size * loop.gradient_accumulation_steps),
+        "ss_cache_latents": _s(loop.cache_latents),
+        "ss_shuffle_caption": _s(data.shuffle_caption),
+        "ss_keep_tokens": _s(data.keep_tokens),
+        "ss_random_crop": _s(data.random_crop),
+        "ss_caption_dropout_rate": "0.0",
+        "ss_caption_tag_dropout_rate": "0.0",
+        "ss_caption_dropout_every_n_epochs": "0",
+        "ss_flip_aug": "False",
+        "ss_color_aug": "False",
+        "ss_max_grad_norm": _s(opt.max_grad_norm),
+        "ss_optimizer": optimizer_name,
+        "ss_seed": _s(loop.seed),
+        "ss_loss_type": "l2",
+        "ss_noise_offset": "None",
+        "ss_min_snr_gamma": "None",
+        "ss_prior_loss_weight": "1.0",
+        "ss_training_comment": _s(cfg.output.training_comment),
+        "ss_lr_param_groups": json.dumps([asdict(g) for g in param_groups]),
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": MODELSPEC_ARCHITECTURE,
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": cfg.output.output_name,
+        "modelspec.resolution": f"{data.resolution[0]}x{data.resolution[1]}",
+        "modelspec.prediction_type": "epsilon",
+    }
+
+
+def progress_metadata(base: Mapping[str, str], *, steps: int, epoch: int, finished: bool) -> dict[str, str]:
+    """The run's metadata stamped with the progress of the file being saved."""
+    now = time.time()
+    metadata = dict(base)
+    metadata["ss_steps"] = _s(steps)
+    metadata["ss_epoch"] = _s(epoch)
+    metadata["modelspec.date"] = datetime.fromtimestamp(now).isoformat(timespec="seconds")
+    if finished:
+        metadata["ss_training_finished_at"] = _s(now)
+    return metadata

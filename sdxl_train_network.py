@@ -1,0 +1,9 @@
+#!/usr/bin/env python
+"""sd-scripts' SDXL entry point name: the same program as train_network.py."""
+
+import sys
+
+from train_network import main
+
+if __name__ == "__main__":
+    sys.exit(main())
