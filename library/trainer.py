@@ -1,4 +1,4 @@
-"""The training run: set up each part from its slice of the config, then one readable loop."""
+"""The training run: each part is set up from its slice of the config, then one readable loop."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import importlib
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from library.config import NetworkConfig, PrecisionConfig, TrainConfig
+from library.config import LoopConfig, NetworkConfig, PrecisionConfig, TrainConfig
 from library.dataset import BucketBatchSampler, TrainDataset, collate_examples, scan_train_data_dir
 from library.fp8 import store_weights_in_fp8
 from library.latent_cache import cache_latents
@@ -29,6 +30,8 @@ from library.saving import LoRASaver
 from library.text_encoding import encode_prompts, time_ids, tokenize
 from networks.lora import ParamGroupInfo
 
+Encoder = Callable[[torch.Tensor], torch.Tensor]
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -40,6 +43,34 @@ class TrainResult:
     """Loss of every optimizer step (for tests and comparisons)."""
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """How long the run is, derived once from the loop config and the data."""
+
+    batches_per_epoch: int
+    total_steps: int
+    num_epochs: int
+
+
+@dataclass
+class TrainingParts:
+    """What the loop works with, built by `train`."""
+
+    accelerator: Accelerator
+    plan: PrecisionPlan
+    models: SDXLModels
+    encode: Encoder | None
+    """VAE encoder when latents are not cached, else None."""
+    network: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    group_descriptions: list[str]
+    loader: DataLoader
+    sampler: BucketBatchSampler
+    schedule: Schedule
+    saver: LoRASaver
+
+
 def format_param_groups(infos: list[ParamGroupInfo], weight_decay: float | None) -> str:
     """The start-up table that shows at a glance whether LoRA+ is on."""
     rows = [("component", "group", "tensors", "parameters", "lr", "weight decay")]
@@ -47,13 +78,39 @@ def format_param_groups(infos: list[ParamGroupInfo], weight_decay: float | None)
         rows.append((info.component, "plus (B)" if info.plus else "base", str(info.tensors),
                      f"{info.parameters:,}", f"{info.lr:.3g}", "-" if weight_decay is None else f"{weight_decay:g}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def make_accelerator(cfg: TrainConfig) -> tuple[Accelerator, PrecisionPlan]:
+    """accelerate with the precision this device can run; fallbacks are printed once."""
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    plan = plan_precision(cfg.precision.mixed_precision, device_type, cfg.precision.xformers)
+    out = cfg.output
+    run_dir = None
+    if out.logging_dir is not None:
+        run_dir = out.logging_dir / f"{out.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}"
+    accelerator = Accelerator(
+        mixed_precision=plan.mixed_precision,
+        gradient_accumulation_steps=cfg.loop.gradient_accumulation_steps,
+        log_with="tensorboard" if run_dir is not None else None,
+        project_dir=str(run_dir) if run_dir is not None else None,
+    )
+    for note in plan.notes:
+        accelerator.print(f"warning: {note}")
+    base = "float8_e4m3fn" if cfg.precision.fp8_base else str(plan.weight_dtype).removeprefix("torch.")
+    accelerator.print(
+        f"precision: mixed={plan.mixed_precision}, base weights={base}, "
+        f"compute={str(plan.compute_dtype).removeprefix('torch.')}, LoRA=float32, attention={plan.attention}, "
+        f"device={accelerator.device}, processes={accelerator.num_processes}"
+    )
+    return accelerator, plan
 
 
 def prepare_base_models(
     models: SDXLModels, plan: PrecisionPlan, precision: PrecisionConfig, train_text_encoder: bool, device: torch.device
 ) -> None:
     """Freeze the base model, place it, and apply fp8 storage, attention and checkpointing choices."""
+    models.vae.to(device, torch.float32).requires_grad_(False).eval()  # SDXL's VAE overflows in fp16
     for model in (models.unet, models.text_encoder1, models.text_encoder2):
         model.requires_grad_(False)
         model.to(device)
@@ -70,6 +127,16 @@ def prepare_base_models(
             for te in (models.text_encoder1, models.text_encoder2):
                 te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 te.train()
+
+
+def vae_encoder(vae, device: torch.device) -> Encoder:
+    """Images in [-1, 1] -> unscaled latents (a sample of the VAE's posterior, as sd-scripts caches)."""
+
+    @torch.no_grad()
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        return vae.encode(images.to(device, vae.dtype)).latent_dist.sample().float()
+
+    return encode
 
 
 def create_lora_network(net_cfg: NetworkConfig, models: SDXLModels):
@@ -90,161 +157,163 @@ def create_lora_network(net_cfg: NetworkConfig, models: SDXLModels):
     return network
 
 
-def _encode_images(vae, device: torch.device):
-    @torch.no_grad()
-    def encode(images: torch.Tensor) -> torch.Tensor:
-        return vae.encode(images.to(device, vae.dtype)).latent_dist.sample().float()
+def make_loader(dataset: TrainDataset, loop: LoopConfig, accelerator: Accelerator) -> tuple[DataLoader, BucketBatchSampler]:
+    """Batches drawn within one bucket; each process takes its share of the batches."""
+    sampler = BucketBatchSampler(dataset, loop.batch_size, loop.seed,
+                                 num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    workers = loop.max_data_loader_n_workers
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_examples, num_workers=workers,
+                        persistent_workers=loop.persistent_data_loader_workers and workers > 0)
+    return loader, sampler
 
-    return encode
+
+def plan_schedule(loop: LoopConfig, batches_per_epoch: int) -> Schedule:
+    total = total_training_steps(loop.max_train_steps, loop.max_train_epochs, batches_per_epoch,
+                                 loop.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(batches_per_epoch / loop.gradient_accumulation_steps)
+    return Schedule(batches_per_epoch, total, math.ceil(total / steps_per_epoch))
+
+
+def batch_loss(
+    batch: dict, models: SDXLModels, encode: Encoder | None, noise_scheduler, plan: PrecisionPlan,
+    train_text_encoder: bool, accelerator: Accelerator,
+) -> torch.Tensor:
+    """One batch -> the training loss: latents, text conditioning, noise, prediction, epsilon MSE."""
+    device = accelerator.device
+    latents = batch["latents"].to(device) if "latents" in batch else encode(batch["images"])
+    latents = latents * SDXL_VAE_SCALE
+    ids1 = tokenize(models.tokenizer1, batch["captions"]).to(device)
+    ids2 = tokenize(models.tokenizer2, batch["captions"]).to(device)
+    with torch.set_grad_enabled(train_text_encoder), accelerator.autocast():
+        context, pooled = encode_prompts(models.text_encoder1, models.text_encoder2, ids1, ids2,
+                                         models.tokenizer2.eos_token_id)
+    added = {
+        "text_embeds": pooled,
+        "time_ids": time_ids(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]).to(device),
+    }
+    noisy, noise, timesteps = add_noise(noise_scheduler, latents)
+    with accelerator.autocast():
+        prediction = models.unet(noisy.to(plan.compute_dtype), timesteps, context, added_cond_kwargs=added).sample
+    return epsilon_mse_loss(prediction, noise, batch["loss_weights"])
+
+
+def average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
+    """Mean of the LoRA gradients over processes. The adapters run inside the base model's forward,
+    not the network's, so a DDP wrapper around the network would never see a forward to sync on."""
+    if accelerator.num_processes == 1:
+        return
+    for param in params:
+        if param.grad is not None:
+            param.grad.copy_(accelerator.reduce(param.grad, reduction="mean"))
 
 
 def train(cfg: TrainConfig) -> TrainResult:
     started_at = time.time()
     # Data first: a missing folder or broken image stops here, before any model loads.
-    records = scan_train_data_dir(cfg.data)
-    dataset = TrainDataset(records, cfg.data)
-    print(dataset.bucket_report())
-
-    # Devices and precision.
-    run_dir = None
-    if cfg.output.logging_dir is not None:
-        run_dir = cfg.output.logging_dir / f"{cfg.output.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}"
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    plan = plan_precision(cfg.precision.mixed_precision, device_type, cfg.precision.xformers)
-    accelerator = Accelerator(
-        mixed_precision=plan.mixed_precision,
-        gradient_accumulation_steps=cfg.loop.gradient_accumulation_steps,
-        log_with="tensorboard" if run_dir is not None else None,
-        project_dir=str(run_dir) if run_dir is not None else None,
-    )
-    for note in plan.notes:
-        accelerator.print(f"warning: {note}")
-    accelerator.print(
-        f"precision: mixed={plan.mixed_precision}, base weights={'float8_e4m3fn' if cfg.precision.fp8_base else plan.weight_dtype}, "
-        f"compute={plan.compute_dtype}, LoRA=float32, attention={plan.attention}, device={accelerator.device}"
-    )
+    dataset = TrainDataset(scan_train_data_dir(cfg.data), cfg.data)
+    accelerator, plan = make_accelerator(cfg)
+    accelerator.print(dataset.bucket_report())
     set_seed(cfg.loop.seed)
 
-    # Models.
+    # Base model, frozen; latents cached once (then the VAE leaves memory) or encoded per batch.
     models = load_sdxl(cfg.model.path, config_dir=cfg.model.config_dir, dtype=plan.weight_dtype)
-    models.vae.to(accelerator.device, torch.float32).requires_grad_(False).eval()
     prepare_base_models(models, plan, cfg.precision, cfg.network.train_text_encoder, accelerator.device)
-
-    # Latents: cached once (then the VAE leaves memory) or encoded per batch.
-    encode = _encode_images(models.vae, accelerator.device)
+    encode: Encoder | None = vae_encoder(models.vae, accelerator.device)
     if cfg.loop.cache_latents:
         cache_latents(dataset, encode, to_disk=cfg.loop.cache_latents_to_disk, batch_size=cfg.loop.vae_batch_size,
                       show_progress=accelerator.is_local_main_process)
-        models.vae = None
-        encode = None
+        models.vae, encode = None, None
         gc.collect()
 
-    # Network, optimizer, schedule.
-    network = create_lora_network(cfg.network, models)
+    # LoRA network, optimizer groups (LoRA+), schedule.
+    network = create_lora_network(cfg.network, models).to(accelerator.device)
     opt = cfg.optimizer
     param_groups, descriptions = network.prepare_optimizer_params(opt.text_encoder_lr, opt.unet_lr, opt.learning_rate)
     group_infos = network.param_group_infos(opt.text_encoder_lr, opt.unet_lr, opt.learning_rate)
-    if not param_groups:
-        raise ValueError("nothing to train: every parameter group has learning rate 0")
     optimizer = build_optimizer(opt.optimizer_type, param_groups, opt.learning_rate, opt.optimizer_args)
     accelerator.print(format_param_groups(group_infos, optimizer.param_groups[0].get("weight_decay")))
-
-    sampler = BucketBatchSampler(dataset, cfg.loop.batch_size, cfg.loop.seed,
-                                 num_replicas=accelerator.num_processes, rank=accelerator.process_index)
-    workers = cfg.loop.max_data_loader_n_workers
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_examples, num_workers=workers,
-                        persistent_workers=cfg.loop.persistent_data_loader_workers and workers > 0)
-    batches_per_epoch = len(sampler)
-    total_steps = total_training_steps(cfg.loop.max_train_steps, cfg.loop.max_train_epochs, batches_per_epoch,
-                                       cfg.loop.gradient_accumulation_steps)
-    steps_per_epoch = math.ceil(batches_per_epoch / cfg.loop.gradient_accumulation_steps)
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    loader, sampler = make_loader(dataset, cfg.loop, accelerator)
+    schedule = plan_schedule(cfg.loop, len(sampler))
     lr_scheduler = build_lr_scheduler(
-        opt.lr_scheduler, optimizer, total_steps=total_steps * accelerator.num_processes,
-        warmup=warmup_steps(opt.lr_warmup_steps, total_steps) * accelerator.num_processes,
+        opt.lr_scheduler, optimizer, total_steps=schedule.total_steps * accelerator.num_processes,
+        warmup=warmup_steps(opt.lr_warmup_steps, schedule.total_steps) * accelerator.num_processes,
         num_cycles=opt.lr_scheduler_num_cycles, power=opt.lr_scheduler_power,
     )
-    network, optimizer, lr_scheduler = accelerator.prepare(network, optimizer, lr_scheduler)
-    lora_network = accelerator.unwrap_model(network)
+    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
 
-    # Saving and logging.
+    # What every saved file says about this run.
     hashes = model_hashes(cfg.model.path)
+    inner = getattr(optimizer, "optimizer", optimizer)
     base_metadata = training_metadata(
         cfg, model_name=cfg.model.path.name, model_hash=hashes[0], new_model_hash=hashes[1],
         dataset=DatasetSummary(dataset.num_train_images, dataset.tag_frequency(), dataset.dataset_dirs_info(),
-                               dataset.bucket_counts(), batches_per_epoch),
-        param_groups=group_infos, total_steps=total_steps, num_epochs=num_epochs,
-        mixed_precision=plan.mixed_precision, optimizer_name=f"{type(optimizer.optimizer).__module__}.{type(optimizer.optimizer).__name__}",
+                               dataset.bucket_counts(), schedule.batches_per_epoch),
+        param_groups=group_infos, total_steps=schedule.total_steps, num_epochs=schedule.num_epochs,
+        mixed_precision=plan.mixed_precision, optimizer_name=f"{type(inner).__module__}.{type(inner).__name__}",
         session_id=random.Random(cfg.loop.seed).randint(0, 2**32), started_at=started_at,
     )
     saver = LoRASaver(cfg.output.output_dir, cfg.output.output_name, save_dtype(cfg.output.save_precision))
-    if run_dir is not None:
+    if cfg.output.logging_dir is not None:
         accelerator.init_trackers("network_train")
 
-    # The loop.
-    noise_scheduler = make_noise_scheduler()
-    tokenizers = (models.tokenizer1, models.tokenizer2)
-    eos_id = models.tokenizer2.eos_token_id
-    train_te = cfg.network.train_text_encoder
-    progress = tqdm(total=total_steps, desc="steps", disable=not accelerator.is_local_main_process)
-    losses: list[float] = []
-    global_step = 0
-    for epoch in range(1, num_epochs + 1):
-        sampler.set_epoch(epoch)
-        lora_network.on_epoch_start(None, None)
-        for batch in loader:
-            with accelerator.accumulate(network):
-                # Latents and text conditioning for this batch.
-                if "latents" in batch:
-                    latents = batch["latents"].to(accelerator.device)
-                else:
-                    latents = encode(batch["images"])
-                latents = latents * SDXL_VAE_SCALE
-                ids1, ids2 = (tokenize(t, batch["captions"]).to(accelerator.device) for t in tokenizers)
-                with torch.set_grad_enabled(train_te), accelerator.autocast():
-                    context, pooled = encode_prompts(models.text_encoder1, models.text_encoder2, ids1, ids2, eos_id)
-                added = {"text_embeds": pooled, "time_ids": time_ids(
-                    batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]).to(accelerator.device)}
+    parts = TrainingParts(accelerator, plan, models, encode, network, optimizer, lr_scheduler, descriptions, loader,
+                          sampler, schedule, saver)
+    losses, epoch = run_loop(parts, cfg, base_metadata)
+    final_path = saver.final_path
+    if accelerator.is_main_process:
+        final_path = saver.save_final(network, progress_metadata(base_metadata, steps=len(losses), epoch=epoch,
+                                                                 finished=True))
+    accelerator.end_training()
+    return TrainResult(final_path, saver.saved, len(losses), epoch, losses)
 
-                # Noise, prediction, loss, step.
-                noisy, noise, timesteps = add_noise(noise_scheduler, latents)
-                with accelerator.autocast():
-                    prediction = models.unet(noisy.to(plan.compute_dtype), timesteps, context, added_cond_kwargs=added).sample
-                loss = epsilon_mse_loss(prediction, noise, batch["loss_weights"])
+
+def run_loop(parts: TrainingParts, cfg: TrainConfig, base_metadata: dict[str, str]) -> tuple[list[float], int]:
+    """Epochs of optimizer steps; returns every step's loss and the last epoch run."""
+    accelerator, network, optimizer, lr_scheduler = parts.accelerator, parts.network, parts.optimizer, parts.lr_scheduler
+    schedule, sampler = parts.schedule, parts.sampler
+    noise_scheduler = make_noise_scheduler()
+    params = network.get_trainable_params()
+    max_grad_norm = cfg.optimizer.max_grad_norm
+    progress = tqdm(total=schedule.total_steps, desc="steps", disable=not accelerator.is_local_main_process)
+    losses: list[float] = []
+    epoch = 0
+    while len(losses) < schedule.total_steps:
+        epoch += 1
+        sampler.set_epoch(epoch)
+        network.on_epoch_start(None, None)
+        for batch in parts.loader:
+            # Forward, backward, step (accelerate skips the step while accumulating).
+            with accelerator.accumulate(network):
+                loss = batch_loss(batch, parts.models, parts.encode, noise_scheduler, parts.plan,
+                                  cfg.network.train_text_encoder, accelerator)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and opt.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(lora_network.get_trainable_params(), opt.max_grad_norm)
+                if accelerator.sync_gradients:
+                    average_gradients(params, accelerator)
+                    if max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(params, max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
 
-            if accelerator.sync_gradients:
-                global_step += 1
-                losses.append(loss.detach().item())
-                progress.update(1)
-                average = sum(losses[-100:]) / len(losses[-100:])
-                progress.set_postfix(avr_loss=f"{average:.4f}")
-                logs = {"loss": losses[-1], "loss/average": average}
-                logs.update({f"lr/{d}": lr for d, lr in zip(descriptions, lr_scheduler.get_last_lr())})
-                accelerator.log(logs, step=global_step)
-            if global_step >= total_steps:
+            # Progress and logs: the loss and every group's learning rate.
+            losses.append(float(accelerator.reduce(loss.detach(), reduction="mean")))
+            average = sum(losses[-100:]) / len(losses[-100:])
+            progress.update(1)
+            progress.set_postfix(avr_loss=f"{average:.4f}")
+            logs = {"loss": losses[-1], "loss/average": average}
+            logs.update({f"lr/{d}": lr for d, lr in zip(parts.group_descriptions, lr_scheduler.get_last_lr())})
+            accelerator.log(logs, step=len(losses))
+            if len(losses) >= schedule.total_steps:
                 break
 
-        # Epoch checkpoints (the last epoch's file is the final file).
+        # Epoch checkpoints; the last epoch's weights are the final file.
+        save_every = cfg.output.save_every_n_epochs
         accelerator.wait_for_everyone()
-        every = cfg.output.save_every_n_epochs
-        if every and epoch % every == 0 and epoch < num_epochs and accelerator.is_main_process:
-            path = saver.save_epoch(lora_network, progress_metadata(base_metadata, steps=global_step, epoch=epoch,
-                                                                    finished=False), epoch)
-            accelerator.print(f"saved {path}")
-        if global_step >= total_steps:
-            break
-
+        if save_every and epoch % save_every == 0 and epoch < schedule.num_epochs and accelerator.is_main_process:
+            metadata = progress_metadata(base_metadata, steps=len(losses), epoch=epoch, finished=False)
+            accelerator.print(f"saved {parts.saver.save_epoch(network, metadata, epoch)}")
     progress.close()
     accelerator.wait_for_everyone()
-    final_path = saver.final_path
-    if accelerator.is_main_process:
-        final_path = saver.save_final(lora_network, progress_metadata(base_metadata, steps=global_step, epoch=epoch,
-                                                                      finished=True))
-    accelerator.end_training()
-    return TrainResult(final_path, saver.saved, global_step, epoch, losses)
+    return losses, epoch
