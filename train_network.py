@@ -16,7 +16,10 @@ from library.errors import UserInputError
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the trainer; returns the process exit code (2 and one line on stderr for bad input)."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, or a flag argparse could not parse (already reported in one line)
+        return int(exit_.code or 0)
     try:
         from library.config import config_from_args
 

@@ -18,8 +18,15 @@ SCHEDULERS = (
 )
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (not the whole usage block), like every other input error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrorParser(
         prog="train_network.py",
         description="Train an SDXL LoRA (LoRA+ built in) with sd-scripts' command line.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

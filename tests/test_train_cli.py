@@ -204,6 +204,20 @@ def test_bad_input_stops_with_one_line_before_loading(tiny_sdxl, small_dataset, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--loraplus_lr_ratio", "abc"], "argument --loraplus_lr_ratio: invalid float value: 'abc'"),
+        (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+        (["--resolution", "big"], "--resolution"),
+    ],
+)
+def test_unparsable_flags_are_one_line(tiny_sdxl, small_dataset, tmp_path, capsys, extra, fragment):
+    assert train_network.main(_argv(tiny_sdxl.single_file, small_dataset, tmp_path / "out", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and fragment in err and len(err.splitlines()) == 1
+
+
 def test_empty_data_folder_is_one_line(tiny_sdxl, tmp_path, capsys):
     (tmp_path / "data" / "5_empty").mkdir(parents=True)
     assert train_network.main(_argv(tiny_sdxl.single_file, tmp_path / "data", tmp_path / "out")) == 2
