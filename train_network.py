@@ -30,7 +30,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"LoRA saved to {result.final_path}")
+    if result.is_main_process:
+        print(f"LoRA saved to {result.final_path}")
     return 0
 
 

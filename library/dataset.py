@@ -29,7 +29,8 @@ from library.images import IMAGE_EXTENSIONS, image_size, is_image_file, load_ima
 logger = logging.getLogger(__name__)
 
 Size = tuple[int, int]
-ExampleKey = tuple[int, int]
+ExampleKey = tuple[int, int] | tuple[int, int, int]
+"""(record index, epoch) or (record index, epoch, repeat number within the epoch)."""
 """(record index, epoch): what the sampler yields and `TrainDataset.__getitem__` takes."""
 
 _SUBSET_NAME = re.compile(r"^(\d+)_(.*)$")
@@ -301,7 +302,7 @@ class TrainDataset(torch.utils.data.Dataset):
         return image_to_tensor(image)
 
     def __getitem__(self, key: ExampleKey | int) -> dict:
-        index, epoch = (key, 0) if isinstance(key, int) else key
+        index, epoch, repeat = (key, 0, 0) if isinstance(key, int) else (*key, 0)[:3]
         record = self.records[index]
         cfg = self.config
         example: dict = {}
@@ -313,7 +314,7 @@ class TrainDataset(torch.utils.data.Dataset):
                 crop_rng = seeded_rng(cfg.seed, epoch, index, "crop")
                 crop = crop_offsets(record.resized_size, record.bucket, True, crop_rng)
             example["image"] = self.load_image_tensor(index, crop)
-        rng = seeded_rng(cfg.seed, epoch, index)
+        rng = seeded_rng(cfg.seed, epoch, index, repeat)
         example["caption"] = process_caption(
             record.caption, shuffle=cfg.shuffle_caption, keep_tokens=cfg.keep_tokens, rng=rng
         )
@@ -436,12 +437,19 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         return batches
 
     def __iter__(self) -> Iterator[list[ExampleKey]]:
-        batches = self.epoch_batches()
-        if batches and self.num_replicas > 1:
+        # Each repeat of an image gets its own key, so its caption shuffle differs (as in sd-scripts).
+        seen: Counter[int] = Counter()
+        keyed: list[list[ExampleKey]] = []
+        for batch in self.epoch_batches():
+            keys = []
+            for index in batch:
+                keys.append((index, self.epoch, seen[index]))
+                seen[index] += 1
+            keyed.append(keys)
+        if keyed and self.num_replicas > 1:
             padded_len = len(self) * self.num_replicas
-            batches = [batches[i % len(batches)] for i in range(padded_len)]
-        for batch in batches[self.rank :: self.num_replicas]:
-            yield [(index, self.epoch) for index in batch]
+            keyed = [keyed[i % len(keyed)] for i in range(padded_len)]
+        yield from keyed[self.rank :: self.num_replicas]
 
     def __len__(self) -> int:
         return math.ceil(self._total_batches() / self.num_replicas)

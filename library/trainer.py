@@ -41,6 +41,8 @@ class TrainResult:
     epochs: int
     losses: list[float]
     """Loss of every optimizer step (for tests and comparisons)."""
+    is_main_process: bool
+    """Only the main process writes files (and reports them)."""
 
 
 @dataclass(frozen=True)
@@ -264,7 +266,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         final_path = saver.save_final(network, progress_metadata(base_metadata, steps=len(losses), epoch=epoch,
                                                                  finished=True))
     accelerator.end_training()
-    return TrainResult(final_path, saver.saved, len(losses), epoch, losses)
+    return TrainResult(final_path, saver.saved, len(losses), epoch, losses, accelerator.is_main_process)
 
 
 def run_loop(parts: TrainingParts, cfg: TrainConfig, base_metadata: dict[str, str]) -> tuple[list[float], int]:

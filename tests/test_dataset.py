@@ -205,10 +205,13 @@ def test_sampler_batches_one_bucket_and_counts_repeats(tree):
     assert len(batches) == len(sampler) == 10
     assert sorted(len(b) for b in batches) == [1, 1, 1] + [2] * 7
     for batch in batches:
-        assert len({dataset.records[i].bucket for i, _ in batch}) == 1
-        assert all(epoch == 3 for _, epoch in batch)
-    seen = Counter(i for batch in batches for i, _ in batch)
+        assert len({dataset.records[i].bucket for i, _, _ in batch}) == 1
+        assert all(epoch == 3 for _, epoch, _ in batch)
+    seen = Counter(i for batch in batches for i, _, _ in batch)
     assert seen == {0: 2, 1: 5, 2: 5, 3: 5}
+    # Each repeat of an image has its own key (0, 1, ...), so its caption shuffle can differ.
+    repeats = sorted(r for batch in batches for i, _, r in batch if i == 1)
+    assert repeats == [0, 1, 2, 3, 4]
 
 
 def test_sampler_is_seeded_per_epoch(tree):
@@ -220,14 +223,14 @@ def test_sampler_is_seeded_per_epoch(tree):
     orders = set()
     for epoch in range(6):
         first.set_epoch(epoch)
-        orders.add(tuple(tuple(i for i, _ in b) for b in _batches(first)))
+        orders.add(tuple(tuple(i for i, _, _ in b) for b in _batches(first)))
     assert len(orders) > 1
 
 
 def test_sampler_without_shuffle_keeps_order(tree):
     records = scan_train_data_dir(small_config(tree))
     sampler = BucketBatchSampler(records, batch_size=4, seed=0, shuffle=False)
-    indices = [[i for i, _ in batch] for batch in sampler]
+    indices = [[i for i, _, _ in batch] for batch in sampler]
     # buckets in (w, h) order: (96,160) c x5, (128,128) d x2 + a x5, (160,96) b x5
     assert indices == [[3, 3, 3, 3], [3], [0, 0, 1, 1], [1, 1, 1], [2, 2, 2, 2], [2]]
 
