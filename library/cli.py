@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 
-OPTIMIZER_TYPES = ("AdamW", "AdamW8bit", "Lion")
+OPTIMIZER_TYPES = (
+    "AdamW", "AdamW8bit", "Lion", "Prodigy", "DAdaptation", "DAdaptAdam", "DAdaptLion", "DAdaptAdaGrad",
+    "DAdaptAdan", "DAdaptSGD",
+)
 SCHEDULERS = (
     "constant",
     "constant_with_warmup",
@@ -64,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     network.add_argument("--network_dropout", type=float, default=None)
     network.add_argument("--network_args", nargs="*", default=None, help='key=value, e.g. "loraplus_lr_ratio=16"')
     network.add_argument("--network_weights", default=None, help="LoRA file to start from")
+    network.add_argument("--dim_from_weights", action="store_true",
+                         help="take each module's dim and alpha from --network_weights instead of --network_dim")
     network.add_argument("--network_train_unet_only", action="store_true")
     network.add_argument("--network_train_text_encoder_only", action="store_true")
     network.add_argument("--loraplus_lr_ratio", type=float, default=None,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from library.cli import OPTIMIZER_TYPES, SCHEDULERS
+from library.optim import is_adaptive, per_group_lr_problem
 from library.dataset import DatasetConfig
 from library.errors import UserInputError
 from networks.network_args import LORAPLUS_KEYS, LoRAPlusRatios, merge_loraplus_flags, parse_network_args
@@ -37,6 +38,8 @@ class NetworkConfig:
     loraplus: LoRAPlusRatios
     """Effective LoRA+ ratio per component."""
     weights: Path | None
+    dim_from_weights: bool
+    """Build modules (dims, alphas, conv) from `weights` rather than from dim/alpha/args."""
     train_unet: bool
     train_text_encoder: bool
 
@@ -134,6 +137,46 @@ def _check_choice(value: str, choices: tuple[str, ...], flag: str) -> str:
     return by_lower[value.lower()]
 
 
+BLOCK_LR_KEYS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight")
+
+
+def planned_group_lrs(
+    learning_rate: float,
+    unet_lr: float | None,
+    text_encoder_lr: list[float] | None,
+    loraplus: LoRAPlusRatios,
+    train_unet: bool,
+    train_text_encoder: bool,
+) -> dict[str, float]:
+    """The learning rate of every optimizer group the run will have (before block weights), by name."""
+    groups: dict[str, float] = {}
+    te_lr = text_encoder_lr[0] if text_encoder_lr else learning_rate
+    u_lr = learning_rate if unet_lr is None else unet_lr
+    for component, lr, ratio, trained in (
+        ("textencoder", te_lr, loraplus.text_encoder, train_text_encoder),
+        ("unet", u_lr, loraplus.unet, train_unet),
+    ):
+        if trained and lr != 0:
+            groups[component] = lr
+            if ratio is not None:
+                groups[f"{component} plus"] = lr * ratio
+    return groups
+
+
+def check_optimizer_fits_groups(optimizer_type: str, group_lrs: dict[str, float], network_args: dict[str, str]) -> None:
+    """Refuse, before any model loads, an optimizer that would crash on (or ignore) per-group rates."""
+    problem = per_group_lr_problem(optimizer_type, group_lrs)
+    if problem is None and is_adaptive(optimizer_type):
+        block_keys = [key for key in BLOCK_LR_KEYS if key in network_args]
+        if block_keys:
+            problem = (
+                f"--optimizer_type {optimizer_type} estimates one step size for all parameter groups and cannot "
+                f"take block lr weights ({', '.join(block_keys)}); remove them or use AdamW, AdamW8bit or Lion"
+            )
+    if problem:
+        raise UserInputError(problem)
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Validate the namespace and build the typed configuration (no file is read beyond existence checks)."""
     from library.models import check_model_path
@@ -153,9 +196,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     weights = Path(args.network_weights) if args.network_weights else None
     if weights is not None and not weights.is_file():
         raise UserInputError(f"--network_weights: file not found: {weights}")
+    if args.dim_from_weights and weights is None:
+        raise UserInputError("--dim_from_weights needs --network_weights (the LoRA file to read the dims from)")
 
     network_args = merge_loraplus_flags(
         parse_network_args(args.network_args), {key: getattr(args, key) for key in LORAPLUS_KEYS}
+    )
+    loraplus = LoRAPlusRatios.from_network_args(network_args)
+    optimizer_type = _check_choice(args.optimizer_type, OPTIMIZER_TYPES, "--optimizer_type")
+    text_encoder_lr = list(args.text_encoder_lr) if args.text_encoder_lr else None
+    train_unet, train_text_encoder = not args.network_train_text_encoder_only, not args.network_train_unet_only
+    check_optimizer_fits_groups(
+        optimizer_type,
+        planned_group_lrs(args.learning_rate, args.unet_lr, text_encoder_lr, loraplus, train_unet, train_text_encoder),
+        network_args,
     )
     resolution = parse_resolution(args.resolution)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % (2**31)
@@ -187,17 +241,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             alpha=args.network_alpha,
             dropout=args.network_dropout,
             args=network_args,
-            loraplus=LoRAPlusRatios.from_network_args(network_args),
+            loraplus=loraplus,
             weights=weights,
-            train_unet=not args.network_train_text_encoder_only,
-            train_text_encoder=not args.network_train_unet_only,
+            dim_from_weights=args.dim_from_weights,
+            train_unet=train_unet,
+            train_text_encoder=train_text_encoder,
         ),
         optimizer=OptimizerConfig(
-            optimizer_type=_check_choice(args.optimizer_type, OPTIMIZER_TYPES, "--optimizer_type"),
+            optimizer_type=optimizer_type,
             optimizer_args=parse_key_values(args.optimizer_args, "--optimizer_args"),
             learning_rate=args.learning_rate,
             unet_lr=args.unet_lr,
-            text_encoder_lr=list(args.text_encoder_lr) if args.text_encoder_lr else None,
+            text_encoder_lr=text_encoder_lr,
             max_grad_norm=args.max_grad_norm,
             lr_scheduler=_check_choice(args.lr_scheduler, SCHEDULERS, "--lr_scheduler"),
             lr_warmup_steps=args.lr_warmup_steps,

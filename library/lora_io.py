@@ -52,11 +52,24 @@ def save_lora_file(
         save_file(tensors, str(tmp), metadata=metadata or None)
 
 
+def normalize_lora_key(key: str) -> str:
+    """A key in today's sd-scripts spelling: older SDXL files (and tools that followed transformers'
+    module names) wrote text-encoder names without the `text_model_` level, e.g.
+    `lora_te1_encoder_layers_0_self_attn_q_proj` for `lora_te1_text_model_encoder_layers_0_self_attn_q_proj`."""
+    for prefix in ("lora_te1_", "lora_te2_"):
+        if key.startswith(prefix) and not key.startswith(f"{prefix}text_model_"):
+            return f"{prefix}text_model_{key[len(prefix):]}"
+    return key
+
+
 def load_lora_file(file: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a LoRA safetensors file."""
+    """(tensors, metadata) of a LoRA safetensors file, keys normalised to today's sd-scripts names."""
     if not os.path.isfile(file):
         raise UserInputError(f"LoRA file not found: {file}")
-    with safe_open(str(file), framework="pt") as f:
-        metadata = dict(f.metadata() or {})
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {normalize_lora_key(key): f.get_tensor(key) for key in f.keys()}
+    except Exception as error:  # safetensors raises its own error types for a broken header
+        raise UserInputError(f"cannot read LoRA file {file}: {error}") from None
     return tensors, metadata

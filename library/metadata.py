@@ -14,7 +14,38 @@ from datetime import datetime
 from library.config import TrainConfig
 from networks.lora import ParamGroupInfo
 
+IMPLEMENTATION_VERSION = "loraplus-trainer/0.1.0"
 BASE_MODEL_VERSION = "sdxl_base_v1-0"
+
+# Options sd-scripts records that this trainer does not offer yet: written with the value that means
+# "off", so tools that read them see what actually ran.
+FEATURES_OFF = {
+    "ss_clip_skip": "None",
+    "ss_max_token_length": "None",
+    "ss_face_crop_aug_range": "None",
+    "ss_resize_interpolation": "None",
+    "ss_adaptive_noise_scale": "None",
+    "ss_noise_offset_random_strength": "False",
+    "ss_multires_noise_iterations": "None",
+    "ss_multires_noise_discount": "0.3",
+    "ss_ip_noise_gamma": "None",
+    "ss_ip_noise_gamma_random_strength": "False",
+    "ss_debiased_estimation": "False",
+    "ss_zero_terminal_snr": "False",
+    "ss_huber_c": "0.1",
+    "ss_huber_scale": "1.0",
+    "ss_huber_schedule": "snr",
+    "ss_scale_weight_norms": "None",
+    "ss_reg_dataset_dirs": "{}",
+    "ss_num_validation_images": "0",
+    "ss_validation_split": "0.0",
+    "ss_validation_seed": "None",
+    "ss_validate_every_n_steps": "None",
+    "ss_validate_every_n_epochs": "None",
+    "ss_max_validation_steps": "None",
+    "ss_fp8_base_unet": "False",
+    "ss_lowram": "False",
+}
 MODELSPEC_ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
 
 
@@ -26,6 +57,7 @@ class DatasetSummary:
     tag_frequency: Mapping[str, Mapping[str, int]]
     dataset_dirs: Mapping[str, Mapping[str, int]]
     bucket_counts: Mapping[tuple[int, int], int]
+    mean_ar_error: float
     num_batches_per_epoch: int
 
 
@@ -54,8 +86,10 @@ def training_metadata(
         str(i): {"resolution": list(reso), "count": count}
         for i, (reso, count) in enumerate(sorted(dataset.bucket_counts.items()))
     }
+    bucket_info = {"buckets": buckets, "mean_img_ar_error": dataset.mean_ar_error}
     te_lr = opt.text_encoder_lr[0] if opt.text_encoder_lr else None
     return {
+        **FEATURES_OFF,
         "ss_session_id": _s(session_id),
         "ss_training_started_at": _s(started_at),
         "ss_output_name": cfg.output.output_name,
@@ -92,7 +126,7 @@ def training_metadata(
         "ss_min_bucket_reso": _s(data.min_bucket_reso),
         "ss_max_bucket_reso": _s(data.max_bucket_reso),
         "ss_bucket_no_upscale": _s(data.bucket_no_upscale),
-        "ss_bucket_info": json.dumps({"buckets": buckets}),
+        "ss_bucket_info": json.dumps(bucket_info),
         "ss_tag_frequency": json.dumps(dataset.tag_frequency, ensure_ascii=False),
         "ss_dataset_dirs": json.dumps(dataset.dataset_dirs, ensure_ascii=False),
         "ss_batch_size_per_device": _s(loop.batch_size),
@@ -118,6 +152,7 @@ def training_metadata(
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": MODELSPEC_ARCHITECTURE,
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.implementation_version": IMPLEMENTATION_VERSION,
         "modelspec.title": cfg.output.output_name,
         "modelspec.resolution": f"{data.resolution[0]}x{data.resolution[1]}",
         "modelspec.prediction_type": "epsilon",

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+
+from library.atomic import write_text_atomic
 
 
 class LoRASaver:
@@ -20,6 +24,16 @@ class LoRASaver:
     @property
     def final_path(self) -> Path:
         return self.output_dir / f"{self.output_name}.safetensors"
+
+    @property
+    def param_groups_path(self) -> Path:
+        return self.output_dir / f"{self.output_name}_param_groups.json"
+
+    def save_param_groups(self, infos: Sequence, weight_decay: float | None) -> Path:
+        """The optimizer groups (LoRA+ base/plus, lr, sizes) as JSON beside the LoRA files."""
+        rows = [{**asdict(info), "weight_decay": weight_decay} for info in infos]
+        write_text_atomic(self.param_groups_path, json.dumps(rows, indent=2) + "\n")
+        return self.param_groups_path
 
     def epoch_path(self, epoch: int) -> Path:
         return self.output_dir / f"{self.output_name}-{epoch:06d}.safetensors"

@@ -145,7 +145,7 @@ def create_lora_network(net_cfg: NetworkConfig, models: SDXLModels):
     """Build the network through `--network_module` (sd-scripts' plug-in point) and attach it."""
     module = importlib.import_module(net_cfg.module)
     text_encoders = [models.text_encoder1, models.text_encoder2]
-    if net_cfg.weights is not None:
+    if net_cfg.dim_from_weights:
         network, _ = module.create_network_from_weights(1.0, net_cfg.weights, models.vae, text_encoders, models.unet)
         network.set_loraplus_lr_ratio(None, net_cfg.loraplus.unet, net_cfg.loraplus.text_encoder)
     else:
@@ -249,12 +249,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     base_metadata = training_metadata(
         cfg, model_name=cfg.model.path.name, model_hash=hashes[0], new_model_hash=hashes[1],
         dataset=DatasetSummary(dataset.num_train_images, dataset.tag_frequency(), dataset.dataset_dirs_info(),
-                               dataset.bucket_counts(), schedule.batches_per_epoch),
+                               dataset.bucket_counts(), dataset.mean_ar_error(), schedule.batches_per_epoch),
         param_groups=group_infos, total_steps=schedule.total_steps, num_epochs=schedule.num_epochs,
         mixed_precision=plan.mixed_precision, optimizer_name=f"{type(inner).__module__}.{type(inner).__name__}",
         session_id=random.Random(cfg.loop.seed).randint(0, 2**32), started_at=started_at,
     )
     saver = LoRASaver(cfg.output.output_dir, cfg.output.output_name, save_dtype(cfg.output.save_precision))
+    if accelerator.is_main_process:
+        saver.save_param_groups(group_infos, inner.param_groups[0].get("weight_decay"))
     if cfg.output.logging_dir is not None:
         accelerator.init_trackers("network_train")
 

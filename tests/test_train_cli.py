@@ -52,8 +52,32 @@ def loraplus_run(tiny_sdxl, small_dataset, tmp_path_factory):
 
 def test_writes_final_and_epoch_files(loraplus_run):
     files = sorted(p.name for p in (loraplus_run / "output").iterdir())
-    # 4 epochs, save every 2: epoch 2 gets a numbered file, epoch 4 is the final file.
-    assert files == ["tiny_lora-000002.safetensors", "tiny_lora.safetensors"]
+    # 4 epochs, save every 2: epoch 2 gets a numbered file, epoch 4 is the final file; the optimizer
+    # groups are written beside them.
+    assert files == ["tiny_lora-000002.safetensors", "tiny_lora.safetensors", "tiny_lora_param_groups.json"]
+
+
+def test_param_group_table_is_saved_as_json_and_in_metadata(loraplus_run):
+    rows = json.loads((loraplus_run / "output" / "tiny_lora_param_groups.json").read_text())
+    assert [(r["description"], r["plus"]) for r in rows] == [
+        ("textencoder", False), ("textencoder plus", True), ("unet", False), ("unet plus", True)
+    ]
+    assert [r["lr"] for r in rows] == pytest.approx([LR, LR * 16, LR, LR * 16])
+    assert all(r["tensors"] > 0 and r["parameters"] > 0 for r in rows)
+    with safe_open(str(loraplus_run / "output" / "tiny_lora.safetensors"), "pt") as f:
+        in_file = json.loads(f.metadata()["ss_lr_param_groups"])
+    assert [(r["description"], r["lr"]) for r in in_file] == [(r["description"], r["lr"]) for r in rows]
+
+
+def test_metadata_has_every_key_sd_scripts_writes(loraplus_run):
+    # What sd-scripts 48d368fa wrote for a LoRA+ run (copied from the compat contract).
+    example = json.loads((Path(__file__).parent / "data" / "sdscripts-lora-metadata-example.json").read_text())
+    with safe_open(str(loraplus_run / "output" / "tiny_lora.safetensors"), "pt") as f:
+        meta = f.metadata()
+    missing = set(example) - set(meta) - {"ss_sd_scripts_commit_hash"}
+    assert not missing
+    assert meta["modelspec.implementation_version"].startswith("loraplus-trainer/")
+    assert json.loads(meta["ss_bucket_info"])["mean_img_ar_error"] >= 0
 
 
 def test_saved_file_names_dtype_alpha_and_metadata(loraplus_run, tiny_sdxl):
@@ -230,3 +254,14 @@ def test_ratio_given_two_ways_must_agree(tiny_sdxl, small_dataset, tmp_path, cap
                  "--network_args", "loraplus_lr_ratio=8")
     assert train_network.main(argv) == 2
     assert "disagrees" in capsys.readouterr().err
+
+
+def test_prodigy_without_loraplus_trains(tiny_sdxl, small_dataset, tmp_path):
+    out = tmp_path / "out"
+    argv = _argv(tiny_sdxl.single_file, small_dataset, out, "--optimizer_type", "Prodigy", "--learning_rate", "1.0",
+                 "--max_train_steps", "3", "--cache_latents", "--network_train_unet_only", "--output_name", "p")
+    assert train_network.main(argv) == 0
+    with safe_open(str(out / "p.safetensors"), "pt") as f:
+        assert f.metadata()["ss_optimizer"] == "prodigyopt.prodigy.Prodigy"
+        ups = [f.get_tensor(k) for k in f.keys() if k.endswith("lora_up.weight")]
+    assert ups and all(float(t.abs().max()) > 0 for t in ups)

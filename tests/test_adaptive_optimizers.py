@@ -1,0 +1,84 @@
+"""Prodigy / D-Adaptation with LoRA+: refused at start-up with one line, never a crash at step 1."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import train_network
+from library.config import planned_group_lrs
+from library.errors import UserInputError
+from library.optim import build_optimizer, per_group_lr_problem
+from networks.network_args import LoRAPlusRatios
+
+ADAPTIVE = ["Prodigy", "DAdaptation", "DAdaptAdam", "DAdaptLion", "DAdaptAdaGrad", "DAdaptAdan", "DAdaptSGD"]
+
+
+def _groups(lrs):
+    torch.manual_seed(0)
+    return [{"params": [torch.nn.Parameter(torch.randn(8, 8))], "lr": lr} for lr in lrs]
+
+
+def test_planned_group_lrs_follow_the_grouping_rule():
+    both = LoRAPlusRatios(unet=16.0, text_encoder=4.0)
+    assert planned_group_lrs(1e-4, None, None, both, True, True) == {
+        "textencoder": 1e-4, "textencoder plus": 4e-4, "unet": 1e-4, "unet plus": 1.6e-3,
+    }
+    assert planned_group_lrs(1.0, None, [0.0], LoRAPlusRatios(None, None), True, True) == {"unet": 1.0}
+    assert planned_group_lrs(1.0, 2.0, None, LoRAPlusRatios(None, None), True, False) == {"unet": 2.0}
+
+
+def test_the_library_itself_crashes_at_step_one_on_per_group_rates():
+    """Why the guard exists: Prodigy accepts the groups, then raises at its first step."""
+    from prodigyopt import Prodigy
+
+    groups = _groups([1.0, 16.0])
+    optimizer = Prodigy(groups, lr=1.0)
+    for group in groups:
+        group["params"][0].sum().backward()
+    with pytest.raises(RuntimeError, match="only supported for values of 0"):
+        optimizer.step()
+
+
+@pytest.mark.parametrize("name", ADAPTIVE)
+def test_adaptive_optimizers_refuse_per_group_rates_and_step_with_equal_ones(name):
+    assert per_group_lr_problem(name, {"unet": 1.0, "unet plus": 16.0}) is not None
+    assert per_group_lr_problem(name, {"unet": 1.0, "textencoder": 1.0, "frozen": 0.0}) is None
+    with pytest.raises(UserInputError, match="for LoRA\\+ use AdamW, AdamW8bit or Lion"):
+        build_optimizer(name, _groups([1.0, 16.0]), 1.0, {})
+    groups = _groups([1.0, 1.0])
+    before = [g["params"][0].detach().clone() for g in groups]
+    optimizer = build_optimizer(name, groups, 1.0, {})
+    for group in groups:
+        group["params"][0].square().sum().backward()
+    optimizer.step()
+    assert all(not torch.equal(b, g["params"][0]) for b, g in zip(before, groups))
+
+
+def test_non_adaptive_optimizers_take_any_rates():
+    assert per_group_lr_problem("AdamW", {"unet": 1e-4, "unet plus": 1.6e-3}) is None
+    assert per_group_lr_problem("Lion", {"unet": 1e-4, "unet plus": 1.6e-3}) is None
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--loraplus_lr_ratio", "16"],
+        ["--network_args", "loraplus_unet_lr_ratio=4"],
+        ["--unet_lr", "1.0", "--text_encoder_lr", "0.5"],
+    ],
+)
+def test_cli_refuses_before_any_model_loads(tmp_path, capsys, monkeypatch, extra):
+    import library.models
+
+    def fail(*_args, **_kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(library.models, "load_sdxl", fail)
+    (tmp_path / "data" / "1_x").mkdir(parents=True)
+    argv = ["--pretrained_model_name_or_path", str(tmp_path / "data"), "--train_data_dir", str(tmp_path / "data"),
+            "--output_dir", str(tmp_path / "out"), "--optimizer_type", "Prodigy", "--learning_rate", "1.0", *extra]
+    monkeypatch.setattr("library.models.check_model_path", lambda path: None)
+    assert train_network.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --optimizer_type Prodigy estimates one step size") and len(err.splitlines()) == 1
