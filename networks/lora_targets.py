@@ -9,6 +9,7 @@ Selection follows sd-scripts' `networks.lora` for SDXL:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
@@ -47,30 +48,31 @@ def _text_encoder_module_name(name: str) -> str:
     return name if name.startswith("text_model.") else f"text_model.{name}"
 
 
-def text_encoder_targets(text_encoder: nn.Module, prefix: str) -> list[LoRATarget]:
-    """LoRA targets of one CLIP text encoder, named `<prefix>_text_model_encoder_layers_N_...`."""
+def _targets(model: nn.Module, classes: tuple[str, ...], lora_name: Callable[[str], str]) -> list[LoRATarget]:
+    """Every Linear / Conv2d inside a module whose class name is in `classes`, named by `lora_name`."""
     targets: list[LoRATarget] = []
-    for name, module in text_encoder.named_modules():
-        if type(module).__name__ not in TEXT_ENCODER_TARGETS:
-            continue
-        for child_name, child in module.named_modules():
-            ok, is_conv3x3 = _adaptable(child)
-            if ok:
-                full = _text_encoder_module_name(f"{name}.{child_name}")
-                targets.append(LoRATarget(f"{prefix}_{full.replace('.', '_')}", child, is_conv3x3))
-    return targets
-
-
-def unet_targets(unet: nn.Module, include_conv: bool) -> list[LoRATarget]:
-    """LoRA targets of the SDXL UNet (diffusers modules), named in the original layout."""
-    classes = UNET_TARGETS + (UNET_CONV_TARGETS if include_conv else ())
-    targets: list[LoRATarget] = []
-    for name, module in unet.named_modules():
+    for name, module in model.named_modules():
         if type(module).__name__ not in classes:
             continue
         for child_name, child in module.named_modules():
             ok, is_conv3x3 = _adaptable(child)
             if ok:
-                original = unet_diffusers_to_original(f"{name}.{child_name}")
-                targets.append(LoRATarget(f"{UNET_PREFIX}_{original.replace('.', '_')}", child, is_conv3x3))
+                targets.append(LoRATarget(lora_name(f"{name}.{child_name}"), child, is_conv3x3))
     return targets
+
+
+def text_encoder_targets(text_encoder: nn.Module, prefix: str) -> list[LoRATarget]:
+    """LoRA targets of one CLIP text encoder, named `<prefix>_text_model_encoder_layers_N_...`."""
+    return _targets(
+        text_encoder,
+        TEXT_ENCODER_TARGETS,
+        lambda name: f"{prefix}_{_text_encoder_module_name(name).replace('.', '_')}",
+    )
+
+
+def unet_targets(unet: nn.Module, include_conv: bool) -> list[LoRATarget]:
+    """LoRA targets of the SDXL UNet (diffusers modules), named in the original layout."""
+    classes = UNET_TARGETS + (UNET_CONV_TARGETS if include_conv else ())
+    return _targets(
+        unet, classes, lambda name: f"{UNET_PREFIX}_{unet_diffusers_to_original(name).replace('.', '_')}"
+    )
