@@ -265,3 +265,26 @@ def test_prodigy_without_loraplus_trains(tiny_sdxl, small_dataset, tmp_path):
         assert f.metadata()["ss_optimizer"] == "prodigyopt.prodigy.Prodigy"
         ups = [f.get_tensor(k) for k in f.keys() if k.endswith("lora_up.weight")]
     assert ups and all(float(t.abs().max()) > 0 for t in ups)
+
+
+def test_continue_training_from_a_file_with_its_own_dims(loraplus_run, tiny_sdxl, small_dataset, tmp_path):
+    """--network_weights + --dim_from_weights: modules, dims and weights come from the file; a tiny lr
+    then barely moves them."""
+    start = loraplus_run / "output" / "tiny_lora.safetensors"
+    out = tmp_path / "out"
+    argv = _argv(tiny_sdxl.single_file, small_dataset, out, "--network_weights", str(start), "--dim_from_weights",
+                 "--network_dim", "16", "--max_train_steps", "1", "--learning_rate", "1e-9", "--cache_latents",
+                 "--output_name", "continued")
+    assert train_network.main(argv) == 0
+    with safe_open(str(start), "pt") as f:
+        before = {k: f.get_tensor(k).float() for k in f.keys()}
+    with safe_open(str(out / "continued.safetensors"), "pt") as f:
+        after = {k: f.get_tensor(k).float() for k in f.keys()}
+    assert after.keys() == before.keys()
+    assert after["lora_unet_middle_block_1_proj_in.lora_down.weight"].shape[0] == 4  # from the file, not 16
+    assert max(float((after[k] - before[k]).abs().max()) for k in before) < 1e-3
+
+
+def test_dim_from_weights_needs_weights(tiny_sdxl, small_dataset, tmp_path, capsys):
+    assert train_network.main(_argv(tiny_sdxl.single_file, small_dataset, tmp_path / "o", "--dim_from_weights")) == 2
+    assert "--dim_from_weights needs --network_weights" in capsys.readouterr().err
