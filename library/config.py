@@ -177,6 +177,24 @@ def check_optimizer_fits_groups(optimizer_type: str, group_lrs: dict[str, float]
         raise UserInputError(problem)
 
 
+def check_weights_fit_dims(weights: Path, dim: int, conv_dim: int | None) -> None:
+    """Without --dim_from_weights a LoRA file must have the ranks the flags ask for; found from the file's
+    header alone, so a mismatch stops the run before any model loads."""
+    from library.lora_merge import read_safetensors_header
+
+    entries, _, _ = read_safetensors_header(weights)
+    for name, entry in sorted(entries.items()):
+        if not name.endswith(".lora_down.weight"):
+            continue
+        is_conv3x3 = len(entry.shape) == 4 and tuple(entry.shape[2:]) != (1, 1)
+        expected = conv_dim if is_conv3x3 else dim
+        if entry.shape[0] != expected:
+            raise UserInputError(
+                f"--network_weights {weights}: {name.split('.')[0]} has rank {entry.shape[0]}, but this run asks for "
+                f"{expected}; add --dim_from_weights to take dims from the file, or give the matching --network_dim"
+            )
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Validate the namespace and build the typed configuration (no file is read beyond existence checks)."""
     from library.models import check_model_path
@@ -211,6 +229,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         planned_group_lrs(args.learning_rate, args.unet_lr, text_encoder_lr, loraplus, train_unet, train_text_encoder),
         network_args,
     )
+    if weights is not None and not args.dim_from_weights and not any(k.startswith(("block_", "conv_block_"))
+                                                                       for k in network_args):
+        check_weights_fit_dims(weights, args.network_dim, int(network_args["conv_dim"]) if "conv_dim" in network_args else None)
     resolution = parse_resolution(args.resolution)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % (2**31)
     cache_to_disk = bool(args.cache_latents_to_disk)

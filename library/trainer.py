@@ -75,9 +75,10 @@ class TrainingParts:
 
 def format_param_groups(infos: list[ParamGroupInfo], weight_decay: float | None) -> str:
     """The start-up table that shows at a glance whether LoRA+ is on."""
-    rows = [("component", "group", "tensors", "parameters", "lr", "weight decay")]
+    rows = [("component", "block", "group", "tensors", "parameters", "lr", "weight decay")]
     for info in infos:
-        rows.append((info.component, "plus (B)" if info.plus else "base", str(info.tensors),
+        block = "-" if info.block is None else str(info.block)
+        rows.append((info.component, block, "plus (B)" if info.plus else "base", str(info.tensors),
                      f"{info.parameters:,}", f"{info.lr:.3g}", "-" if weight_decay is None else f"{weight_decay:g}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
@@ -146,7 +147,9 @@ def create_lora_network(net_cfg: NetworkConfig, models: SDXLModels):
     module = importlib.import_module(net_cfg.module)
     text_encoders = [models.text_encoder1, models.text_encoder2]
     if net_cfg.dim_from_weights:
-        network, _ = module.create_network_from_weights(1.0, net_cfg.weights, models.vae, text_encoders, models.unet)
+        network, _ = module.create_network_from_weights(
+            1.0, net_cfg.weights, models.vae, text_encoders, models.unet, **net_cfg.args
+        )
         network.set_loraplus_lr_ratio(None, net_cfg.loraplus.unet, net_cfg.loraplus.text_encoder)
     else:
         network = module.create_network(

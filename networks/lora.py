@@ -6,6 +6,10 @@ the file's keys (`lora_unet_..._to_q.lora_down.weight`, `...alpha`).
 
 LoRA+ rule: a parameter is in the "plus" group iff it is a B matrix (`lora_up`); its learning rate is its
 component's learning rate x that component's ratio. `lora_down` (A) keeps the component's rate.
+
+Block-wise network_args (`down_lr_weight`, `block_dims`, ... see `networks.block_weights`): per-block ranks
+and alphas for the UNet, and with lr weights one UNet group per block ("unet_block5", "unet_block5 plus"),
+lr = UNet lr x block weight (x ratio for plus). A block of weight 0 gets no modules.
 """
 
 from __future__ import annotations
@@ -17,6 +21,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from networks.block_weights import (
+    LR_WEIGHT_KEYS,
+    ZERO_THRESHOLD_KEY,
+    BlockDims,
+    block_dims_and_alphas,
+    block_index,
+    block_lr_weights,
+    check_lr_weights,
+)
 from networks.lora_module import LoRAModule
 from networks.lora_targets import TEXT_ENCODER_PREFIXES, LoRATarget, text_encoder_targets, unet_targets
 from networks.network_args import LoRAPlusRatios, parse_network_args
@@ -26,12 +39,13 @@ from networks.network_args import LoRAPlusRatios, parse_network_args
 class ParamGroupInfo:
     """What one optimizer parameter group holds, for logging and the start-up table."""
 
-    description: str  # "textencoder", "textencoder plus", "unet", "unet plus"
+    description: str  # "textencoder", "textencoder plus", "unet", "unet plus", "unet_block5", "unet_block5 plus"
     component: str  # "textencoder" | "unet"
     plus: bool
     lr: float
     tensors: int
     parameters: int
+    block: int | None = None  # sd-scripts' UNet block number (0-22) when lr weights split the UNet by block
 
 
 class LoRANetwork(nn.Module):
@@ -51,7 +65,10 @@ class LoRANetwork(nn.Module):
         conv_alpha: float | None = None,
         modules_dim: Mapping[str, int] | None = None,
         modules_alpha: Mapping[str, float] | None = None,
+        blocks: BlockDims | None = None,
     ) -> None:
+        """`modules_dim`/`modules_alpha` (from a file) pick the modules by name; otherwise `blocks` (per-block
+        ranks of the UNet, from block_dims & co.) or the network-wide dims apply."""
         super().__init__()
         self.multiplier = multiplier
         self.lora_dim = lora_dim
@@ -59,14 +76,20 @@ class LoRANetwork(nn.Module):
         self.conv_lora_dim = conv_lora_dim
         self.conv_alpha = conv_alpha
         self.loraplus = LoRAPlusRatios(unet=None, text_encoder=None)
+        self.block_lr_weight: tuple[float, ...] | None = None
 
-        def build(targets: list[LoRATarget]) -> list[LoRAModule]:
+        def build(targets: list[LoRATarget], is_unet: bool) -> list[LoRAModule]:
             loras = []
             for target in targets:
                 if modules_dim is not None:
                     if target.lora_name not in modules_dim:
                         continue
                     dim, module_alpha = modules_dim[target.lora_name], (modules_alpha or {}).get(target.lora_name)
+                elif blocks is not None and is_unet:
+                    picked = blocks.dim_and_alpha(target.lora_name, target.is_conv3x3)
+                    if picked is None:
+                        continue
+                    dim, module_alpha = picked
                 elif target.is_conv3x3:
                     if not conv_lora_dim:
                         continue
@@ -79,11 +102,14 @@ class LoRANetwork(nn.Module):
             return loras
 
         te_targets = [t for i, te in enumerate(text_encoders) for t in text_encoder_targets(te, TEXT_ENCODER_PREFIXES[i])]
-        include_conv = bool(conv_lora_dim) or (
-            modules_dim is not None and any(name.startswith("lora_unet") for name in modules_dim)
-        )
-        self.text_encoder_loras = build(te_targets)
-        self.unet_loras = build(unet_targets(unet, include_conv=include_conv))
+        if modules_dim is not None:
+            include_conv = any(name.startswith("lora_unet") for name in modules_dim)
+        elif blocks is not None:
+            include_conv = blocks.conv_dims is not None
+        else:
+            include_conv = bool(conv_lora_dim)
+        self.text_encoder_loras = build(te_targets, is_unet=False)
+        self.unet_loras = build(unet_targets(unet, include_conv=include_conv), is_unet=True)
         for lora in self.text_encoder_loras + self.unet_loras:
             if lora.lora_name in self._modules:
                 raise ValueError(f"duplicate LoRA name {lora.lora_name}")
@@ -105,6 +131,15 @@ class LoRANetwork(nn.Module):
                 "loraplus_text_encoder_lr_ratio": loraplus_text_encoder_lr_ratio,
             }
         )
+
+    def set_block_lr_weight(self, block_lr_weight: Sequence[float] | None) -> None:
+        """Per-block lr weights (23, sd-scripts' block numbers; see `networks.block_weights`), or None for
+        one UNet group. Modules in a block of weight 0 are left out of the optimizer and frozen."""
+        self.block_lr_weight = None if block_lr_weight is None else check_lr_weights(block_lr_weight)
+
+    def get_lr_weight(self, block_idx: int) -> float:
+        """The lr weight of one UNet block (1 without block lr weights)."""
+        return 1.0 if self.block_lr_weight is None else self.block_lr_weight[block_idx]
 
     def set_multiplier(self, multiplier: float) -> None:
         self.multiplier = multiplier
@@ -149,8 +184,11 @@ class LoRANetwork(nn.Module):
         Component lr: text encoders take the first `text_encoder_lr` value, the UNet `unet_lr`, each
         falling back to `default_lr`. With a LoRA+ ratio the component splits into A (lr) and B
         ("plus", lr x ratio). Groups whose lr is 0 are dropped (that component stays frozen).
+        With block lr weights the UNet gives one group per block (ascending block number), lr = UNet lr x
+        the block's weight: "unet_block5" and, with LoRA+, "unet_block5 plus" (sd-scripts' descriptions).
         """
         groups, infos = self._param_groups(text_encoder_lr, unet_lr, default_lr)
+        self._freeze_zero_weight_blocks()
         return groups, [info.description for info in infos]
 
     def param_group_infos(
@@ -169,16 +207,18 @@ class LoRANetwork(nn.Module):
 
         groups: list[dict] = []
         infos: list[ParamGroupInfo] = []
-        for component, loras, lr, ratio in (
-            ("textencoder", self.text_encoder_loras, te_lr, self.loraplus.text_encoder),
-            ("unet", self.unet_loras, u_lr, self.loraplus.unet),
-        ):
+
+        def add(
+            component: str, loras: list[LoRAModule], lr: float, ratio: float | None, block: int | None = None
+        ) -> None:
+            """The component's (or block's) A group at `lr` and, with LoRA+, its B group at `lr` x ratio."""
             if not loras or lr == 0:
-                continue
-            split = {False: [], True: []}
+                return
+            split: dict[bool, list[nn.Parameter]] = {False: [], True: []}
             for lora in loras:
                 for name, param in lora.named_parameters():
                     split[ratio is not None and name.startswith("lora_up.")].append(param)
+            name = component if block is None else f"{component}_block{block}"
             for plus, params in split.items():
                 if not params:
                     continue
@@ -186,18 +226,41 @@ class LoRANetwork(nn.Module):
                 groups.append({"params": params, "lr": group_lr})
                 infos.append(
                     ParamGroupInfo(
-                        description=f"{component} plus" if plus else component,
+                        description=f"{name} plus" if plus else name,
                         component=component,
                         plus=plus,
                         lr=group_lr,
                         tensors=len(params),
                         parameters=sum(p.numel() for p in params),
+                        block=block,
                     )
                 )
+
+        add("textencoder", self.text_encoder_loras, te_lr, self.loraplus.text_encoder)
+        if self.block_lr_weight is None:
+            add("unet", self.unet_loras, u_lr, self.loraplus.unet)
+        else:
+            for block, loras in sorted(self._unet_loras_by_block().items()):
+                add("unet", loras, u_lr * self.block_lr_weight[block], self.loraplus.unet, block)
         return groups, infos
+
+    def _unet_loras_by_block(self) -> dict[int, list[LoRAModule]]:
+        by_block: dict[int, list[LoRAModule]] = {}
+        for lora in self.unet_loras:
+            by_block.setdefault(block_index(lora.lora_name), []).append(lora)
+        return by_block
+
+    def _freeze_zero_weight_blocks(self) -> None:
+        """Modules in blocks of lr weight 0 (only a network read from a file has any) train not at all."""
+        if self.block_lr_weight is None:
+            return
+        for lora in self.unet_loras:
+            if self.block_lr_weight[block_index(lora.lora_name)] == 0:
+                lora.requires_grad_(False)
 
     def prepare_grad_etc(self, text_encoders: Sequence[nn.Module] | None, unet: nn.Module | None) -> None:
         self.requires_grad_(True)
+        self._freeze_zero_weight_blocks()
 
     def on_epoch_start(self, text_encoders: Sequence[nn.Module] | None, unet: nn.Module | None) -> None:
         self.train()
@@ -215,7 +278,21 @@ class LoRANetwork(nn.Module):
         """Load a LoRA file (ours or sd-scripts') into these adapters; returns load_state_dict's report."""
         from library.lora_io import load_lora_file
 
+        from library.errors import UserInputError
+
         weights_sd, _ = load_lora_file(file)
+        own = self.state_dict()
+        unexpected = sorted(k for k in weights_sd if k not in own)
+        reshaped = sorted(k for k in weights_sd if k in own and weights_sd[k].shape != own[k].shape)
+        if unexpected or reshaped:
+            example = (reshaped or unexpected)[0]
+            detail = (f"{example} is {tuple(weights_sd[example].shape)} in the file, {tuple(own[example].shape)} here"
+                      if reshaped else f"{example} has no module here")
+            raise UserInputError(
+                f"LoRA file {file} does not fit this network ({len(reshaped)} tensors of another shape, "
+                f"{len(unexpected)} of unknown modules; e.g. {detail}); add --dim_from_weights to take dims from the "
+                "file, or match --network_dim/--network_alpha/conv_dim"
+            )
         return self.load_state_dict(weights_sd, strict=False)
 
     def num_parameters(self) -> int:
@@ -241,23 +318,29 @@ def create_network(
     if isinstance(text_encoders, nn.Module):
         text_encoders = [text_encoders]
     conv_dim = int(args["conv_dim"]) if "conv_dim" in args else None
+    conv_alpha = _float_or_none(args.get("conv_alpha")) if conv_dim else None
+    lora_dim = network_dim if network_dim is not None else 4
+    alpha = network_alpha if network_alpha is not None else 1.0
+    lr_weights = block_lr_weights(args)
     network = LoRANetwork(
         text_encoders,
         unet,
         multiplier=multiplier,
-        lora_dim=network_dim if network_dim is not None else 4,
-        alpha=network_alpha if network_alpha is not None else 1.0,
+        lora_dim=lora_dim,
+        alpha=alpha,
         dropout=neuron_dropout if neuron_dropout is not None else _float_or_none(args.get("dropout")),
         rank_dropout=_float_or_none(args.get("rank_dropout")),
         module_dropout=_float_or_none(args.get("module_dropout")),
         conv_lora_dim=conv_dim,
-        conv_alpha=_float_or_none(args.get("conv_alpha")) if conv_dim else None,
+        conv_alpha=conv_alpha,
+        blocks=block_dims_and_alphas(args, lora_dim, alpha, conv_dim, conv_alpha, lr_weights),
     )
     network.set_loraplus_lr_ratio(
         _float_or_none(args.get("loraplus_lr_ratio")),
         _float_or_none(args.get("loraplus_unet_lr_ratio")),
         _float_or_none(args.get("loraplus_text_encoder_lr_ratio")),
     )
+    network.set_block_lr_weight(lr_weights)
     return network
 
 
@@ -271,7 +354,11 @@ def create_network_from_weights(
     for_inference: bool = False,
     **kwargs: str,
 ) -> tuple[LoRANetwork, dict[str, torch.Tensor]]:
-    """Build a network whose modules, dims and alphas are read from a LoRA file (or state dict)."""
+    """Build a network whose modules, dims and alphas are read from a LoRA file (or state dict).
+
+    Of `kwargs` (network_args strings) only the block lr weights apply: a block of weight 0 keeps the file's
+    modules but they are not trained.
+    """
     from library.lora_io import load_lora_file
 
     if weights_sd is None:
@@ -292,4 +379,7 @@ def create_network_from_weights(
     network = LoRANetwork(
         text_encoders, unet, multiplier=multiplier, modules_dim=modules_dim, modules_alpha=modules_alpha
     )
+    block_keys = LR_WEIGHT_KEYS + (ZERO_THRESHOLD_KEY,)
+    block_args = parse_network_args([f"{k}={v}" for k, v in kwargs.items() if k in block_keys and v is not None])
+    network.set_block_lr_weight(block_lr_weights(block_args))
     return network, weights_sd

@@ -9,18 +9,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from library.errors import UserInputError
+from networks.block_weights import BLOCK_ARG_KEYS, check_block_arg, check_block_combination
 
 LORAPLUS_KEYS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 FLOAT_KEYS = ("conv_alpha", "dropout", "rank_dropout", "module_dropout") + LORAPLUS_KEYS
 INT_KEYS = ("conv_dim",)
-NETWORK_ARG_KEYS = INT_KEYS + FLOAT_KEYS
+NETWORK_ARG_KEYS = INT_KEYS + FLOAT_KEYS + BLOCK_ARG_KEYS
 
 
 def parse_network_args(items: Sequence[str] | None) -> dict[str, str]:
     """`["k=v", ...]` -> `{"k": "v"}` (raw strings, as sd-scripts records them), validated.
 
-    Raises UserInputError for an item without '=', an unknown key, a repeated key, or a value that is
-    not a number where a number is needed.
+    Raises UserInputError for an item without '=', an unknown key, a repeated key, a value that is
+    not a number where a number is needed, a block list of the wrong length (see `networks.block_weights`),
+    or a block key that would have no effect.
     """
     parsed: dict[str, str] = {}
     for item in items or ():
@@ -36,8 +38,12 @@ def parse_network_args(items: Sequence[str] | None) -> dict[str, str]:
             )
         if key in parsed and parsed[key] != value:
             raise UserInputError(f"--network_args: '{key}' is given twice ({parsed[key]} and {value}); keep one")
-        _check_number(key, value, "--network_args")
+        if key in BLOCK_ARG_KEYS:
+            check_block_arg(key, value)
+        else:
+            _check_number(key, value, "--network_args")
         parsed[key] = value
+    check_block_combination(parsed)
     return parsed
 
 

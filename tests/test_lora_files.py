@@ -152,3 +152,12 @@ def test_diffusers_loads_text_encoder_and_unet_loras_like_ours(models, trained_f
     _assert_close(context, expected["text"][0], base["text"][0])
     _assert_close(pooled, expected["text"][1], base["text"][1])
     _assert_close(_unet_output(pipe.unet, models), expected["unet"], base["unet"])
+
+
+def test_load_weights_refuses_a_file_of_other_shapes(models, trained_file):
+    from library.errors import UserInputError
+
+    path, *_ = trained_file  # dim 4
+    network = create_network(1.0, 8, 1.0, None, _encoders(models), models.unet)
+    with pytest.raises(UserInputError, match=r"does not fit this network \(\d+ tensors of another shape"):
+        network.load_weights(path)

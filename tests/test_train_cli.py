@@ -288,3 +288,15 @@ def test_continue_training_from_a_file_with_its_own_dims(loraplus_run, tiny_sdxl
 def test_dim_from_weights_needs_weights(tiny_sdxl, small_dataset, tmp_path, capsys):
     assert train_network.main(_argv(tiny_sdxl.single_file, small_dataset, tmp_path / "o", "--dim_from_weights")) == 2
     assert "--dim_from_weights needs --network_weights" in capsys.readouterr().err
+
+
+def test_weights_of_another_dim_without_dim_from_weights_is_one_line(loraplus_run, tiny_sdxl, small_dataset, tmp_path,
+                                                                     capsys):
+    start = loraplus_run / "output" / "tiny_lora.safetensors"  # dim 4
+    argv = _argv(tiny_sdxl.single_file, small_dataset, tmp_path / "o", "--network_weights", str(start),
+                 "--network_dim", "8", "--max_train_steps", "1", "--cache_latents")
+    assert train_network.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --network_weights") and "has rank 4, but this run asks for 8" in err
+    assert "--dim_from_weights" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()  # stopped before any model loaded or file was written
