@@ -107,6 +107,24 @@ def test_full_size_sdxl_has_sd_scripts_module_counts():
     names = {t.lora_name for t in unet_targets(unet, include_conv=False)}
     assert "lora_unet_input_blocks_8_1_transformer_blocks_9_attn2_to_out_0" in names
     assert "lora_unet_output_blocks_2_1_transformer_blocks_9_ff_net_2" in names
+    te_names = {t.lora_name for t in text_encoder_targets(te1, "lora_te1") + text_encoder_targets(te2, "lora_te2")}
+    assert {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj", "lora_te1_text_model_encoder_layers_11_mlp_fc2",
+            "lora_te2_text_model_encoder_layers_0_self_attn_out_proj",
+            "lora_te2_text_model_encoder_layers_31_mlp_fc2"} <= te_names
+    with_conv = {t.lora_name for t in unet_targets(unet, include_conv=True)}
+    # One name per UNet level and kind (SDXL's upsamplers sit at index 2 after the attention: output_blocks_2_2_conv,
+    # not the SD1.5-style output_blocks_2_1_conv).
+    assert {
+        "lora_unet_input_blocks_1_0_in_layers_2", "lora_unet_input_blocks_2_0_emb_layers_1",
+        "lora_unet_input_blocks_3_0_op", "lora_unet_input_blocks_4_0_skip_connection",
+        "lora_unet_input_blocks_4_1_proj_in", "lora_unet_input_blocks_6_0_op",
+        "lora_unet_input_blocks_7_1_transformer_blocks_0_attn1_to_q", "lora_unet_middle_block_0_out_layers_3",
+        "lora_unet_middle_block_1_transformer_blocks_9_attn2_to_v", "lora_unet_middle_block_2_in_layers_2",
+        "lora_unet_output_blocks_0_0_skip_connection", "lora_unet_output_blocks_2_2_conv",
+        "lora_unet_output_blocks_5_2_conv", "lora_unet_output_blocks_5_1_proj_out",
+        "lora_unet_output_blocks_8_0_out_layers_3",
+    } <= with_conv
+    assert "lora_unet_output_blocks_2_1_conv" not in with_conv
     # sd-scripts' 23 blocks: every UNet module has one; 10-deep transformers in input_blocks 7-8, middle, output 0-2.
     from collections import Counter
 
