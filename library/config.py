@@ -13,6 +13,7 @@ from pathlib import Path
 
 from library.cli import OPTIMIZER_TYPES, SCHEDULERS
 from library.optim import is_adaptive, per_group_lr_problem
+from library.safetensors_header import read_safetensors_header
 from library.dataset import DatasetConfig
 from library.errors import UserInputError
 from networks.network_args import LORAPLUS_KEYS, LoRAPlusRatios, merge_loraplus_flags, parse_network_args
@@ -180,8 +181,6 @@ def check_optimizer_fits_groups(optimizer_type: str, group_lrs: dict[str, float]
 def check_weights_fit_dims(weights: Path, dim: int, conv_dim: int | None) -> None:
     """Without --dim_from_weights a LoRA file must have the ranks the flags ask for; found from the file's
     header alone, so a mismatch stops the run before any model loads."""
-    from library.lora_merge import read_safetensors_header
-
     entries, _, _ = read_safetensors_header(weights)
     for name, entry in sorted(entries.items()):
         if not name.endswith(".lora_down.weight"):

@@ -28,6 +28,8 @@ from typing import BinaryIO
 
 import torch
 
+from library.safetensors_header import TensorEntry, read_safetensors_header
+
 from library.atomic import atomic_path
 from library.errors import UserInputError
 from library.lora_io import load_lora_file
@@ -184,36 +186,6 @@ def lora_modules(tensors: Mapping[str, torch.Tensor], source: str) -> dict[str, 
 
 
 # --- safetensors, one tensor at a time -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TensorEntry:
-    """One tensor of a safetensors file, from its header."""
-
-    dtype: str  # safetensors code: "F32", "F16", "BF16", ...
-    shape: tuple[int, ...]
-    start: int  # byte offsets in the data section
-    end: int
-
-
-def read_safetensors_header(path: str | Path) -> tuple[dict[str, TensorEntry], dict[str, str], int]:
-    """(tensors by name, metadata, byte offset of the data section) of a safetensors file; reads only the header."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise UserInputError(f"{path}: not a safetensors file (too short)")
-        (size,) = struct.unpack("<Q", head)
-        if size > 100_000_000:
-            raise UserInputError(f"{path}: not a safetensors file (implausible header size)")
-        try:
-            header = json.loads(f.read(size))
-        except (ValueError, MemoryError, OverflowError):
-            raise UserInputError(f"{path}: not a safetensors file (unreadable header)") from None
-    metadata = header.pop("__metadata__", None) or {}
-    entries = {
-        name: TensorEntry(info["dtype"], tuple(info["shape"]), *info["data_offsets"]) for name, info in header.items()
-    }
-    return entries, dict(metadata), 8 + size
-
-
 def _read_tensor(f: BinaryIO, entry: TensorEntry, data_start: int) -> torch.Tensor:
     """One tensor read from an open safetensors file straight into its own memory (no mmap, no extra copy)."""
     if entry.dtype not in _DTYPES:

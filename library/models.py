@@ -12,13 +12,12 @@ single file is always loaded with a local config folder, resolved in this order:
 from __future__ import annotations
 
 import hashlib
-import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from library.errors import UserInputError
+from library.safetensors_header import read_safetensors_header
 
 if TYPE_CHECKING:  # torch is imported only when loading, so the CLI's path check stays cheap
     import torch
@@ -51,19 +50,6 @@ class SDXLModels:
 
 
 # --- Cheap checks (no torch) ---------------------------------------------------------------------------------------
-def _safetensors_keys(path: Path) -> list[str]:
-    """The tensor names in a safetensors file's header (reads only the header)."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ValueError("file too short")
-        (size,) = struct.unpack("<Q", head)
-        if size > 100_000_000:
-            raise ValueError("implausible header size")
-        header = json.loads(f.read(size))
-    return [k for k in header if k != "__metadata__"]
-
-
 def check_model_path(path: str | Path) -> None:
     """Raise UserInputError (one line) unless ``path`` looks like an SDXL single file or a diffusers folder.
 
@@ -85,8 +71,8 @@ def check_model_path(path: str | Path) -> None:
         raise UserInputError(f"{_FLAG}: {path} is not a .safetensors or .ckpt file ({_HINT})")
     if p.suffix.lower() == ".safetensors":
         try:
-            keys = _safetensors_keys(p)
-        except (OSError, ValueError) as e:
+            keys = list(read_safetensors_header(p)[0])
+        except (OSError, UserInputError) as e:
             raise UserInputError(f"{_FLAG}: {path} is not a readable safetensors file ({e})") from None
         if not any(k.startswith("model.diffusion_model.") for k in keys):
             raise UserInputError(

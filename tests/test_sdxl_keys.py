@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from networks.sdxl_keys import (
-    sdxl_to_single_file,
+
     te1_state_dict_to_original,
     te2_state_dict_to_original,
     te_name_with_text_model,
