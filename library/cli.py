@@ -42,7 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "<stem>_config folder beside it, else the shipped configs/sdxl)")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--train_data_dir", required=True, help="folder of N_name subfolders (N = repeats)")
+    data.add_argument("--train_data_dir", default=None,
+                      help="folder of N_name subfolders (N = repeats); required unless --dataset_config")
+    data.add_argument("--dataset_config", default=None,
+                      help="sd-scripts dataset TOML ([general], [[datasets]], [[datasets.subsets]]); these flags are "
+                           "its last fallback")
+    data.add_argument("--reg_data_dir", default=None, help="folder of N_name subfolders of regularisation images")
+    data.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularisation images")
     data.add_argument("--caption_extension", default=".caption")
     data.add_argument("--resolution", default="512", help='training resolution: "W,H" or one number')
     data.add_argument("--enable_bucket", action="store_true", help="aspect-ratio buckets")
@@ -53,6 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--random_crop", action="store_true")
     data.add_argument("--shuffle_caption", action="store_true")
     data.add_argument("--keep_tokens", type=int, default=0)
+    data.add_argument("--keep_tokens_separator", default="",
+                      help='marks "fixed ||| shuffled ||| fixed suffix" in captions, e.g. "|||"')
+    data.add_argument("--caption_separator", default=",", help="separator of the tags in captions")
+    data.add_argument("--caption_prefix", default=None, help="text put before every caption")
+    data.add_argument("--caption_suffix", default=None, help="text put after every caption")
+    data.add_argument("--caption_dropout_rate", type=float, default=0.0, help="chance that a caption becomes empty")
+    data.add_argument("--caption_dropout_every_n_epochs", type=int, default=0,
+                      help="all captions are empty in every N-th epoch")
+    data.add_argument("--caption_tag_dropout_rate", type=float, default=0.0,
+                      help="chance that each shuffled tag is left out")
+    data.add_argument("--flip_aug", action="store_true", help="mirror images horizontally at random")
+    data.add_argument("--skip_bad_images", action="store_true",
+                      help="skip an unreadable image with a warning instead of stopping")
     data.add_argument("--cache_latents", action="store_true", help="encode every image once, before training")
     data.add_argument("--cache_latents_to_disk", action="store_true",
                       help="also store latents as sd-scripts-compatible .npz beside the images (implies --cache_latents)")
@@ -97,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     loop.add_argument("--gradient_accumulation_steps", type=int, default=1)
     loop.add_argument("--seed", type=int, default=None)
     loop.add_argument("--gradient_checkpointing", action="store_true")
+    loop.add_argument("--max_token_length", type=int, default=None,
+                      help="caption tokens: 75 (default), 150 or 225 (encoded in chunks of 75, as sd-scripts)")
+    loop.add_argument("--cache_text_encoder_outputs", action="store_true",
+                      help="encode every caption once before training (needs --network_train_unet_only)")
+    loop.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true",
+                      help=("also store them as sd-scripts' <stem>_te_outputs.npz"
+                            " (implies --cache_text_encoder_outputs)"))
+    loop.add_argument("--text_encoder_cache_variants", type=int, default=1,
+                      help="caption variants cached per image, so caption shuffle/dropout works with the cache")
 
     precision = parser.add_argument_group("precision and attention")
     precision.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"))

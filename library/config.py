@@ -7,15 +7,18 @@ runs before any model loads, so bad input costs a second and one clear line.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from library.cli import OPTIMIZER_TYPES, SCHEDULERS
 from library.optim import is_adaptive, per_group_lr_problem
 from library.safetensors_header import read_safetensors_header
 from library.dataset import DatasetConfig
+from library.dataset_config import load_dataset_config
 from library.errors import UserInputError
+from library.text_encoding import check_max_token_length
 from networks.network_args import LORAPLUS_KEYS, LoRAPlusRatios, merge_loraplus_flags, parse_network_args
 
 
@@ -83,6 +86,14 @@ class LoopConfig:
     cache_latents: bool
     cache_latents_to_disk: bool
     vae_batch_size: int
+    max_token_length: int = 75
+    """Caption tokens per text-encoder pass set: 75, 150 or 225 (chunks of 75, sd-scripts' rule)."""
+    cache_text_encoder_outputs: bool = False
+    """Encode every caption (variant) once before training; the text encoders then leave the device."""
+    cache_text_encoder_outputs_to_disk: bool = False
+    """Also keep them in sd-scripts' `<stem>_te_outputs.npz` beside each image."""
+    text_encoder_cache_variants: int = 1
+    """Caption variants cached per image (more than 1 lets caption shuffle and dropout work with the cache)."""
 
 
 @dataclass(frozen=True)
@@ -194,14 +205,81 @@ def check_weights_fit_dims(weights: Path, dim: int, conv_dim: int | None) -> Non
             )
 
 
+CAPTION_VARYING_FLAGS = ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate",
+                         "caption_dropout_every_n_epochs")
+"""Flags that make an image's caption change between uses (only those this parser has are read)."""
+
+
+def check_text_encoder_cache_flags(args: argparse.Namespace, train_text_encoder: bool) -> None:
+    """The cached-text-encoder flags fit the run: UNet-only training, and variants when captions vary."""
+    if args.text_encoder_cache_variants < 1:
+        raise UserInputError(f"--text_encoder_cache_variants {args.text_encoder_cache_variants} must be at least 1")
+    if not (args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk):
+        return
+    if train_text_encoder:
+        raise UserInputError("--cache_text_encoder_outputs needs --network_train_unet_only: text-encoder LoRA "
+                             "cannot train on cached text-encoder outputs")
+    varying = [f"--{name}" for name in CAPTION_VARYING_FLAGS if getattr(args, name, None)]
+    if varying and args.text_encoder_cache_variants == 1:
+        raise UserInputError(
+            f"--cache_text_encoder_outputs would freeze the captions that {', '.join(varying)} changes every step: "
+            "add --text_encoder_cache_variants N (e.g. 8) to cache N caption variants per image"
+        )
+
+
+def dataset_config_from_args(
+    args: argparse.Namespace, data_dir: Path | None, reg_dir: Path | None, resolution: tuple[int, int], seed: int
+) -> DatasetConfig:
+    """The data flags as a DatasetConfig; with --dataset_config the TOML is read and checked here (the flags
+    are its last fallback)."""
+    data = DatasetConfig(
+        train_data_dir=data_dir,
+        caption_extension=args.caption_extension,
+        resolution=resolution,
+        enable_bucket=args.enable_bucket,
+        min_bucket_reso=args.min_bucket_reso,
+        max_bucket_reso=args.max_bucket_reso,
+        bucket_reso_steps=args.bucket_reso_steps,
+        bucket_no_upscale=args.bucket_no_upscale,
+        shuffle_caption=args.shuffle_caption,
+        keep_tokens=args.keep_tokens,
+        random_crop=args.random_crop,
+        batch_size=args.train_batch_size,
+        seed=seed,
+        keep_tokens_separator=args.keep_tokens_separator or "",
+        caption_separator=args.caption_separator,
+        caption_prefix=args.caption_prefix or "",
+        caption_suffix=args.caption_suffix or "",
+        caption_dropout_rate=args.caption_dropout_rate,
+        caption_dropout_every_n_epochs=args.caption_dropout_every_n_epochs,
+        caption_tag_dropout_rate=args.caption_tag_dropout_rate,
+        flip_aug=args.flip_aug,
+        reg_data_dir=reg_dir,
+        prior_loss_weight=args.prior_loss_weight,
+        skip_bad_images=args.skip_bad_images,
+    )
+    if not args.dataset_config:
+        return data
+    ignored = [flag for flag, value in (("--train_data_dir", data_dir), ("--reg_data_dir", reg_dir)) if value]
+    if ignored:  # as sd-scripts: the file's image_dir entries win
+        logging.getLogger(__name__).warning("ignoring %s: --dataset_config lists the image folders", ", ".join(ignored))
+    return replace(data, train_data_dir=None, reg_data_dir=None,
+                   dataset_config=load_dataset_config(Path(args.dataset_config), data.cli_values()))
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Validate the namespace and build the typed configuration (no file is read beyond existence checks)."""
     from library.models import check_model_path
 
     check_model_path(args.pretrained_model_name_or_path)
-    data_dir = Path(args.train_data_dir)
-    if not data_dir.is_dir():
+    data_dir = Path(args.train_data_dir) if args.train_data_dir else None
+    if data_dir is None and not args.dataset_config:
+        raise UserInputError("give --train_data_dir (a folder of N_name subfolders) or --dataset_config (a TOML file)")
+    if data_dir is not None and not args.dataset_config and not data_dir.is_dir():
         raise UserInputError(f"--train_data_dir: folder not found: {data_dir}")
+    reg_dir = Path(args.reg_data_dir) if args.reg_data_dir else None
+    if reg_dir is not None and not args.dataset_config and not reg_dir.is_dir():
+        raise UserInputError(f"--reg_data_dir: folder not found: {reg_dir}")
     if args.network_module != "networks.lora":
         raise UserInputError(f"--network_module: only networks.lora is available, not {args.network_module}")
     if args.network_train_unet_only and args.network_train_text_encoder_only:
@@ -234,27 +312,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     resolution = parse_resolution(args.resolution)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % (2**31)
     cache_to_disk = bool(args.cache_latents_to_disk)
+    check_text_encoder_cache_flags(args, train_text_encoder)
+    cache_te_to_disk = bool(args.cache_text_encoder_outputs_to_disk)
 
     return TrainConfig(
         model=ModelConfig(
             path=Path(args.pretrained_model_name_or_path),
             config_dir=Path(args.model_config_dir) if args.model_config_dir else None,
         ),
-        data=DatasetConfig(
-            train_data_dir=data_dir,
-            caption_extension=args.caption_extension,
-            resolution=resolution,
-            enable_bucket=args.enable_bucket,
-            min_bucket_reso=args.min_bucket_reso,
-            max_bucket_reso=args.max_bucket_reso,
-            bucket_reso_steps=args.bucket_reso_steps,
-            bucket_no_upscale=args.bucket_no_upscale,
-            shuffle_caption=args.shuffle_caption,
-            keep_tokens=args.keep_tokens,
-            random_crop=args.random_crop,
-            batch_size=args.train_batch_size,
-            seed=seed,
-        ),
+        data=dataset_config_from_args(args, data_dir, reg_dir, resolution, seed),
         network=NetworkConfig(
             module=args.network_module,
             dim=args.network_dim,
@@ -297,6 +363,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             cache_latents=bool(args.cache_latents or cache_to_disk),
             cache_latents_to_disk=cache_to_disk,
             vae_batch_size=max(1, args.vae_batch_size),
+            max_token_length=check_max_token_length(args.max_token_length),
+            cache_text_encoder_outputs=bool(args.cache_text_encoder_outputs or cache_te_to_disk),
+            cache_text_encoder_outputs_to_disk=cache_te_to_disk,
+            text_encoder_cache_variants=args.text_encoder_cache_variants,
         ),
         output=OutputConfig(
             output_dir=Path(args.output_dir),

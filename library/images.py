@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps
 
 from library.errors import UserInputError
@@ -74,7 +75,16 @@ def load_image_rgb(path: Path) -> Image.Image:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB pixels of any PIL image; transparent areas become white."""
+    """RGB pixels of any PIL image; transparent areas become white, 16/32-bit grey is scaled to 8 bits."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # PIL's own conversion clips these at 255 (a 16-bit PNG turns white): scale the full range instead.
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        return Image.fromarray(np.clip(array * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if array.max() <= 1.0 else 1.0
+        return Image.fromarray(np.clip(array * scale + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
     has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode in ("P", "L", "RGB") and "transparency" in image.info)
     if has_alpha:
         rgba = image.convert("RGBA")

@@ -63,40 +63,65 @@ def _crop_matches(stored: np.ndarray, record: ImageRecord) -> bool:
     return np.allclose(stored, sdscripts_crop_ltrb(record.bucket, record.original_size), atol=1e-3)
 
 
-def load_cached_latents(npz_path: Path, record: ImageRecord) -> tuple[torch.Tensor | None, str]:
-    """(latents, "") from a cache file that fits `record`, else (None, why it cannot be used)."""
+CachedLatents = tuple[torch.Tensor, torch.Tensor | None]
+"""(latents, latents of the mirrored image or None)."""
+
+
+def load_cached_latents(
+    npz_path: Path, record: ImageRecord, *, need_flipped: bool = False
+) -> tuple[CachedLatents | None, str]:
+    """((latents, flipped latents or None), "") from a cache file that fits `record`, else (None, why not).
+
+    With `need_flipped` (a `flip_aug` subset) the file must also hold `latents_flipped` of the same shape.
+    """
     if not npz_path.exists():
         return None, "no cache file"
+    flipped = None
     try:
         with np.load(npz_path) as npz:
             missing = [key for key in NPZ_KEYS if key not in npz.files]
+            if need_flipped and "latents_flipped" not in npz.files:
+                missing.append("latents_flipped (needed by flip_aug)")
             if missing:
                 return None, f"it lacks {', '.join(missing)}"
             latents = npz["latents"]
             original_size = npz["original_size"].reshape(-1).tolist()
             stored_crop = npz["crop_ltrb"]
+            if need_flipped:
+                flipped = npz["latents_flipped"]
     except (OSError, ValueError, EOFError) as error:
         return None, f"it is unreadable ({error})"
     expected = expected_latent_shape(record.bucket)
     if tuple(latents.shape) != expected:
         return None, f"its latents are {tuple(latents.shape)}, the bucket {record.bucket} needs {expected}"
+    if flipped is not None and tuple(flipped.shape) != expected:
+        return None, f"its latents_flipped are {tuple(flipped.shape)}, the bucket {record.bucket} needs {expected}"
     if [int(v) for v in original_size] != list(record.original_size):
         return None, f"it was made from an image of {original_size}, this one is {list(record.original_size)}"
     if not _crop_matches(stored_crop, record):
         return None, f"its crop {np.asarray(stored_crop).tolist()} differs from {list(crop_ltrb(record))}"
-    return torch.from_numpy(np.ascontiguousarray(latents, dtype=np.float32)), ""
+
+    def tensor(array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+    return (tensor(latents), None if flipped is None else tensor(flipped)), ""
 
 
-def save_cached_latents(npz_path: Path, latents: torch.Tensor, record: ImageRecord) -> None:
-    """Write a cache file atomically (temporary file, then rename) with sd-scripts' keys."""
+def save_cached_latents(
+    npz_path: Path, latents: torch.Tensor, record: ImageRecord, flipped: torch.Tensor | None = None
+) -> None:
+    """Write a cache file atomically (temporary file, then rename) with sd-scripts' keys
+    (`latents_flipped` too when `flipped` is given)."""
+    arrays = {
+        "latents": latents.detach().to("cpu", torch.float32).numpy(),
+        "original_size": np.array(record.original_size),
+        "crop_ltrb": np.array(crop_ltrb(record)),
+    }
+    if flipped is not None:
+        arrays["latents_flipped"] = flipped.detach().to("cpu", torch.float32).numpy()
     try:
         with atomic_path(npz_path) as tmp_path, open(tmp_path, "wb") as handle:  # a handle: savez adds no suffix
-            np.savez(
-                handle,
-                latents=latents.detach().to("cpu", torch.float32).numpy(),
-                original_size=np.array(record.original_size),
-                crop_ltrb=np.array(crop_ltrb(record)),
-            )
+            np.savez(handle, **arrays)
     except OSError as error:
         raise UserInputError(
             f"cannot write latent cache {npz_path}: {error.strerror or error}; make the folder writable"
@@ -104,16 +129,24 @@ def save_cached_latents(npz_path: Path, latents: torch.Tensor, record: ImageReco
         ) from None
 
 
-def _encode_batch(encode: Encoder, dataset: TrainDataset, indices: list[int]) -> torch.Tensor:
-    """Latents of the records `indices` (one bucket), checked for the shape the bucket needs."""
-    images = torch.stack([dataset.load_image_tensor(index) for index in indices])
+def _encode_checked(encode: Encoder, images: torch.Tensor, bucket: tuple[int, int]) -> torch.Tensor:
     with torch.no_grad():
         latents = encode(images)
-    bucket = dataset.records[indices[0]].bucket
-    expected = (len(indices), *expected_latent_shape(bucket))
+    expected = (images.shape[0], *expected_latent_shape(bucket))
     if tuple(latents.shape) != expected:
         raise RuntimeError(f"encode returned latents of shape {tuple(latents.shape)}, expected {expected}")
     return latents.detach().to("cpu", torch.float32)
+
+
+def _encode_batch(
+    encode: Encoder, dataset: TrainDataset, indices: list[int], with_flipped: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Latents of the records `indices` (one bucket), and of their mirror images with `with_flipped`."""
+    images = torch.stack([dataset.load_image_tensor(index) for index in indices])
+    bucket = dataset.records[indices[0]].bucket
+    latents = _encode_checked(encode, images, bucket)
+    flipped = _encode_checked(encode, torch.flip(images, dims=[3]), bucket) if with_flipped else None
+    return latents, flipped
 
 
 def cache_latents(
@@ -124,43 +157,49 @@ def cache_latents(
     batch_size: int = 1,
     show_progress: bool = True,
 ) -> None:
-    """Give every record of `dataset` its latents, so training never decodes an image again.
+    """Give every used record of `dataset` its latents, so training never decodes an image again.
 
-    With `to_disk`, a fitting npz beside the image is loaded instead of encoding, and new latents are
-    written there. Images are encoded in batches of up to `batch_size` from one bucket. `encode` gets
-    (B, 3, H, W) images in [-1, 1] and returns unscaled (B, 4, H/8, W/8) latents.
+    Records of `flip_aug` subsets also get the latents of their mirror image (npz key `latents_flipped`, as
+    sd-scripts); a cache file without them is recomputed. With `to_disk`, a fitting npz beside the image is
+    loaded instead of encoding, and new latents are written there. Images are encoded in batches of up to
+    `batch_size` from one bucket. `encode` gets (B, 3, H, W) images in [-1, 1] and returns unscaled
+    (B, 4, H/8, W/8) latents.
     """
-    if dataset.config.random_crop:
+    if any(dataset.options(i).random_crop for i, record in enumerate(dataset.records) if record.used):
         raise UserInputError(
             "--random_crop cannot be used with --cache_latents (a cached latent holds one fixed crop): drop one of them"
         )
-    pending: dict[tuple[int, int], list[int]] = {}
+    pending: dict[tuple[tuple[int, int], bool], list[int]] = {}
     for index, record in enumerate(dataset.records):
-        if dataset.has_latents(index):
+        if not record.used or dataset.has_latents(index):
             continue
+        need_flipped = dataset.needs_flipped_latents(index)
         if to_disk:
             npz_path = npz_cache_path(record.path, record.original_size)
-            latents, reason = load_cached_latents(npz_path, record)
-            if latents is not None:
-                dataset.set_latents(index, latents)
+            cached, reason = load_cached_latents(npz_path, record, need_flipped=need_flipped)
+            if cached is not None:
+                dataset.set_latents(index, *cached)
                 continue
             if npz_path.exists():
                 logger.info("recomputing latent cache %s: %s", npz_path, reason)
-        pending.setdefault(record.bucket, []).append(index)
+        pending.setdefault((record.bucket, need_flipped), []).append(index)
 
     total = sum(len(indices) for indices in pending.values())
     if total == 0:
         return
     with tqdm(total=total, desc="caching latents", unit="img", disable=not show_progress) as progress:
-        for bucket in sorted(pending):
-            indices = pending[bucket]
-            for start in range(0, len(indices), max(1, batch_size)):
-                chunk = indices[start : start + max(1, batch_size)]
-                latents = _encode_batch(encode, dataset, chunk)
-                for index, sample in zip(chunk, latents):
-                    sample = sample.clone()
-                    dataset.set_latents(index, sample)
+        for bucket, with_flipped in sorted(pending):
+            indices = pending[(bucket, with_flipped)]
+            step = max(1, batch_size)
+            for start in range(0, len(indices), step):
+                chunk = indices[start : start + step]
+                latents, flipped = _encode_batch(encode, dataset, chunk, with_flipped)
+                for i, index in enumerate(chunk):
+                    sample = latents[i].clone()
+                    sample_flipped = flipped[i].clone() if flipped is not None else None
+                    dataset.set_latents(index, sample, sample_flipped)
                     if to_disk:
                         record = dataset.records[index]
-                        save_cached_latents(npz_cache_path(record.path, record.original_size), sample, record)
+                        save_cached_latents(npz_cache_path(record.path, record.original_size), sample, record,
+                                            sample_flipped)
                 progress.update(len(chunk))

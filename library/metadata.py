@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
 from library.config import TrainConfig
@@ -21,7 +21,6 @@ BASE_MODEL_VERSION = "sdxl_base_v1-0"
 # "off", so tools that read them see what actually ran.
 FEATURES_OFF = {
     "ss_clip_skip": "None",
-    "ss_max_token_length": "None",
     "ss_face_crop_aug_range": "None",
     "ss_resize_interpolation": "None",
     "ss_adaptive_noise_scale": "None",
@@ -36,7 +35,6 @@ FEATURES_OFF = {
     "ss_huber_scale": "1.0",
     "ss_huber_schedule": "snr",
     "ss_scale_weight_norms": "None",
-    "ss_reg_dataset_dirs": "{}",
     "ss_num_validation_images": "0",
     "ss_validation_split": "0.0",
     "ss_validation_seed": "None",
@@ -59,6 +57,10 @@ class DatasetSummary:
     bucket_counts: Mapping[tuple[int, int], int]
     mean_ar_error: float
     num_batches_per_epoch: int
+    num_reg_images: int = 0
+    reg_dataset_dirs: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    subsets: Sequence[Mapping[str, object]] = ()
+    """One dict per subset (its folder and options), as sd-scripts' `ss_datasets` lists them."""
 
 
 def _s(value: object) -> str:
@@ -97,7 +99,10 @@ def training_metadata(
         "ss_text_encoder_lr": _s(te_lr),
         "ss_unet_lr": _s(opt.unet_lr),
         "ss_num_train_images": _s(dataset.num_train_images),
-        "ss_num_reg_images": "0",
+        "ss_num_reg_images": _s(dataset.num_reg_images),
+        "ss_max_token_length": _s(loop.max_token_length if loop.max_token_length != 75 else None),
+        "ss_reg_dataset_dirs": json.dumps(dataset.reg_dataset_dirs, ensure_ascii=False),
+        "ss_datasets": json.dumps([{"subsets": list(dataset.subsets)}], ensure_ascii=False, default=str),
         "ss_num_batches_per_epoch": _s(dataset.num_batches_per_epoch),
         "ss_num_epochs": _s(num_epochs),
         "ss_gradient_checkpointing": _s(cfg.precision.gradient_checkpointing),
@@ -135,10 +140,10 @@ def training_metadata(
         "ss_shuffle_caption": _s(data.shuffle_caption),
         "ss_keep_tokens": _s(data.keep_tokens),
         "ss_random_crop": _s(data.random_crop),
-        "ss_caption_dropout_rate": "0.0",
-        "ss_caption_tag_dropout_rate": "0.0",
-        "ss_caption_dropout_every_n_epochs": "0",
-        "ss_flip_aug": "False",
+        "ss_caption_dropout_rate": _s(data.caption_dropout_rate),
+        "ss_caption_tag_dropout_rate": _s(data.caption_tag_dropout_rate),
+        "ss_caption_dropout_every_n_epochs": _s(data.caption_dropout_every_n_epochs),
+        "ss_flip_aug": _s(data.flip_aug),
         "ss_color_aug": "False",
         "ss_max_grad_norm": _s(opt.max_grad_norm),
         "ss_optimizer": optimizer_name,
@@ -146,7 +151,7 @@ def training_metadata(
         "ss_loss_type": "l2",
         "ss_noise_offset": "None",
         "ss_min_snr_gamma": "None",
-        "ss_prior_loss_weight": "1.0",
+        "ss_prior_loss_weight": _s(data.prior_loss_weight),
         "ss_training_comment": _s(cfg.output.training_comment),
         "ss_lr_param_groups": json.dumps([asdict(g) for g in param_groups]),
         "modelspec.sai_model_spec": "1.0.1",

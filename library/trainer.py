@@ -9,6 +9,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,7 +28,9 @@ from library.models import SDXLModels, load_sdxl, model_hashes
 from library.optim import build_lr_scheduler, build_optimizer, total_training_steps, warmup_steps
 from library.precision import PrecisionPlan, plan_precision, save_dtype
 from library.saving import LoRASaver
-from library.text_encoding import encode_prompts, time_ids, tokenize
+from library.text_encoder_cache import (CachedTextDataset, TextEncoderCache, cache_text_encoder_outputs,
+                                        collate_with_text_outputs)
+from library.text_encoding import encode_captions, time_ids
 from networks.lora import ParamGroupInfo
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
@@ -162,14 +165,50 @@ def create_lora_network(net_cfg: NetworkConfig, models: SDXLModels):
     return network
 
 
-def make_loader(dataset: TrainDataset, loop: LoopConfig, accelerator: Accelerator) -> tuple[DataLoader, BucketBatchSampler]:
-    """Batches drawn within one bucket; each process takes its share of the batches."""
+def make_loader(
+    dataset: TrainDataset, loop: LoopConfig, accelerator: Accelerator, text_cache: TextEncoderCache | None = None
+) -> tuple[DataLoader, BucketBatchSampler]:
+    """Batches drawn within one bucket; each process takes its share of the batches. With `text_cache`
+    every batch also carries the cached `text_context` / `text_pooled` of its examples."""
     sampler = BucketBatchSampler(dataset, loop.batch_size, loop.seed,
                                  num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    source, collate = dataset, collate_examples
+    if text_cache is not None:
+        source, collate = CachedTextDataset(dataset, text_cache), partial(collate_with_text_outputs,
+                                                                           base=collate_examples)
     workers = loop.max_data_loader_n_workers
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_examples, num_workers=workers,
+    loader = DataLoader(source, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
                         persistent_workers=loop.persistent_data_loader_workers and workers > 0)
     return loader, sampler
+
+
+def cache_text_conditioning(
+    dataset: TrainDataset, models: SDXLModels, loop: LoopConfig, plan: PrecisionPlan, accelerator: Accelerator,
+    model_id: str,
+) -> TextEncoderCache:
+    """Encode every image's caption (variants) once, then move the text encoders off the device.
+
+    Variant k's caption is the dataset's own processed caption for the synthetic key (index, 10_000 + k, 0)."""
+    device = accelerator.device
+
+    def encode(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        with accelerator.autocast():
+            return encode_captions(models, captions, loop.max_token_length, device)
+
+    half = plan.weight_dtype in (torch.float16, torch.bfloat16)
+    cache = cache_text_encoder_outputs(
+        [record.path for record in dataset.records], lambda index, epoch: dataset.caption(index, epoch),
+        encode, num_variants=loop.text_encoder_cache_variants, seed=loop.seed, length=loop.max_token_length + 2,
+        te1_width=models.text_encoder1.config.hidden_size, dtype=plan.weight_dtype if half else torch.float32,
+        to_disk=loop.cache_text_encoder_outputs_to_disk, model=model_id, batch_size=max(loop.batch_size, 8),
+        show_progress=accelerator.is_local_main_process,
+    )
+    for text_encoder in (models.text_encoder1, models.text_encoder2):
+        text_encoder.to("cpu")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return cache
 
 
 def plan_schedule(loop: LoopConfig, batches_per_epoch: int) -> Schedule:
@@ -181,17 +220,17 @@ def plan_schedule(loop: LoopConfig, batches_per_epoch: int) -> Schedule:
 
 def batch_loss(
     batch: dict, models: SDXLModels, encode: Encoder | None, noise_scheduler, plan: PrecisionPlan,
-    train_text_encoder: bool, accelerator: Accelerator,
+    train_text_encoder: bool, accelerator: Accelerator, max_token_length: int = 75,
 ) -> torch.Tensor:
-    """One batch -> the training loss: latents, text conditioning, noise, prediction, epsilon MSE."""
+    """One batch -> the training loss: latents, text conditioning (cached or encoded), noise, prediction, MSE."""
     device = accelerator.device
     latents = batch["latents"].to(device) if "latents" in batch else encode(batch["images"])
     latents = latents * SDXL_VAE_SCALE
-    ids1 = tokenize(models.tokenizer1, batch["captions"]).to(device)
-    ids2 = tokenize(models.tokenizer2, batch["captions"]).to(device)
-    with torch.set_grad_enabled(train_text_encoder), accelerator.autocast():
-        context, pooled = encode_prompts(models.text_encoder1, models.text_encoder2, ids1, ids2,
-                                         models.tokenizer2.eos_token_id)
+    if "text_context" in batch:
+        context, pooled = batch["text_context"].to(device), batch["text_pooled"].to(device)
+    else:
+        with torch.set_grad_enabled(train_text_encoder), accelerator.autocast():
+            context, pooled = encode_captions(models, batch["captions"], max_token_length, device)
     added = {
         "text_embeds": pooled,
         "time_ids": time_ids(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]).to(device),
@@ -220,7 +259,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     accelerator.print(dataset.bucket_report())
     set_seed(cfg.loop.seed)
 
-    # Base model, frozen; latents cached once (then the VAE leaves memory) or encoded per batch.
+    # Base model, frozen; latents (then the VAE leaves memory) and, UNet-only, text-encoder outputs (then the
+    # encoders leave the device) cached once, or both encoded per batch.
     models = load_sdxl(cfg.model.path, config_dir=cfg.model.config_dir, dtype=plan.weight_dtype)
     prepare_base_models(models, plan, cfg.precision, cfg.network.train_text_encoder, accelerator.device)
     encode: Encoder | None = vae_encoder(models.vae, accelerator.device)
@@ -229,6 +269,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                       show_progress=accelerator.is_local_main_process)
         models.vae, encode = None, None
         gc.collect()
+    hashes = model_hashes(cfg.model.path)
+    text_cache = None
+    if cfg.loop.cache_text_encoder_outputs:
+        text_cache = cache_text_conditioning(dataset, models, cfg.loop, plan, accelerator, model_id=hashes[1])
 
     # LoRA network, optimizer groups (LoRA+), schedule.
     network = create_lora_network(cfg.network, models).to(accelerator.device)
@@ -237,7 +281,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     group_infos = network.param_group_infos(opt.text_encoder_lr, opt.unet_lr, opt.learning_rate)
     optimizer = build_optimizer(opt.optimizer_type, param_groups, opt.learning_rate, opt.optimizer_args)
     accelerator.print(format_param_groups(group_infos, optimizer.param_groups[0].get("weight_decay")))
-    loader, sampler = make_loader(dataset, cfg.loop, accelerator)
+    loader, sampler = make_loader(dataset, cfg.loop, accelerator, text_cache)
     schedule = plan_schedule(cfg.loop, len(sampler))
     lr_scheduler = build_lr_scheduler(
         opt.lr_scheduler, optimizer, total_steps=schedule.total_steps * accelerator.num_processes,
@@ -247,12 +291,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
 
     # What every saved file says about this run.
-    hashes = model_hashes(cfg.model.path)
     inner = getattr(optimizer, "optimizer", optimizer)
     base_metadata = training_metadata(
         cfg, model_name=cfg.model.path.name, model_hash=hashes[0], new_model_hash=hashes[1],
         dataset=DatasetSummary(dataset.num_train_images, dataset.tag_frequency(), dataset.dataset_dirs_info(),
-                               dataset.bucket_counts(), dataset.mean_ar_error(), schedule.batches_per_epoch),
+                               dataset.bucket_counts(), dataset.mean_ar_error(), schedule.batches_per_epoch,
+                               num_reg_images=dataset.num_reg_images,
+                               reg_dataset_dirs=dataset.reg_dataset_dirs_info(), subsets=dataset.subsets_info()),
         param_groups=group_infos, total_steps=schedule.total_steps, num_epochs=schedule.num_epochs,
         mixed_precision=plan.mixed_precision, optimizer_name=f"{type(inner).__module__}.{type(inner).__name__}",
         session_id=random.Random(cfg.loop.seed).randint(0, 2**32), started_at=started_at,
@@ -292,7 +337,7 @@ def run_loop(parts: TrainingParts, cfg: TrainConfig, base_metadata: dict[str, st
             # Forward, backward, step (accelerate skips the step while accumulating).
             with accelerator.accumulate(network):
                 loss = batch_loss(batch, parts.models, parts.encode, noise_scheduler, parts.plan,
-                                  cfg.network.train_text_encoder, accelerator)
+                                  cfg.network.train_text_encoder, accelerator, cfg.loop.max_token_length)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     average_gradients(params, accelerator)

@@ -292,3 +292,113 @@ def test_demo_dataset_scans(tmp_path):
     assert len({r.bucket for r in records}) == 2
     assert records[0].bucket == records[1].bucket != records[2].bucket == records[3].bucket
     assert all(64 <= side <= 128 for r in records for side in r.original_size)
+
+
+# -- regularisation images, flip_aug, --skip_bad_images (issue 4) ---------------------------------------------
+
+from library.dataset import balance_reg_repeats, flip_chosen  # noqa: E402
+
+
+@pytest.mark.parametrize("train, reg, expected", [
+    (10, [1, 1, 1], [4, 3, 3]),  # one round (3) short of 10: +1 each in order until 10
+    (4, [2, 2, 2], [2, 2, 0]),  # the first images reach 4: the third is unused
+    (5, [3, 3], [3, 3]),  # the round that crosses the count is kept whole
+    (3, [1], [3]),
+    (0, [2, 2], [0, 0]),
+    (7, [], []),
+])
+def test_balance_reg_repeats_is_sd_scripts_rule(train, reg, expected):
+    assert balance_reg_repeats(train, reg) == expected
+
+
+def test_reg_images_weights_counts_and_metadata(tree, tmp_path):
+    reg_root = tmp_path / "reg"
+    for name in ("r1.png", "r2.png", "r3.png"):
+        write_image(reg_root / "1_toy" / name, (100, 100), caption="a toy")
+    cfg = small_config(tree, reg_data_dir=reg_root, prior_loss_weight=0.25)
+    dataset = TrainDataset(scan_train_data_dir(cfg), cfg)
+    reg = [r for r in dataset.records if r.is_reg]
+    # 2 + 5 * 3 = 17 training images with repeats; 3 reg images of 1 repeat grow to 6 + 6 + 5.
+    assert dataset.num_train_images == 17
+    assert [r.num_repeats for r in reg] == [6, 6, 5]
+    assert dataset.num_reg_images == 3
+    assert dataset.num_examples_per_epoch == 34
+    assert dataset.dataset_dirs_info() == {"2_my bg": {"n_repeats": 2, "img_count": 1},
+                                           "5_toy": {"n_repeats": 5, "img_count": 3}}
+    assert dataset.reg_dataset_dirs_info() == {"1_toy": {"n_repeats": 1, "img_count": 3}}
+    index = dataset.records.index(reg[0])
+    assert dataset[(index, 1)]["loss_weight"] == 0.25
+    assert dataset[(0, 1)]["loss_weight"] == 1.0
+    sampler = BucketBatchSampler(dataset, batch_size=2, seed=7)
+    keys = [key for batch in sampler for key in batch]
+    assert len(keys) == 34
+    assert sum(dataset.records[i].is_reg for i, *_ in keys) == 17
+    batch = collate_examples([dataset[(index, 1)], dataset[(1, 1)]])
+    assert batch["loss_weights"].tolist() == [0.25, 1.0]
+
+
+def test_unused_reg_images_are_not_sampled(tree, tmp_path):
+    reg_root = tmp_path / "reg"
+    for i in range(4):
+        write_image(reg_root / "10_toy" / f"r{i}.png", (100, 100))
+    cfg = small_config(tree, reg_data_dir=reg_root)
+    dataset = TrainDataset(scan_train_data_dir(cfg), cfg)
+    # 17 training examples: r0 (10) + r1 (10) cross 17; r2, r3 unused.
+    assert [r.num_repeats for r in dataset.records if r.is_reg] == [10, 10, 0, 0]
+    assert dataset.num_reg_images == 40
+    keys = [key for batch in BucketBatchSampler(dataset, 2, 0) for key in batch]
+    assert len(keys) == 37
+    assert sum(dataset.bucket_counts().values()) == 37
+
+
+def test_flip_choice_is_a_seeded_coin():
+    assert [flip_chosen(7, 1, i, 0) for i in range(8)] == [True, False, True, False, True, True, True, False]
+    flips = [flip_chosen(0, e, i, r) for e in range(10) for i in range(20) for r in range(5)]
+    assert 0.45 < sum(flips) / len(flips) < 0.55
+
+
+def test_flip_aug_mirrors_image_and_crop(tmp_path):
+    root = tmp_path / "train"
+    image = Image.new("RGB", (150, 100), (0, 0, 0))
+    image.paste((255, 255, 255), (0, 0, 20, 100))  # white stripe on the left
+    (root / "1_x").mkdir(parents=True)
+    image.save(root / "1_x" / "a.png")
+    cfg = small_config(root, flip_aug=True, seed=7)
+    dataset = TrainDataset(scan_train_data_dir(cfg), cfg)
+    record = dataset.records[0]
+    assert (record.bucket, record.resized_size, record.crop_left_top) == ((160, 96), (160, 107), (0, 5))
+    plain = cfg.seed, 1, 0, 1  # flip_chosen(7, 1, 0, 1) is False, (7, 1, 0, 0) is True
+    assert flip_chosen(*plain) is False and flip_chosen(7, 1, 0, 0) is True
+    unflipped, flipped = dataset[(0, 1, 1)], dataset[(0, 1, 0)]
+    assert torch.equal(flipped["image"], unflipped["image"].flip(-1))
+    assert unflipped["image"][:, :, 0].mean() > 0.9 and flipped["image"][:, :, -1].mean() > 0.9
+    # A 160-wide window of a 160-wide image: mirrored left is 160 - 0 - 160 = 0; top stays.
+    assert unflipped["crop_top_left"] == flipped["crop_top_left"] == (5, 0)
+
+
+def test_skip_bad_images_warns_once_and_goes_on(tree, caplog):
+    (tree / "5_toy" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(UserInputError, match="broken.png"):
+        scan_train_data_dir(small_config(tree))
+    records = scan_train_data_dir(small_config(tree, skip_bad_images=True))
+    assert [r.path.name for r in records] == ["d.png", "a.png", "b.png", "c.JPG"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "broken.png" in r.getMessage()]
+    assert len(warnings) == 1 and "--skip_bad_images" in warnings[0] and "\n" not in warnings[0]
+
+
+def test_flipped_crop_is_the_mirrored_window(tree):
+    from library.dataset import flipped_crop_left_top
+
+    records = scan_train_data_dir(small_config(tree))
+    c = records[3]  # 100x150 -> resized 107x160, bucket 96x160, centre crop left 5
+    assert (c.resized_size, c.bucket, c.crop_left_top) == ((107, 160), (96, 160), (5, 0))
+    assert flipped_crop_left_top(c, c.crop_left_top) == (6, 0)  # 107 - 5 - 96
+
+
+def test_caption_helper_matches_examples_and_reports_variation(tree):
+    cfg = small_config(tree, caption_tag_dropout_rate=0.5)
+    dataset = TrainDataset(scan_train_data_dir(cfg), cfg)
+    assert all(dataset.caption(1, e, r) == dataset[(1, e, r)]["caption"] for e in range(3) for r in range(2))
+    assert dataset.captions_vary()
+    fixed = TrainDataset(scan_train_data_dir(small_config(tree)), small_config(tree))
+    assert not fixed.captions_vary()

@@ -173,3 +173,61 @@ def test_cached_batches_collate(cfg):
     for batch in batches:
         h, w = batch["target_sizes_hw"][0].tolist()
         assert batch["latents"].shape[1:] == (4, h // 8, w // 8)
+
+
+# -- flip_aug (issue 4) ----------------------------------------------------------------------------------
+
+
+def test_flip_aug_caches_both_sides_and_picks_one_per_key(cfg):
+    from dataclasses import replace
+
+    from library.dataset import flip_chosen
+
+    cfg = replace(cfg, flip_aug=True, seed=7)
+    dataset = make_dataset(cfg)
+    encode = FakeEncoder()
+    cache_latents(dataset, encode, to_disk=True, batch_size=4, show_progress=False)
+    # Each bucket batch is encoded twice: as is and mirrored.
+    assert sorted(encode.batches) == [(1, 3, 96, 160), (1, 3, 96, 160), (2, 3, 128, 128), (2, 3, 128, 128)]
+    path = npz_cache_path(dataset.records[1].path, (150, 100))
+    with np.load(path) as npz:
+        assert set(npz.files) == {"latents", "original_size", "crop_ltrb", "latents_flipped"}
+        assert np.allclose(npz["latents_flipped"], npz["latents"][:, :, ::-1])  # pooling commutes with the mirror
+    choices = [flip_chosen(7, 1, 1, repeat) for repeat in range(4)]
+    assert choices == [False, True, True, True]
+    plain, flipped = dataset[(1, 1, 0)], dataset[(1, 1, 1)]
+    assert torch.equal(flipped["latents"], plain["latents"].flip(-1))
+    # 150x100 -> 160x107, window 160x96 at top 5: the mirrored window has the same left (0) and top.
+    assert flipped["crop_top_left"] == plain["crop_top_left"] == (5, 0)
+    # Reused from disk with both keys.
+    again, encode = make_dataset(cfg), FakeEncoder()
+    cache_latents(again, encode, to_disk=True, show_progress=False)
+    assert encode.batches == [] and again.all_latents_cached
+
+
+def test_cache_without_flip_is_recomputed_when_flip_is_needed(cfg, caplog):
+    from dataclasses import replace
+
+    cache_latents(make_dataset(cfg), FakeEncoder(), to_disk=True, show_progress=False)
+    dataset, encode = make_dataset(replace(cfg, flip_aug=True)), FakeEncoder()
+    with caplog.at_level("INFO"):
+        cache_latents(dataset, encode, to_disk=True, show_progress=False)
+    assert encode.images == 6  # 3 images, each as is and mirrored
+    assert "latents_flipped" in caplog.text
+    # A flip cache serves a run without flip too.
+    encode = FakeEncoder()
+    cache_latents(make_dataset(cfg), encode, to_disk=True, show_progress=False)
+    assert encode.batches == []
+
+
+def test_unused_reg_images_are_not_encoded(cfg, tmp_path):
+    from dataclasses import replace
+
+    for i in range(3):
+        write_image(tmp_path / "reg" / "9_toy" / f"r{i}.png", (100, 100), (9, 9, 9))
+    dataset = make_dataset(replace(cfg, reg_data_dir=tmp_path / "reg"))
+    # 9 training examples (3 x 3): r0 alone covers them (9 repeats); r1, r2 are unused.
+    assert [r.num_repeats for r in dataset.records if r.is_reg] == [9, 0, 0]
+    encode = FakeEncoder()
+    cache_latents(dataset, encode, to_disk=False, show_progress=False)
+    assert encode.images == 4 and dataset.all_latents_cached
