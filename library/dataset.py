@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from library.buckets import crop_offsets, make_bucket_resolutions, no_upscale_bucket, resize_to_cover, select_bucket
-from library.captions import process_caption, read_caption
+from library.captions import caption_path, process_caption, read_caption
 from library.dataset_config import (
     BucketConfig,
     DatasetConfig,
@@ -295,6 +295,9 @@ def _make_record(
             " with --bucket_no_upscale: enlarge or remove it"
         ) from None
     caption = read_caption(path, subset.caption_extension, subset.class_tokens)
+    if not caption and not caption_path(path, subset.caption_extension).is_file():
+        logger.warning("no caption for %s: no %s file and no class tokens, so it trains with an empty caption",
+                       path, subset.caption_extension)
     return ImageRecord(path, subset.name, subset.class_tokens, subset.num_repeats, caption, size, bucket, resized,
                        crop, subset, dataset_index, section.batch_size)
 

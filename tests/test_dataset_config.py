@@ -227,3 +227,26 @@ batch_size = 2
     assert meta["ss_flip_aug"] == "False"  # the command line's value; per-subset values are in ss_datasets
     subsets = json.loads(meta["ss_datasets"])[0]["subsets"]
     assert len(subsets) == 2 and any(s.get("is_reg") for s in subsets)
+
+
+def test_missing_caption_without_class_tokens_warns(tmp_path, caplog):
+    import logging
+
+    from library.dataset import DatasetConfig, scan_train_data_dir
+
+    write_image(tmp_path / "1_" / "a.png", (64, 64))
+    with caplog.at_level(logging.WARNING, logger="library.dataset"):
+        records = scan_train_data_dir(DatasetConfig(tmp_path, caption_extension=".txt", resolution=(64, 64)))
+    assert records[0].caption == ""
+    assert "no caption for" in caplog.text and "a.png" in caplog.text
+
+
+def test_shipped_example_config_parses():
+    from library.dataset_config import load_dataset_config
+
+    example = Path(__file__).resolve().parents[1] / "configs" / "examples" / "dataset.toml"
+    group = load_dataset_config(example, {})
+    assert len(group.datasets) == 1
+    section = group.datasets[0]
+    assert section.batch_size == 2 and len(section.subsets) == 1
+    assert section.subsets[0].num_repeats == 10 and section.subsets[0].class_tokens == "toy"
