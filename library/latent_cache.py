@@ -67,12 +67,17 @@ CachedLatents = tuple[torch.Tensor, torch.Tensor | None]
 """(latents, latents of the mirrored image or None)."""
 
 
+VAE_KEY = "vae_fingerprint"
+"""Our extra npz key: which VAE made the latents. sd-scripts ignores it; files without it are trusted."""
+
+
 def load_cached_latents(
-    npz_path: Path, record: ImageRecord, *, need_flipped: bool = False
+    npz_path: Path, record: ImageRecord, *, need_flipped: bool = False, vae_fingerprint: str | None = None
 ) -> tuple[CachedLatents | None, str]:
     """((latents, flipped latents or None), "") from a cache file that fits `record`, else (None, why not).
 
-    With `need_flipped` (a `flip_aug` subset) the file must also hold `latents_flipped` of the same shape.
+    With `need_flipped` (a `flip_aug` subset) the file must also hold `latents_flipped` of the same shape. A file
+    that records another VAE than `vae_fingerprint` does not fit (one made by sd-scripts records none).
     """
     if not npz_path.exists():
         return None, "no cache file"
@@ -89,8 +94,11 @@ def load_cached_latents(
             stored_crop = npz["crop_ltrb"]
             if need_flipped:
                 flipped = npz["latents_flipped"]
+            stored_vae = str(npz[VAE_KEY]) if VAE_KEY in npz.files else None
     except (OSError, ValueError, EOFError) as error:
         return None, f"it is unreadable ({error})"
+    if vae_fingerprint is not None and stored_vae is not None and stored_vae != vae_fingerprint:
+        return None, f"it was made by another VAE ({stored_vae}, this one is {vae_fingerprint})"
     expected = expected_latent_shape(record.bucket)
     if tuple(latents.shape) != expected:
         return None, f"its latents are {tuple(latents.shape)}, the bucket {record.bucket} needs {expected}"
@@ -108,7 +116,11 @@ def load_cached_latents(
 
 
 def save_cached_latents(
-    npz_path: Path, latents: torch.Tensor, record: ImageRecord, flipped: torch.Tensor | None = None
+    npz_path: Path,
+    latents: torch.Tensor,
+    record: ImageRecord,
+    flipped: torch.Tensor | None = None,
+    vae_fingerprint: str | None = None,
 ) -> None:
     """Write a cache file atomically (temporary file, then rename) with sd-scripts' keys
     (`latents_flipped` too when `flipped` is given)."""
@@ -119,6 +131,8 @@ def save_cached_latents(
     }
     if flipped is not None:
         arrays["latents_flipped"] = flipped.detach().to("cpu", torch.float32).numpy()
+    if vae_fingerprint is not None:
+        arrays[VAE_KEY] = np.array(vae_fingerprint)
     try:
         with atomic_path(npz_path) as tmp_path, open(tmp_path, "wb") as handle:  # a handle: savez adds no suffix
             np.savez(handle, **arrays)
@@ -156,6 +170,7 @@ def cache_latents(
     to_disk: bool,
     batch_size: int = 1,
     show_progress: bool = True,
+    vae_fingerprint: str | None = None,
 ) -> None:
     """Give every used record of `dataset` its latents, so training never decodes an image again.
 
@@ -176,7 +191,9 @@ def cache_latents(
         need_flipped = dataset.needs_flipped_latents(index)
         if to_disk:
             npz_path = npz_cache_path(record.path, record.original_size)
-            cached, reason = load_cached_latents(npz_path, record, need_flipped=need_flipped)
+            cached, reason = load_cached_latents(
+                npz_path, record, need_flipped=need_flipped, vae_fingerprint=vae_fingerprint
+            )
             if cached is not None:
                 dataset.set_latents(index, *cached)
                 continue
@@ -201,5 +218,5 @@ def cache_latents(
                     if to_disk:
                         record = dataset.records[index]
                         save_cached_latents(npz_cache_path(record.path, record.original_size), sample, record,
-                                            sample_flipped)
+                                            sample_flipped, vae_fingerprint)
                 progress.update(len(chunk))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import importlib
 import math
 import random
@@ -133,6 +134,16 @@ def prepare_base_models(
             for te in (models.text_encoder1, models.text_encoder2):
                 te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 te.train()
+
+
+def vae_fingerprint(vae) -> str:
+    """A short id of the VAE's weights (sha256 of its first and last convolutions), stored with cached latents
+    so that a cache made by another VAE is recomputed instead of used."""
+    digest = hashlib.sha256()
+    for tensor in (vae.encoder.conv_in.weight, vae.quant_conv.weight if vae.quant_conv is not None else None):
+        if tensor is not None:
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def vae_encoder(vae, device: torch.device) -> Encoder:
@@ -266,7 +277,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     encode: Encoder | None = vae_encoder(models.vae, accelerator.device)
     if cfg.loop.cache_latents:
         cache_latents(dataset, encode, to_disk=cfg.loop.cache_latents_to_disk, batch_size=cfg.loop.vae_batch_size,
-                      show_progress=accelerator.is_local_main_process)
+                      show_progress=accelerator.is_local_main_process, vae_fingerprint=vae_fingerprint(models.vae))
         models.vae, encode = None, None
         gc.collect()
     hashes = model_hashes(cfg.model.path)

@@ -231,3 +231,41 @@ def test_unused_reg_images_are_not_encoded(cfg, tmp_path):
     encode = FakeEncoder()
     cache_latents(dataset, encode, to_disk=False, show_progress=False)
     assert encode.images == 4 and dataset.all_latents_cached
+
+
+def test_cache_made_by_another_vae_is_recomputed(tmp_path):
+    """A cache that records a different VAE fingerprint is re-encoded; one without a fingerprint (sd-scripts')
+    is trusted."""
+    import numpy as np
+
+    from library.dataset import DatasetConfig, TrainDataset, scan_train_data_dir
+    from library.latent_cache import VAE_KEY, cache_latents, npz_cache_path
+    from PIL import Image
+
+    folder = tmp_path / "1_x"
+    folder.mkdir()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(folder / "a.png")
+    cfg = DatasetConfig(tmp_path, resolution=(64, 64))
+    calls = []
+
+    def encode(images):
+        calls.append(images.shape[0])
+        return torch.nn.functional.avg_pool2d(images, 8)[:, :1].repeat(1, 4, 1, 1)
+
+    def run(fingerprint):
+        dataset = TrainDataset(scan_train_data_dir(cfg), cfg)
+        cache_latents(dataset, encode, to_disk=True, show_progress=False, vae_fingerprint=fingerprint)
+
+    run("vae-a")
+    run("vae-a")
+    assert len(calls) == 1
+    npz = npz_cache_path(folder / "a.png", (64, 64))
+    assert str(np.load(npz)[VAE_KEY]) == "vae-a"
+    run("vae-b")
+    assert len(calls) == 2 and str(np.load(npz)[VAE_KEY]) == "vae-b"
+    # An sd-scripts cache has no fingerprint: it is used as is.
+    with np.load(npz) as data:
+        arrays = {k: data[k] for k in data.files if k != VAE_KEY}
+    np.savez(npz, **arrays)
+    run("vae-c")
+    assert len(calls) == 2
