@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import train_network
+from tests.cli_args import tiny_train_argv
 from tools.make_demo_dataset import make_demo_dataset
 
 
@@ -19,12 +20,7 @@ def dataset_dir(tmp_path_factory) -> Path:
 
 
 def _argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
-        "--resolution", "64", "--enable_bucket", "--min_bucket_reso", "64", "--max_bucket_reso", "128",
-        "--caption_extension", ".txt", "--train_batch_size", "2", "--max_data_loader_n_workers", "0",
-        "--seed", "42", "--max_train_steps", "4", "--learning_rate", "1e-3", *extra,
-    ]
+    return tiny_train_argv(model, data, out, "--max_train_steps", "4", "--learning_rate", "1e-3", *extra)
 
 
 def test_cached_text_outputs_with_variants_long_tokens_and_workers(tiny_sdxl, dataset_dir, tmp_path):

@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 import train_network
+from tests.cli_args import tiny_train_argv as _argv
 from tools.make_demo_dataset import make_demo_dataset
 
 LR = 1e-4
@@ -22,15 +23,6 @@ def small_dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     make_demo_dataset(root, count=4, min_side=64, max_side=128, repeats=2, name="toy", seed=0)
     return root
-
-
-def _argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
-        "--network_module", "networks.lora", "--resolution", "64", "--enable_bucket", "--min_bucket_reso", "64",
-        "--max_bucket_reso", "128", "--caption_extension", ".txt", "--train_batch_size", "2",
-        "--max_data_loader_n_workers", "0", "--seed", "42", *extra,
-    ]
 
 
 @pytest.fixture(scope="module")
