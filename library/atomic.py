@@ -39,3 +39,18 @@ def write_text_atomic(target: str | os.PathLike, text: str) -> None:
     """Write a text file atomically (UTF-8)."""
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def write_npz_atomic(target: str | os.PathLike, arrays: dict, *, what: str, flag: str) -> None:
+    """Write a numpy .npz cache atomically; an unwritable folder is one UserInputError line naming `flag`."""
+    import numpy as np
+
+    from library.errors import UserInputError
+
+    try:
+        with atomic_path(target) as tmp, open(tmp, "wb") as handle:  # a handle: savez adds no suffix
+            np.savez(handle, **arrays)
+    except OSError as error:
+        raise UserInputError(
+            f"cannot write {what} {target}: {error.strerror or error}; make the folder writable or drop {flag}"
+        ) from None

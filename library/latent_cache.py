@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from library.atomic import atomic_path
+from library.atomic import write_npz_atomic
 from library.buckets import sdscripts_crop_ltrb
 from library.dataset import ImageRecord, TrainDataset
 from library.errors import UserInputError
@@ -133,14 +133,7 @@ def save_cached_latents(
         arrays["latents_flipped"] = flipped.detach().to("cpu", torch.float32).numpy()
     if vae_fingerprint is not None:
         arrays[VAE_KEY] = np.array(vae_fingerprint)
-    try:
-        with atomic_path(npz_path) as tmp_path, open(tmp_path, "wb") as handle:  # a handle: savez adds no suffix
-            np.savez(handle, **arrays)
-    except OSError as error:
-        raise UserInputError(
-            f"cannot write latent cache {npz_path}: {error.strerror or error}; make the folder writable"
-            " or drop --cache_latents_to_disk"
-        ) from None
+    write_npz_atomic(npz_path, arrays, what="latent cache", flag="--cache_latents_to_disk")
 
 
 def _encode_checked(encode: Encoder, images: torch.Tensor, bucket: tuple[int, int]) -> torch.Tensor:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from library.atomic import atomic_path
+from library.atomic import write_npz_atomic
 from library.errors import UserInputError
 
 logger = logging.getLogger(__name__)
@@ -120,14 +120,7 @@ def _save(npz_path: Path, captions: list[str], model: str, outputs: list[tuple[t
         arrays[f"hidden_state1{suffix}"] = context[:, :te1_width].numpy()
         arrays[f"hidden_state2{suffix}"] = context[:, te1_width:].numpy()
         arrays[f"pool2{suffix}"] = pooled.detach().to("cpu", torch.float32).numpy()
-    try:
-        with atomic_path(npz_path) as tmp_path, open(tmp_path, "wb") as handle:
-            np.savez(handle, **arrays)
-    except OSError as error:
-        raise UserInputError(
-            f"cannot write text-encoder cache {npz_path}: {error.strerror or error}; make the folder writable"
-            " or drop --cache_text_encoder_outputs_to_disk"
-        ) from None
+    write_npz_atomic(npz_path, arrays, what="text-encoder cache", flag="--cache_text_encoder_outputs_to_disk")
 
 
 def cache_text_encoder_outputs(
