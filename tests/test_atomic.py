@@ -41,3 +41,17 @@ def test_lora_file_round_trip_casts_every_tensor(tmp_path):
     save_lora_file(state, tmp_path / "m.safetensors", torch.bfloat16, {"ss_network_dim": "4", "other": "y"})
     other = load_lora_file(tmp_path / "m.safetensors")[1]
     assert other["sshs_model_hash"] == metadata["sshs_model_hash"]
+
+
+def test_unwritable_cache_folder_is_one_line(tmp_path):
+    import numpy as np
+
+    from library.atomic import write_npz_atomic
+    from library.errors import UserInputError
+
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    with pytest.raises(UserInputError, match="cannot write latent cache .*drop --cache_latents_to_disk"):
+        write_npz_atomic(blocker / "a.npz", {"latents": np.zeros(2)}, what="latent cache", flag="--cache_latents_to_disk")
+    write_npz_atomic(tmp_path / "ok.npz", {"latents": np.ones(2)}, what="latent cache", flag="--x")
+    assert np.load(tmp_path / "ok.npz")["latents"].tolist() == [1.0, 1.0]
