@@ -95,21 +95,11 @@ class LoRAModule(nn.Module):
         if self.rank_dropout and self.training:
             mask = torch.rand((h.shape[0], self.lora_dim), device=h.device) > self.rank_dropout
             mask = mask.to(h.dtype)
-            mask = mask.view(h.shape[0], self.lora_dim, *([1] * (h.dim() - 2))) if h.dim() == 4 else (
-                mask.view(h.shape[0], *([1] * (h.dim() - 2)), self.lora_dim)
-            )
+            # ranks sit on dim 1 of a conv output (B, r, H, W) and on the last dim of a linear one (B, ..., r)
+            if h.dim() == 4:
+                mask = mask.view(h.shape[0], self.lora_dim, 1, 1)
+            else:
+                mask = mask.view(h.shape[0], *([1] * (h.dim() - 2)), self.lora_dim)
             h = h * mask
             scale = scale / (1.0 - self.rank_dropout)
         return self.lora_up(h) * (self.multiplier * scale)
-
-    @torch.no_grad()
-    def merged_weight_delta(self) -> torch.Tensor:
-        """W_delta such that org.weight + W_delta equals applying this adapter at its multiplier (no dropout)."""
-        down = self.lora_down.weight.float()
-        up = self.lora_up.weight.float()
-        scale = self.multiplier * self.scale
-        if down.dim() == 2:
-            return (up @ down) * scale
-        if down.shape[2:] == (1, 1):
-            return (up.squeeze(-1).squeeze(-1) @ down.squeeze(-1).squeeze(-1)).unsqueeze(-1).unsqueeze(-1) * scale
-        return torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3) * scale
