@@ -11,7 +11,8 @@ The original layout is what SDXL ``.safetensors`` checkpoints, ComfyUI, A1111/Fo
 - TE2 (OpenCLIP bigG): open_clip names, with q/k/v fused into ``attn.in_proj_weight``.
 
 The name maps are pure string functions (no torch needed); the state-dict functions only slice, concatenate and
-reshape tensors. The tables hold for SDXL's topology: 3 UNet levels with 2 layers per block, the first level
+reshape tensors. For a loader that reads one tensor at a time, :func:`single_file_source` gives, per diffusers /
+transformers parameter name, the single-file key and how to derive the tensor from it (:class:`TensorSource`). The tables hold for SDXL's topology: 3 UNet levels with 2 layers per block, the first level
 without attention, and a 4-level VAE - also for narrower models that keep it (the tiny test model).
 diffusers ships the original -> diffusers direction only (``diffusers.loaders.single_file_utils``); the tests
 check that it reads what these functions write back to identical tensors.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -253,6 +255,17 @@ _OPEN_CLIP_LAYER: Mapping[str, str] = MappingProxyType(
 )
 
 
+# transformers names (under ``text_model.``) of TE2 that map one to one to open_clip names outside the layers.
+_OPEN_CLIP_FIXED: Mapping[str, str] = MappingProxyType(
+    {
+        "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+        "text_model.embeddings.position_embedding.weight": "positional_embedding",
+        "text_model.final_layer_norm.weight": "ln_final.weight",
+        "text_model.final_layer_norm.bias": "ln_final.bias",
+    }
+)
+
+
 def te2_state_dict_to_original(
     sd: Mapping[str, torch.Tensor], logit_scale: float = math.log(100.0)
 ) -> dict[str, torch.Tensor]:
@@ -266,16 +279,10 @@ def te2_state_dict_to_original(
 
     sd = {te_name_with_text_model(k): v for k, v in sd.items() if not k.endswith("position_ids")}
     out: dict[str, torch.Tensor] = {}
-    fixed = {
-        "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-        "text_model.embeddings.position_embedding.weight": "positional_embedding",
-        "text_model.final_layer_norm.weight": "ln_final.weight",
-        "text_model.final_layer_norm.bias": "ln_final.bias",
-    }
     qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in sd.items():
-        if key in fixed:
-            out[fixed[key]] = tensor
+        if key in _OPEN_CLIP_FIXED:
+            out[_OPEN_CLIP_FIXED[key]] = tensor
         elif key == "text_projection.weight":
             out["text_projection"] = tensor.T.contiguous()
         elif m := re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", key):
@@ -313,3 +320,97 @@ def sdxl_to_single_file(
         (TE2_PREFIX, te2_state_dict_to_original(te2_sd)),
     )
     return {prefix + key: tensor for prefix, sd in sections for key, tensor in sd.items()}
+
+
+# --- Per-tensor sources: where one diffusers/transformers tensor lives in the single file ------------------------
+# The component names used by the loader (the fields of ``library.models.SDXLModels``) and their file sections.
+SECTION_PREFIXES: Mapping[str, str] = MappingProxyType(
+    {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder1": TE1_PREFIX, "text_encoder2": TE2_PREFIX}
+)
+_QKV = ("q", "k", "v")
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """Where one diffusers/transformers tensor lives in an original-layout file and how it is derived from it.
+
+    A loader that reads one tensor at a time needs this per name instead of a whole-state-dict conversion: it reads
+    ``key`` (only ``rows(stored_shape)`` of it when set) and passes the result through :meth:`derive`.
+    """
+
+    key: str
+    qkv_index: int | None = None  # 0/1/2: q, k or v, a third of the rows of open_clip's fused in_proj
+    transpose: bool = False  # open_clip stores text_projection as [hidden, projection], the Linear's transpose
+    squeeze_1x1: bool = False  # the VAE mid attention's q/k/v/proj_out weights are 1x1 convs in the file
+
+    def rows(self, stored: tuple[int, ...]) -> tuple[int, int] | None:
+        """The [start, stop) rows of the stored tensor to read, or None for all of it."""
+        if self.qkv_index is None:
+            return None
+        third = stored[0] // len(_QKV)
+        return self.qkv_index * third, (self.qkv_index + 1) * third
+
+    def shape(self, stored: tuple[int, ...]) -> tuple[int, ...]:
+        """The derived tensor's shape, given the stored tensor's shape (to check a file before reading it)."""
+        shape = tuple(stored)
+        if (rows := self.rows(shape)) is not None:
+            shape = (rows[1] - rows[0], *shape[1:])
+        if self.transpose:
+            shape = shape[::-1]
+        if self.squeeze_1x1 and len(shape) == 4 and shape[2:] == (1, 1):
+            shape = shape[:2]
+        return shape
+
+    def derive(self, read: torch.Tensor) -> torch.Tensor:
+        """The diffusers/transformers tensor from what was read (already cut to :meth:`rows`)."""
+        if self.transpose:
+            read = read.T.contiguous()
+        if self.squeeze_1x1 and read.ndim == 4 and tuple(read.shape[2:]) == (1, 1):
+            read = read.reshape(read.shape[:2])
+        return read
+
+
+def te2_source(name: str) -> TensorSource:
+    """The open_clip source (section-relative key) of one ``CLIPTextModelWithProjection`` parameter name.
+
+    ``text_model.encoder.layers.3.self_attn.k_proj.weight`` -> rows [H, 2H) of
+    ``transformer.resblocks.3.attn.in_proj_weight``; ``text_projection.weight`` -> the transpose of
+    ``text_projection``. The inverse of :func:`te2_state_dict_to_original`, one name at a time.
+    """
+    name = te_name_with_text_model(name)
+    if name in _OPEN_CLIP_FIXED:
+        return TensorSource(_OPEN_CLIP_FIXED[name])
+    if name == "text_projection.weight":
+        return TensorSource("text_projection", transpose=True)
+    if m := re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", name):
+        layer, part, kind = m.groups()
+        return TensorSource(f"transformer.resblocks.{layer}.attn.in_proj_{kind}", qkv_index=_QKV.index(part))
+    if m := re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", name):
+        layer, module, kind = m.groups()
+        if module in _OPEN_CLIP_LAYER:
+            return TensorSource(f"transformer.resblocks.{layer}.{_OPEN_CLIP_LAYER[module]}.{kind}")
+    raise ValueError(f"not a mappable SDXL TE2 name: {name!r}")
+
+
+def vae_source(name: str, num_levels: int = VAE_LEVELS) -> TensorSource:
+    """The LDM source (section-relative key) of one ``AutoencoderKL`` parameter name; the mid attention's
+    q/k/v/proj_out weights are stored as ``[C, C, 1, 1]`` and squeezed to the Linear's ``[C, C]``."""
+    key = vae_diffusers_to_original(name, num_levels)
+    is_attention_weight = ".mid.attn_1." in key and ".".join(key.split(".")[-2:]) in _VAE_ATTENTION_WEIGHTS
+    return TensorSource(key, squeeze_1x1=is_attention_weight)
+
+
+def single_file_source(component: str, name: str, vae_levels: int = VAE_LEVELS) -> TensorSource:
+    """The full single-file source of parameter ``name`` of ``component`` ("unet", "vae", "text_encoder1",
+    "text_encoder2"). Raises ValueError for names without a counterpart in the original layout."""
+    if component == "unet":
+        local = TensorSource(unet_diffusers_to_original(name))
+    elif component == "vae":
+        local = vae_source(name, vae_levels)
+    elif component == "text_encoder1":
+        local = TensorSource(te_name_with_text_model(name))
+    elif component == "text_encoder2":
+        local = te2_source(name)
+    else:
+        raise ValueError(f"not an SDXL component: {component!r} (expected one of {sorted(SECTION_PREFIXES)})")
+    return replace(local, key=SECTION_PREFIXES[component] + local.key)

@@ -1,5 +1,6 @@
-"""Loading SDXL offline: the tiny model's single file (read by diffusers' own loader) and diffusers folder,
-config-folder resolution, the cheap path check and the sd-scripts model hashes."""
+"""Loading SDXL offline: the tiny model's single file and diffusers folder read back exactly, config-folder
+resolution, the cheap path check and the sd-scripts model hashes. (The streaming loader's own tests - equality with
+diffusers' loader, dtypes, memory - are in test_model_loading.py.)"""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def no_network(monkeypatch):
 
 
 def test_single_file_round_trip_is_exact(tiny_sdxl, tiny_models, reference):
-    """Our original-layout file, read back by diffusers' single-file loader, gives every tensor unchanged."""
+    """Our original-layout file, read back by ``load_sdxl``, gives every tensor of the built model unchanged."""
     assert tiny_models.is_single_file and tiny_models.config_dir == tiny_sdxl.diffusers_dir
     for ref_name, loaded_name in COMPONENTS:
         expected = getattr(reference, ref_name).state_dict()

@@ -3,6 +3,7 @@
 Usage::
 
     python tools/make_tiny_sdxl.py OUT_DIR [--seed N] [--dtype fp32|fp16]
+    python tools/make_tiny_sdxl.py OUT_DIR --mid [--seed N] [--dtype fp16|fp32]
     python tools/make_tiny_sdxl.py OUT_DIR --full [--seed N] [--dtype fp16|fp32]
 
 The tiny model uses the real classes (diffusers ``UNet2DConditionModel`` / ``AutoencoderKL``, transformers
@@ -14,6 +15,10 @@ apply. It writes
 - ``OUT_DIR/tiny_sdxl.safetensors``: one file in the original (SGM) layout, like a downloaded SDXL checkpoint;
 - ``OUT_DIR/tiny_sdxl_diffusers/``: the same weights as a diffusers pipeline folder, which also serves as the
   config folder of the single file (``library.models`` finds ``<stem>_diffusers`` beside the file).
+
+``--mid`` writes ``OUT_DIR/mid_sdxl.safetensors`` (SDXL's topology at widths that make it ~440 MB in fp16, for
+memory tests that must tell one copy of the weights from two) and its config folder ``OUT_DIR/mid_sdxl_diffusers/``
+(configs, tokenizers, scheduler; no weights).
 
 ``--full`` builds the real SDXL base architecture from ``configs/sdxl`` with random weights and writes only
 ``OUT_DIR/sdxl_full_random.safetensors`` (6.9 GB in fp16). The models are built on the meta device for their
@@ -236,20 +241,24 @@ def _random_tensor(name: str, shape: torch.Size, dtype: torch.dtype, gen: torch.
     return out
 
 
-def full_sdxl_shapes() -> dict[str, torch.Size]:
-    """Name -> shape of every tensor of a full-size SDXL base single file (original layout), from configs/sdxl.
-
-    The models are built on the meta device: no weight memory is allocated."""
+def single_file_shapes(config_dir: Path) -> dict[str, torch.Size]:
+    """Name -> shape of every tensor of the single file (original layout) of the model whose diffusers configs are
+    in ``config_dir``. The models are built on the meta device: no weight memory is allocated."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SDXL_CONFIG_DIR, subfolder="unet"))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SDXL_CONFIG_DIR, subfolder="vae"))
-        te1 = CLIPTextModel(CLIPTextConfig.from_pretrained(SDXL_CONFIG_DIR / "text_encoder"))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(SDXL_CONFIG_DIR / "text_encoder_2"))
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir, subfolder="unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir, subfolder="vae"))
+        te1 = CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir / "text_encoder"))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(config_dir / "text_encoder_2"))
     meta = sdxl_to_single_file(unet.state_dict(), vae.state_dict(), te1.state_dict(), te2.state_dict())
     return {key: tensor.shape for key, tensor in meta.items()}
+
+
+def full_sdxl_shapes() -> dict[str, torch.Size]:
+    """Name -> shape of every tensor of a full-size SDXL base single file (original layout), from configs/sdxl."""
+    return single_file_shapes(SDXL_CONFIG_DIR)
 
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -298,16 +307,76 @@ def write_full_sdxl(out_dir: str | Path, seed: int = 0, dtype: torch.dtype = tor
     return path
 
 
+# --- Mid size ------------------------------------------------------------------------------------------------------
+MID_SINGLE_FILE = "mid_sdxl.safetensors"
+MID_CONFIG_DIR = "mid_sdxl_diffusers"  # found by library.models beside the file
+MID_TE1_HIDDEN = 256
+MID_TE2_HIDDEN = 384  # differs from TE1's, as in the tiny model
+
+
+def mid_configs() -> dict[str, dict[str, Any]]:
+    """Configs by subfolder of the mid-size SDXL: the tiny model's topology (3 UNet levels, 2 layers per block, level
+    0 without attention, 4 VAE levels, TE1 12 layers, TE2 10) at widths that make ~220 M parameters, ~440 MB in
+    fp16: big enough that one more copy of the weights shows in a process's peak memory, quick enough to write."""
+    unet = tiny_unet_config() | {
+        "sample_size": 32,
+        "block_out_channels": [128, 256, 512],
+        "transformer_layers_per_block": [1, 2, 2],
+        "attention_head_dim": [2, 4, 8],  # heads of 64 channels, as SDXL's
+        "cross_attention_dim": MID_TE1_HIDDEN + MID_TE2_HIDDEN,
+        "projection_class_embeddings_input_dim": MID_TE2_HIDDEN + 6 * ADDITION_TIME_EMBED_DIM,
+    }
+    return {
+        "unet": {"_class_name": "UNet2DConditionModel"} | unet,
+        "vae": {"_class_name": "AutoencoderKL"} | tiny_vae_config() | {"block_out_channels": [64, 128, 256, 256]},
+        "text_encoder": _tiny_clip_config(MID_TE1_HIDDEN, 12, MID_TE1_HIDDEN // 64, "quick_gelu", MID_TE1_HIDDEN),
+        "text_encoder_2": _tiny_clip_config(MID_TE2_HIDDEN, 10, MID_TE2_HIDDEN // 64, "gelu", MID_TE2_HIDDEN),
+    }
+
+
+def write_config_folder(config_dir: Path, configs: dict[str, dict[str, Any]]) -> None:
+    """A diffusers-format config folder without weights: ``configs`` by subfolder, plus SDXL's model index,
+    tokenizers and scheduler from configs/sdxl."""
+    from transformers import CLIPTextConfig
+
+    config_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(SDXL_CONFIG_DIR / "model_index.json", config_dir / "model_index.json")
+    for sub in ("tokenizer", "tokenizer_2", "scheduler"):
+        shutil.copytree(SDXL_CONFIG_DIR / sub, config_dir / sub, dirs_exist_ok=True)
+    for sub in ("unet", "vae"):
+        (config_dir / sub).mkdir(exist_ok=True)
+        (config_dir / sub / "config.json").write_text(json.dumps(configs[sub], indent=2))
+    for sub in ("text_encoder", "text_encoder_2"):
+        CLIPTextConfig(**configs[sub]).save_pretrained(config_dir / sub)
+
+
+def write_mid_sdxl(out_dir: str | Path, dtype: torch.dtype = torch.float16, seed: int = 0) -> Path:
+    """Write ``OUT_DIR/mid_sdxl.safetensors`` (original layout, random weights, ``dtype``) tensor by tensor, and
+    its config folder ``OUT_DIR/mid_sdxl_diffusers/``. Returns the file's path."""
+    out_dir = Path(out_dir)
+    write_config_folder(out_dir / MID_CONFIG_DIR, mid_configs())
+    path = out_dir / MID_SINGLE_FILE
+    gen = torch.Generator().manual_seed(seed)
+    shapes = single_file_shapes(out_dir / MID_CONFIG_DIR)
+    write_safetensors_streaming(path, shapes, dtype, lambda name, shape: _random_tensor(name, shape, dtype, gen))
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--full", action="store_true", help="full-size SDXL base with random weights (~6.9 GB fp16)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--full", action="store_true", help="full-size SDXL base with random weights (~6.9 GB fp16)")
+    size.add_argument("--mid", action="store_true", help="SDXL topology, ~440 MB fp16, with its config folder")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp32 tiny, fp16 --full")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp32 tiny, fp16 --mid/--full")
     args = parser.parse_args(argv)
     if args.full:
         path = write_full_sdxl(args.out_dir, args.seed, DTYPES[args.dtype or "fp16"])
         print(f"wrote {path} ({path.stat().st_size / 2**30:.2f} GiB)")
+    elif args.mid:
+        path = write_mid_sdxl(args.out_dir, DTYPES[args.dtype or "fp16"], args.seed)
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB) and {path.with_name(MID_CONFIG_DIR)}/")
     else:
         paths = write_tiny_sdxl(args.out_dir, args.seed, DTYPES[args.dtype or "fp32"])
         print(f"wrote {paths.single_file} ({paths.single_file.stat().st_size / 2**20:.1f} MiB)")
