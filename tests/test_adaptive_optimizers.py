@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -9,9 +11,10 @@ import train_network
 from library.config import planned_group_lrs
 from library.errors import UserInputError
 from library.optim import build_optimizer, per_group_lr_problem
+from library.optimizer_names import ADAPTIVE_OPTIMIZER_TYPES
 from networks.network_args import LoRAPlusRatios
 
-ADAPTIVE = ["Prodigy", "DAdaptation", "DAdaptAdam", "DAdaptLion", "DAdaptAdaGrad", "DAdaptAdan", "DAdaptSGD"]
+ADAPTIVE = list(ADAPTIVE_OPTIMIZER_TYPES)
 
 
 def _groups(lrs):
@@ -55,9 +58,49 @@ def test_adaptive_optimizers_refuse_per_group_rates_and_step_with_equal_ones(nam
     assert all(not torch.equal(b, g["params"][0]) for b, g in zip(before, groups))
 
 
+def test_the_family_is_sd_scripts_one():
+    assert set(ADAPTIVE) == {"Prodigy", "DAdaptation", "DAdaptAdamPreprint", "DAdaptAdam", "DAdaptLion",
+                             "DAdaptAdaGrad", "DAdaptAdan", "DAdaptAdanIP", "DAdaptSGD"}
+    # sd-scripts: DAdaptation is the preprint's Adam (dadaptation.experimental), not DAdaptAdam
+    assert type(build_optimizer("dadaptation", _groups([1.0]), 1.0, {})).__name__ == "DAdaptAdamPreprint"
+    assert type(build_optimizer("DAdaptAdanIP", _groups([1.0]), 1.0, {})).__name__ == "DAdaptAdanIP"
+
+
+@pytest.mark.parametrize("name", ADAPTIVE)
+def test_adaptive_optimizers_resume_from_their_state_dict(name):
+    groups = _groups([1.0, 1.0])
+    params = [g["params"][0] for g in groups]
+    optimizer = build_optimizer(name, groups, 1.0, {})
+    torch.manual_seed(1)
+    grads = [[torch.randn(8, 8) for _ in params] for _ in range(3)]
+
+    def step(opt, ps, gs):
+        for p, g in zip(ps, gs):
+            p.grad = g.clone()
+        opt.step()
+
+    for g in grads[:2]:
+        step(optimizer, params, g)
+    state = copy.deepcopy(optimizer.state_dict())
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = build_optimizer(name, [{"params": [t], "lr": 1.0} for t in twins], 1.0, {})
+    resumed.load_state_dict(state)
+    before = params[0].detach().clone()
+    step(optimizer, params, grads[2])
+    step(resumed, twins, grads[2])
+    assert not torch.equal(before, params[0].detach())
+    assert all(torch.equal(p.detach(), t.detach()) for p, t in zip(params, twins))
+
+
 def test_non_adaptive_optimizers_take_any_rates():
     assert per_group_lr_problem("AdamW", {"unet": 1e-4, "unet plus": 1.6e-3}) is None
     assert per_group_lr_problem("Lion", {"unet": 1e-4, "unet plus": 1.6e-3}) is None
+    assert per_group_lr_problem("torch.optim.RMSprop", {"unet": 1e-4, "unet plus": 1.6e-3}) is None
+    fixed = {"relative_step": "False", "scale_parameter": "False", "warmup_init": "False"}
+    assert per_group_lr_problem("Adafactor", {"unet": 1e-4, "unet plus": 1.6e-3}, fixed) is None
+    # Adafactor's default relative_step ignores every lr: refused like the adaptive family
+    assert "relative_step=False" in per_group_lr_problem("adafactor", {"unet": 1e-4, "unet plus": 1.6e-3}, {})
+    assert per_group_lr_problem("Adafactor", {"unet": 1e-4, "textencoder": 1e-4}, {}) is None
 
 
 @pytest.mark.parametrize(
