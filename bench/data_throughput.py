@@ -31,7 +31,7 @@ def build(tmp: Path, args) -> tuple:
     from library.cli import build_parser
     from library.config import config_from_args
     from library.models import load_sdxl
-    from library.precision import plan_precision
+    from library.precision import PrecisionRequest, plan_precision
     from library.trainer import prepare_base_models
     from tools.make_demo_dataset import make_demo_dataset
     from tools.make_tiny_sdxl import write_tiny_sdxl
@@ -45,7 +45,7 @@ def build(tmp: Path, args) -> tuple:
             str(args.batch_size), "--seed", "0", "--network_train_unet_only", "--network_dim", "4"]
     cfg = config_from_args(build_parser().parse_args(argv))
     models = load_sdxl(model, dtype=torch.float32)
-    prepare_base_models(models, plan_precision("no", "cpu", False), cfg.precision, False, torch.device("cpu"))
+    prepare_base_models(models, plan_precision(PrecisionRequest(), "cpu"), cfg.precision, False, torch.device("cpu"))
     return cfg, models
 
 
@@ -90,11 +90,11 @@ def step_shares(dataset, cfg, models, workers: int, steps: int) -> tuple[float, 
     from accelerate import Accelerator
 
     from library.loss import make_noise_scheduler
-    from library.precision import plan_precision
+    from library.precision import PrecisionRequest, plan_precision
     from library.trainer import create_lora_network, vae_encoder, batch_loss
 
     accelerator = Accelerator(mixed_precision="no", cpu=True)
-    plan = plan_precision("no", "cpu", False)
+    plan = plan_precision(PrecisionRequest(), "cpu")
     network = create_lora_network(cfg.network, models)
     optimizer = torch.optim.AdamW(network.get_trainable_params(), lr=1e-4)
     encode = None if dataset.all_latents_cached else vae_encoder(models.vae, torch.device("cpu"))

@@ -7,19 +7,11 @@ from __future__ import annotations
 
 import argparse
 
-OPTIMIZER_TYPES = (
-    "AdamW", "AdamW8bit", "Lion", "Prodigy", "DAdaptation", "DAdaptAdam", "DAdaptLion", "DAdaptAdaGrad",
-    "DAdaptAdan", "DAdaptSGD",
-)
-SCHEDULERS = (
-    "constant",
-    "constant_with_warmup",
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-)
-
+from library.loss_options import add_loss_arguments
+from library.optimizer_names import OPTIMIZER_TYPES, SCHEDULERS
+from library.ema import add_ema_arguments
+from library.sample_prompts import add_sampling_arguments
+from library.validation import add_validation_arguments
 
 class _OneLineErrorParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line (not the whole usage block), like every other input error."""
@@ -34,6 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train an SDXL LoRA (LoRA+ built in) with sd-scripts' command line.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    files = parser.add_argument_group("config files")
+    files.add_argument("--config_file", default=None,
+                       help="TOML of these arguments (flat, or grouped in tables as sd-scripts writes them); flags "
+                            "on the command line win; an unknown key is an error")
+    files.add_argument("--output_config", action="store_true",
+                       help="write the effective arguments as TOML (to --config_file's path, else "
+                            "<output_dir>/<output_name>.toml) and exit without training")
+
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", required=True,
                        help="SDXL single file (.safetensors, original layout) or diffusers folder")
@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="LoRA+ ratio for the text encoders only")
 
     optim = parser.add_argument_group("optimizer and schedule")
-    optim.add_argument("--optimizer_type", default="AdamW", help=f"one of {', '.join(OPTIMIZER_TYPES)}")
+    optim.add_argument("--optimizer_type", default="AdamW",
+                       help=f"one of {', '.join(OPTIMIZER_TYPES)} (any case), or a class as module.Class")
     optim.add_argument("--optimizer_args", nargs="*", default=None, help="key=value passed to the optimizer")
     optim.add_argument("--learning_rate", type=float, default=2e-6)
     optim.add_argument("--unet_lr", type=float, default=None)
@@ -108,6 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--lr_warmup_steps", type=float, default=0, help="steps, or a ratio of all steps if < 1")
     optim.add_argument("--lr_scheduler_num_cycles", type=int, default=1)
     optim.add_argument("--lr_scheduler_power", type=float, default=1.0)
+    optim.add_argument("--lr_decay_steps", type=float, default=0,
+                       help="decay steps of warmup_stable_decay, or a ratio of all steps if < 1")
+    optim.add_argument("--lr_scheduler_timescale", type=int, default=None,
+                       help="inverse_sqrt timescale (default: the warmup steps, or 10000 without warmup)")
+    optim.add_argument("--lr_scheduler_min_lr_ratio", type=float, default=None,
+                       help="lowest lr as a ratio of the initial lr (cosine_with_min_lr, warmup_stable_decay)")
+    optim.add_argument("--lr_scheduler_type", default="",
+                       help="a scheduler class replacing --lr_scheduler: module.Class, or a torch.optim.lr_scheduler "
+                            "name")
+    optim.add_argument("--lr_scheduler_args", nargs="*", default=None,
+                       help='key=value passed to the scheduler, e.g. "T_max=100"')
 
     loop = parser.add_argument_group("training")
     loop.add_argument("--train_batch_size", type=int, default=1)
@@ -126,12 +138,33 @@ def build_parser() -> argparse.ArgumentParser:
     loop.add_argument("--text_encoder_cache_variants", type=int, default=1,
                       help="caption variants cached per image, so caption shuffle/dropout works with the cache")
 
+    add_loss_arguments(parser.add_argument_group("noise and loss"))
+    add_sampling_arguments(parser)
+    add_validation_arguments(parser.add_argument_group("validation"))
+    add_ema_arguments(parser.add_argument_group("EMA"))
+
     precision = parser.add_argument_group("precision and attention")
     precision.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"))
     precision.add_argument("--fp8_base", action="store_true",
-                           help="store base (UNet and text encoder) weights in float8_e4m3fn")
-    precision.add_argument("--xformers", action="store_true", help="xformers attention (falls back to SDPA)")
+                           help="store the UNet's and text encoders' Linear/Conv weights in float8_e4m3fn, up-cast "
+                                "per layer (CUDA and CPU)")
+    precision.add_argument("--fp8_base_unet", action="store_true", help="fp8 storage for the UNet only")
+    precision.add_argument("--full_fp16", action="store_true",
+                           help="LoRA weights in fp16 too (needs --mixed_precision fp16)")
+    precision.add_argument("--full_bf16", action="store_true",
+                           help="LoRA weights in bf16 too (needs --mixed_precision bf16)")
+    precision.add_argument("--no_half_vae", action="store_true",
+                           help="VAE in fp32 under bf16 (under fp16 it always runs in fp32: SDXL's VAE overflows)")
     precision.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (default)")
+    precision.add_argument("--xformers", action="store_true",
+                           help="xformers attention (CUDA; falls back to SDPA with one warning)")
+    precision.add_argument("--mem_eff_attn", action="store_true",
+                           help="sliced attention: lowest peak memory, slower (any device)")
+    precision.add_argument("--lowram", action="store_true",
+                           help="accepted for sd-scripts scripts: weights always load tensor by tensor straight to "
+                                "the device, and cached-away models are freed unless samples need them")
+    precision.add_argument("--highvram", action="store_true",
+                           help="keep the VAE and text encoders on the GPU after caching")
 
     save = parser.add_argument_group("saving and logging")
     save.add_argument("--output_dir", required=True)
@@ -139,7 +172,27 @@ def build_parser() -> argparse.ArgumentParser:
     save.add_argument("--save_model_as", default="safetensors", choices=("safetensors",))
     save.add_argument("--save_precision", default=None, choices=("float", "fp16", "bf16"))
     save.add_argument("--save_every_n_epochs", type=int, default=None)
+    save.add_argument("--save_every_n_steps", type=int, default=None,
+                      help="also save <name>-step<N:08d>.safetensors every N optimizer steps")
+    save.add_argument("--save_last_n_epochs", type=int, default=None,
+                      help="keep only the last N epoch checkpoints (older ones are removed)")
+    save.add_argument("--save_last_n_epochs_state", type=int, default=None,
+                      help="keep only the last N epoch states (default: --save_last_n_epochs)")
+    save.add_argument("--save_last_n_steps", type=int, default=None,
+                      help="keep only step checkpoints from the last N steps")
+    save.add_argument("--save_last_n_steps_state", type=int, default=None,
+                      help="keep only step states from the last N steps (default: --save_last_n_steps)")
+    save.add_argument("--save_state", action="store_true",
+                      help="save a resumable state folder (<stem>-state) with every checkpoint and at the end")
+    save.add_argument("--save_state_on_train_end", action="store_true",
+                      help="save a resumable state folder (<name>-state) at the end only")
+    save.add_argument("--resume", default=None,
+                      help="state folder to continue from (step, epoch, lr, optimizer, RNG and data order)")
     save.add_argument("--training_comment", default=None)
-    save.add_argument("--logging_dir", default=None, help="TensorBoard logs go under this folder")
-    save.add_argument("--log_prefix", default=None)
+    save.add_argument("--logging_dir", default=None, help="logs go under this folder (needed for --log_with)")
+    save.add_argument("--log_with", default=None, choices=("tensorboard", "wandb", "all"),
+                      help="tracker(s); default tensorboard when --logging_dir is given")
+    save.add_argument("--log_prefix", default=None, help="prefix of the run folder under --logging_dir")
+    save.add_argument("--log_tracker_name", default=None, help="project/run name given to the trackers "
+                                                               "(default network_train)")
     return parser

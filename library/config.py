@@ -7,13 +7,20 @@ runs before any model loads, so bad input costs a second and one clear line.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from library.cli import OPTIMIZER_TYPES, SCHEDULERS
-from library.optim import is_adaptive, per_group_lr_problem
+from library.optim import optimizer_class, per_group_lr_problem, schedule_problem, scheduler_class
+from library.optimizer_names import canonical_optimizer_type, canonical_scheduler, is_adaptive
+from library.loss_options import LossOptions, loss_options_from_args
+from library.precision import PrecisionRequest, check_precision_flags
+from library.sample_prompts import SamplingConfig, make_sampling_config
+from library.train_state import check_resume_folder
+from library.ema import EMAConfig, ema_config_from_args
+from library.validation import ValidationConfig, validation_config_from_args
 from library.safetensors_header import read_safetensors_header
 from library.dataset import DatasetConfig
 from library.dataset_config import load_dataset_config
@@ -61,15 +68,24 @@ class OptimizerConfig:
     """Steps, or a ratio of all steps when < 1."""
     lr_scheduler_num_cycles: int
     lr_scheduler_power: float
+    lr_decay_steps: float = 0
+    """warmup_stable_decay's decay: steps, or a ratio of all steps when < 1."""
+    lr_scheduler_timescale: int | None = None
+    lr_scheduler_min_lr_ratio: float | None = None
+    lr_scheduler_type: str | None = None
+    """A scheduler class (module.Class) replacing --lr_scheduler."""
+    lr_scheduler_args: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class PrecisionConfig:
-    mixed_precision: str
-    """What the user asked for: no | fp16 | bf16 (the trainer decides what the device can do)."""
-    fp8_base: bool
-    xformers: bool
+    request: PrecisionRequest
+    """The precision and attention flags as given (the trainer decides what the device can run)."""
     gradient_checkpointing: bool
+    lowram: bool = False
+    """Accepted for sd-scripts' scripts; loading is always per tensor straight to the device (recorded only)."""
+    highvram: bool = False
+    """Keep the VAE and text encoders on the device after caching (no offload, no cache emptying)."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +121,18 @@ class OutputConfig:
     training_comment: str | None
     logging_dir: Path | None
     log_prefix: str | None
+    save_every_n_steps: int | None = None
+    save_last_n_epochs: int | None = None
+    save_last_n_epochs_state: int | None = None
+    save_last_n_steps: int | None = None
+    save_last_n_steps_state: int | None = None
+    save_state: bool = False
+    """A state folder with every checkpoint and at the end."""
+    save_state_on_train_end: bool = False
+    resume: Path | None = None
+    log_with: tuple[str, ...] = ()
+    """Trackers: "tensorboard", "wandb"."""
+    log_tracker_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +144,14 @@ class TrainConfig:
     precision: PrecisionConfig
     loop: LoopConfig
     output: OutputConfig
+    loss: LossOptions = LossOptions()
+    """Noise shaping, timestep range, loss type and weighting (sd-scripts' loss flags)."""
+    sampling: SamplingConfig | None = None
+    """Sample prompts and when to render them (None: no samples)."""
+    validation: ValidationConfig | None = None
+    """Held-out images and when to compute the validation loss (None or not `.enabled`: none)."""
+    ema: EMAConfig | None = None
+    """EMA of the LoRA weights (None: off)."""
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -140,13 +176,6 @@ def parse_key_values(items: list[str] | None, flag: str) -> dict[str, str]:
             raise UserInputError(f"{flag}: '{item}' is not key=value")
         parsed[key.strip()] = value.strip()
     return parsed
-
-
-def _check_choice(value: str, choices: tuple[str, ...], flag: str) -> str:
-    by_lower = {c.lower(): c for c in choices}
-    if value.lower() not in by_lower:
-        raise UserInputError(f"{flag}: '{value}' is not supported; choose one of {', '.join(choices)}")
-    return by_lower[value.lower()]
 
 
 BLOCK_LR_KEYS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight")
@@ -175,9 +204,12 @@ def planned_group_lrs(
     return groups
 
 
-def check_optimizer_fits_groups(optimizer_type: str, group_lrs: dict[str, float], network_args: dict[str, str]) -> None:
+def check_optimizer_fits_groups(
+    optimizer_type: str, group_lrs: dict[str, float], network_args: dict[str, str],
+    optimizer_args: dict[str, str] | None = None,
+) -> None:
     """Refuse, before any model loads, an optimizer that would crash on (or ignore) per-group rates."""
-    problem = per_group_lr_problem(optimizer_type, group_lrs)
+    problem = per_group_lr_problem(optimizer_type, group_lrs, optimizer_args)
     if problem is None and is_adaptive(optimizer_type):
         block_keys = [key for key in BLOCK_LR_KEYS if key in network_args]
         if block_keys:
@@ -267,6 +299,19 @@ def dataset_config_from_args(
                    dataset_config=load_dataset_config(Path(args.dataset_config), data.cli_values()))
 
 
+def check_log_with(log_with: str | None, logging_dir: str | None) -> tuple[str, ...]:
+    """The trackers to start: --log_with (tensorboard | wandb | all), tensorboard by default with a logging
+    folder; a tracker whose package is missing is one line now, not after the model loaded."""
+    if log_with is None:
+        return ("tensorboard",) if logging_dir else ()
+    trackers = ("tensorboard", "wandb") if log_with == "all" else (log_with,)
+    if "tensorboard" in trackers and not logging_dir:
+        raise UserInputError(f"--log_with {log_with} writes TensorBoard logs: give --logging_dir")
+    if "wandb" in trackers and importlib.util.find_spec("wandb") is None:
+        raise UserInputError(f"--log_with {log_with} needs the wandb package: pip install wandb (and wandb login)")
+    return trackers
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Validate the namespace and build the typed configuration (no file is read beyond existence checks)."""
     from library.models import check_model_path
@@ -298,13 +343,24 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         parse_network_args(args.network_args), {key: getattr(args, key) for key in LORAPLUS_KEYS}
     )
     loraplus = LoRAPlusRatios.from_network_args(network_args)
-    optimizer_type = _check_choice(args.optimizer_type, OPTIMIZER_TYPES, "--optimizer_type")
+    optimizer_type = canonical_optimizer_type(args.optimizer_type)
+    optimizer_class(optimizer_type)  # a class that cannot be imported is one line now, not after loading
+    optimizer_args = parse_key_values(args.optimizer_args, "--optimizer_args")
+    scheduler_args = parse_key_values(args.lr_scheduler_args, "--lr_scheduler_args")
+    if args.lr_scheduler_type:
+        scheduler_class(args.lr_scheduler_type)
+    problem = schedule_problem(args.lr_scheduler, optimizer_type=optimizer_type, optimizer_args=optimizer_args,
+                               warmup=args.lr_warmup_steps, scheduler_type=args.lr_scheduler_type or None,
+                               scheduler_args=scheduler_args, min_lr_ratio=args.lr_scheduler_min_lr_ratio)
+    if problem:
+        raise UserInputError(problem)
     text_encoder_lr = list(args.text_encoder_lr) if args.text_encoder_lr else None
     train_unet, train_text_encoder = not args.network_train_text_encoder_only, not args.network_train_unet_only
     check_optimizer_fits_groups(
         optimizer_type,
         planned_group_lrs(args.learning_rate, args.unet_lr, text_encoder_lr, loraplus, train_unet, train_text_encoder),
         network_args,
+        optimizer_args,
     )
     if weights is not None and not args.dim_from_weights and not any(k.startswith(("block_", "conv_block_"))
                                                                        for k in network_args):
@@ -314,6 +370,22 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     cache_to_disk = bool(args.cache_latents_to_disk)
     check_text_encoder_cache_flags(args, train_text_encoder)
     cache_te_to_disk = bool(args.cache_text_encoder_outputs_to_disk)
+    precision_request = PrecisionRequest(
+        mixed_precision=args.mixed_precision, fp8_base=args.fp8_base, fp8_base_unet=args.fp8_base_unet,
+        full_fp16=args.full_fp16, full_bf16=args.full_bf16, no_half_vae=args.no_half_vae, xformers=args.xformers,
+        mem_eff_attn=args.mem_eff_attn,
+    )
+    check_precision_flags(precision_request)
+    resume = Path(args.resume) if args.resume else None
+    if resume is not None:
+        check_resume_folder(resume)
+    log_with = check_log_with(args.log_with, args.logging_dir)
+    for flag in ("save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs", "save_last_n_steps",
+                 "save_last_n_epochs_state", "save_last_n_steps_state"):
+        if (getattr(args, flag) or 0) < 0:
+            raise UserInputError(f"--{flag} must be a positive number (0 or absent: off)")
+    if args.lowram and args.highvram:
+        raise UserInputError("--lowram and --highvram exclude each other")
 
     return TrainConfig(
         model=ModelConfig(
@@ -335,21 +407,26 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         ),
         optimizer=OptimizerConfig(
             optimizer_type=optimizer_type,
-            optimizer_args=parse_key_values(args.optimizer_args, "--optimizer_args"),
+            optimizer_args=optimizer_args,
             learning_rate=args.learning_rate,
             unet_lr=args.unet_lr,
             text_encoder_lr=text_encoder_lr,
             max_grad_norm=args.max_grad_norm,
-            lr_scheduler=_check_choice(args.lr_scheduler, SCHEDULERS, "--lr_scheduler"),
+            lr_scheduler=canonical_scheduler(args.lr_scheduler),
             lr_warmup_steps=args.lr_warmup_steps,
             lr_scheduler_num_cycles=args.lr_scheduler_num_cycles,
             lr_scheduler_power=args.lr_scheduler_power,
+            lr_decay_steps=args.lr_decay_steps,
+            lr_scheduler_timescale=args.lr_scheduler_timescale,
+            lr_scheduler_min_lr_ratio=args.lr_scheduler_min_lr_ratio,
+            lr_scheduler_type=args.lr_scheduler_type or None,
+            lr_scheduler_args=scheduler_args,
         ),
         precision=PrecisionConfig(
-            mixed_precision=args.mixed_precision,
-            fp8_base=args.fp8_base,
-            xformers=args.xformers,
+            request=precision_request,
             gradient_checkpointing=args.gradient_checkpointing,
+            lowram=args.lowram,
+            highvram=args.highvram,
         ),
         loop=LoopConfig(
             batch_size=args.train_batch_size,
@@ -376,5 +453,21 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             training_comment=args.training_comment,
             logging_dir=Path(args.logging_dir) if args.logging_dir else None,
             log_prefix=args.log_prefix,
+            save_every_n_steps=args.save_every_n_steps or None,
+            save_last_n_epochs=args.save_last_n_epochs or None,
+            save_last_n_epochs_state=args.save_last_n_epochs_state or args.save_last_n_epochs or None,
+            save_last_n_steps=args.save_last_n_steps or None,
+            save_last_n_steps_state=args.save_last_n_steps_state or args.save_last_n_steps or None,
+            save_state=args.save_state,
+            save_state_on_train_end=args.save_state_on_train_end,
+            resume=resume,
+            log_with=log_with,
+            log_tracker_name=args.log_tracker_name,
         ),
+        loss=loss_options_from_args(args),
+        sampling=make_sampling_config(args.sample_prompts, sampler=args.sample_sampler,
+                                      every_n_steps=args.sample_every_n_steps,
+                                      every_n_epochs=args.sample_every_n_epochs, at_first=args.sample_at_first),
+        validation=validation_config_from_args(args, seed),
+        ema=ema_config_from_args(args),
     )

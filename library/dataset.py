@@ -571,6 +571,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         self.rank = rank
         self.shuffle = shuffle
         self.epoch = 0
+        self.skip_batches = 0
         self._members: dict[tuple[int, Size], list[int]] = {}
         self._batch_sizes: dict[tuple[int, Size], int] = {}
         for index, record in enumerate(items):
@@ -579,9 +580,11 @@ class BucketBatchSampler(torch.utils.data.Sampler):
             self._batch_sizes[group] = record.batch_size or batch_size
         self._members = {group: members for group, members in sorted(self._members.items()) if members}
 
-    def set_epoch(self, epoch: int) -> None:
-        """Use `epoch` for the next iteration (its shuffles and the keys' epoch)."""
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Use `epoch` for the next iteration (its shuffles and the keys' epoch), leaving out this rank's first
+        `skip_batches` batches (a resumed run continues mid-epoch without loading what it already used)."""
         self.epoch = epoch
+        self.skip_batches = skip_batches
 
     def _total_batches(self) -> int:
         return sum(math.ceil(len(members) / self._batch_sizes[group]) for group, members in self._members.items())
@@ -613,7 +616,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         if keyed and self.num_replicas > 1:
             padded_len = len(self) * self.num_replicas
             keyed = [keyed[i % len(keyed)] for i in range(padded_len)]
-        yield from keyed[self.rank :: self.num_replicas]
+        yield from keyed[self.rank :: self.num_replicas][self.skip_batches :]
 
     def __len__(self) -> int:
         return math.ceil(self._total_batches() / self.num_replicas)

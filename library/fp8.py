@@ -1,10 +1,11 @@
-"""fp8 base weights: Linear and Conv2d weights stored in float8_e4m3fn, computed in the compute dtype.
+"""Frozen base weights stored in a narrow dtype (fp8 for ``--fp8_base``, fp16 on a CPU asked for fp16) and
+computed in the compute dtype.
 
-The up-cast happens per layer inside a custom autograd function: forward casts the fp8 weight, uses
-it and drops it; backward casts it again to compute the input gradient. Nothing but the fp8 weight
-(and, for conv, the input's shape) is kept for backward, so peak memory falls with fp8 instead of
-rising as it does when the up-cast copy is kept alive by autograd. Base weights are frozen: no weight
-gradient is ever computed. Norms and embeddings keep their dtype.
+The up-cast happens per layer inside a custom autograd function: forward casts the stored weight, uses
+it and drops it; backward casts it again to compute the input gradient. Nothing but the stored weight
+(and, for conv, the input's shape) is kept for backward, so peak memory falls with the storage dtype instead
+of rising as it does when the up-cast copy is kept alive by autograd. Base weights are frozen: no weight
+gradient is ever computed. Norms and embeddings are not touched (the loader gives them the compute dtype).
 """
 
 from __future__ import annotations
@@ -65,15 +66,16 @@ def _conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     )
 
 
-def store_weights_in_fp8(model: nn.Module, compute_dtype: torch.dtype) -> int:
-    """Convert every Linear/Conv2d weight of a frozen model to fp8 and compute those layers in
-    `compute_dtype`. Biases are kept in `compute_dtype`. Returns the number of layers converted."""
+def store_weights(model: nn.Module, storage_dtype: torch.dtype, compute_dtype: torch.dtype) -> int:
+    """Store every Linear/Conv2d weight of a frozen model in `storage_dtype` (a no-op cast when the loader
+    already did) and compute those layers in `compute_dtype`. Biases are kept in `compute_dtype`.
+    Returns the number of layers converted."""
     converted = 0
     for module in model.modules():
         if type(module) not in (nn.Linear, nn.Conv2d):
             continue
         module.weight.requires_grad_(False)
-        module.weight.data = module.weight.data.to(FP8_DTYPE)
+        module.weight.data = module.weight.data.to(storage_dtype)
         if module.bias is not None:
             module.bias.requires_grad_(False)
             module.bias.data = module.bias.data.to(compute_dtype)
@@ -82,3 +84,8 @@ def store_weights_in_fp8(model: nn.Module, compute_dtype: torch.dtype) -> int:
         module.forward = types.MethodType(forward, module)
         converted += 1
     return converted
+
+
+def store_weights_in_fp8(model: nn.Module, compute_dtype: torch.dtype) -> int:
+    """`store_weights` in float8_e4m3fn (``--fp8_base``)."""
+    return store_weights(model, FP8_DTYPE, compute_dtype)

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
 from library.config import TrainConfig
+from library.loss_options import loss_metadata
 from networks.lora import ParamGroupInfo
 
 IMPLEMENTATION_VERSION = "loraplus-trainer/0.1.0"
@@ -23,17 +24,6 @@ FEATURES_OFF = {
     "ss_clip_skip": "None",
     "ss_face_crop_aug_range": "None",
     "ss_resize_interpolation": "None",
-    "ss_adaptive_noise_scale": "None",
-    "ss_noise_offset_random_strength": "False",
-    "ss_multires_noise_iterations": "None",
-    "ss_multires_noise_discount": "0.3",
-    "ss_ip_noise_gamma": "None",
-    "ss_ip_noise_gamma_random_strength": "False",
-    "ss_debiased_estimation": "False",
-    "ss_zero_terminal_snr": "False",
-    "ss_huber_c": "0.1",
-    "ss_huber_scale": "1.0",
-    "ss_huber_schedule": "snr",
     "ss_scale_weight_norms": "None",
     "ss_num_validation_images": "0",
     "ss_validation_split": "0.0",
@@ -41,8 +31,6 @@ FEATURES_OFF = {
     "ss_validate_every_n_steps": "None",
     "ss_validate_every_n_epochs": "None",
     "ss_max_validation_steps": "None",
-    "ss_fp8_base_unet": "False",
-    "ss_lowram": "False",
 }
 MODELSPEC_ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
 
@@ -119,8 +107,10 @@ def training_metadata(
         "ss_loraplus_unet_lr_ratio": _s(net.loraplus.unet),
         "ss_loraplus_text_encoder_lr_ratio": _s(net.loraplus.text_encoder),
         "ss_mixed_precision": mixed_precision,
-        "ss_full_fp16": "False",
-        "ss_fp8_base": _s(cfg.precision.fp8_base),
+        "ss_full_fp16": _s(cfg.precision.request.full_fp16),
+        "ss_fp8_base": _s(cfg.precision.request.fp8_base),
+        "ss_fp8_base_unet": _s(cfg.precision.request.fp8_base_unet),
+        "ss_lowram": _s(cfg.precision.lowram),
         "ss_v2": "False",
         "ss_base_model_version": BASE_MODEL_VERSION,
         "ss_sd_model_name": model_name,
@@ -148,9 +138,7 @@ def training_metadata(
         "ss_max_grad_norm": _s(opt.max_grad_norm),
         "ss_optimizer": optimizer_name,
         "ss_seed": _s(loop.seed),
-        "ss_loss_type": "l2",
-        "ss_noise_offset": "None",
-        "ss_min_snr_gamma": "None",
+        **loss_metadata(cfg.loss),
         "ss_prior_loss_weight": _s(data.prior_loss_weight),
         "ss_training_comment": _s(cfg.output.training_comment),
         "ss_lr_param_groups": json.dumps([asdict(g) for g in param_groups]),

@@ -1,4 +1,12 @@
-"""What precision and attention actually run on this device, decided once and printed once."""
+"""What precision, weight storage and attention actually run on this device: decided once, printed once.
+
+The plan separates three things sd-scripts folds into one ``weight_dtype``:
+
+- the dtype the base model's Linear/Conv2d weights are *stored* in (fp8 with ``--fp8_base``; fp16 on a CPU that
+  was asked for fp16, because CPU fp16 compute is slow or missing but fp16 storage still halves memory);
+- the dtype of the other base parameters (norms, biases, embeddings), which equals the compute dtype;
+- the compute dtype, in which every layer runs (stored weights are up-cast per layer, see ``library.fp8``).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +15,26 @@ from dataclasses import dataclass
 
 import torch
 
+from library.errors import UserInputError
+
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FP8_DTYPE = torch.float8_e4m3fn
+ATTENTION_BACKENDS = ("sdpa", "xformers", "mem_eff_attn")
+
+
+@dataclass(frozen=True)
+class PrecisionRequest:
+    """The precision flags as the user gave them."""
+
+    mixed_precision: str = "no"
+    fp8_base: bool = False
+    fp8_base_unet: bool = False
+    full_fp16: bool = False
+    full_bf16: bool = False
+    no_half_vae: bool = False
+    xformers: bool = False
+    mem_eff_attn: bool = False
 
 
 @dataclass(frozen=True)
@@ -16,33 +42,96 @@ class PrecisionPlan:
     mixed_precision: str
     """What accelerate is told: no | fp16 | bf16."""
     weight_dtype: torch.dtype
-    """dtype of the frozen base weights (fp8 storage aside)."""
+    """dtype of the frozen base parameters other than stored Linear/Conv2d weights (norms, biases, embeddings)."""
     compute_dtype: torch.dtype
     attention: str
-    """"sdpa" or "xformers"."""
+    """"sdpa", "xformers" or "sliced" (what --mem_eff_attn runs)."""
     notes: tuple[str, ...]
     """One line per fallback the user should know about."""
+    unet_storage_dtype: torch.dtype | None = None
+    """Storage dtype of the UNet's Linear/Conv2d weights, or None when they are stored in `weight_dtype`."""
+    text_encoder_storage_dtype: torch.dtype | None = None
+    """The same for the text encoders."""
+    vae_dtype: torch.dtype = torch.float32
+    lora_dtype: torch.dtype = torch.float32
+    """dtype of the trained LoRA weights (fp32 unless --full_fp16 / --full_bf16)."""
+
+    def storage_dtypes(self) -> dict[str, torch.dtype]:
+        """Per component, the Linear/Conv2d weight storage dtype where it differs from `weight_dtype`
+        (the loader's ``linear_weight_dtypes``)."""
+        stored = {}
+        if self.unet_storage_dtype is not None:
+            stored["unet"] = self.unet_storage_dtype
+        if self.text_encoder_storage_dtype is not None:
+            stored["text_encoder1"] = stored["text_encoder2"] = self.text_encoder_storage_dtype
+        return stored
+
+    def describe(self, device: str, processes: int) -> str:
+        """The one start-up line that says what runs."""
+        unet = _name(self.unet_storage_dtype or self.weight_dtype)
+        te = _name(self.text_encoder_storage_dtype or self.weight_dtype)
+        return (f"precision: mixed={self.mixed_precision}, compute={_name(self.compute_dtype)}, "
+                f"UNet weights={unet}, text-encoder weights={te}, other base weights={_name(self.weight_dtype)}, "
+                f"VAE={_name(self.vae_dtype)}, LoRA={_name(self.lora_dtype)}, attention={self.attention}, "
+                f"device={device}, processes={processes}")
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def xformers_usable(device_type: str) -> bool:
     return device_type == "cuda" and importlib.util.find_spec("xformers") is not None
 
 
-def plan_precision(requested: str, device_type: str, want_xformers: bool) -> PrecisionPlan:
-    """Map the requested mixed precision and attention to what `device_type` can run."""
-    notes = []
-    mixed = requested
-    if device_type != "cuda" and requested == "fp16":
-        notes.append("--mixed_precision fp16 needs a CUDA GPU; on this CPU the run computes in fp32 instead")
-        mixed = "no"
-    attention = "sdpa"
-    if want_xformers:
+def check_precision_flags(request: PrecisionRequest) -> None:
+    """Refuse flag combinations that cannot mean anything (before any model loads), as sd-scripts does."""
+    if request.full_fp16 and request.full_bf16:
+        raise UserInputError("--full_fp16 and --full_bf16 exclude each other")
+    if request.full_fp16 and request.mixed_precision != "fp16":
+        raise UserInputError("--full_fp16 needs --mixed_precision fp16 (the LoRA weights train in fp16)")
+    if request.full_bf16 and request.mixed_precision != "bf16":
+        raise UserInputError("--full_bf16 needs --mixed_precision bf16 (the LoRA weights train in bf16)")
+
+
+def _attention(request: PrecisionRequest, device_type: str, notes: list[str]) -> str:
+    """sd-scripts' order: --mem_eff_attn, then --xformers, else SDPA."""
+    if request.mem_eff_attn:
+        notes.append("--mem_eff_attn: sliced attention (lower peak memory, slower than SDPA, which torch 2 already "
+                     "runs memory-efficiently on a GPU)")
+        return "sliced"
+    if request.xformers:
         if xformers_usable(device_type):
-            attention = "xformers"
-        else:
-            notes.append("--xformers: xformers cannot run on this machine; using PyTorch SDPA attention instead")
+            return "xformers"
+        notes.append("--xformers: xformers cannot run on this machine; using PyTorch SDPA attention instead")
+    return "sdpa"
+
+
+def plan_precision(request: PrecisionRequest, device_type: str) -> PrecisionPlan:
+    """Map the requested precision and attention to what `device_type` can run."""
+    check_precision_flags(request)
+    notes: list[str] = []
+    mixed = request.mixed_precision
+    stored: torch.dtype | None = None
+    if device_type != "cuda" and mixed == "fp16":
+        notes.append("--mixed_precision fp16 needs a CUDA GPU; on this CPU the base Linear/Conv weights are stored "
+                     "in fp16 and computed in fp32")
+        mixed, stored = "no", torch.float16
     dtype = DTYPES[mixed]
-    return PrecisionPlan(mixed, weight_dtype=dtype, compute_dtype=dtype, attention=attention, notes=tuple(notes))
+    unet_stored = FP8_DTYPE if (request.fp8_base or request.fp8_base_unet) else stored
+    te_stored = FP8_DTYPE if request.fp8_base else stored
+    # SDXL's VAE overflows in fp16 (NaN latents): it runs in fp32 unless bf16 was asked for.
+    vae_dtype = torch.bfloat16 if mixed == "bf16" and not request.no_half_vae else torch.float32
+    lora_dtype = torch.float32
+    if request.full_fp16:
+        lora_dtype = torch.float16
+    elif request.full_bf16:
+        lora_dtype = torch.bfloat16
+    return PrecisionPlan(
+        mixed, weight_dtype=dtype, compute_dtype=dtype, attention=_attention(request, device_type, notes),
+        notes=tuple(notes), unet_storage_dtype=unet_stored, text_encoder_storage_dtype=te_stored,
+        vae_dtype=vae_dtype, lora_dtype=lora_dtype,
+    )
 
 
 def save_dtype(save_precision: str | None) -> torch.dtype:

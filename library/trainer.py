@@ -9,26 +9,33 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from library.config import LoopConfig, NetworkConfig, PrecisionConfig, TrainConfig
 from library.dataset import BucketBatchSampler, TrainDataset, collate_examples, scan_train_data_dir
-from library.fp8 import store_weights_in_fp8
+from library.fp8 import store_weights
 from library.latent_cache import cache_latents
-from library.loss import SDXL_VAE_SCALE, add_noise, epsilon_mse_loss, make_noise_scheduler
+from library.loss import SDXL_VAE_SCALE, diffusion_loss, make_noise_scheduler, noise_batch
+from library.loss_options import LossOptions, loss_option_warnings
 from library.metadata import DatasetSummary, progress_metadata, training_metadata
 from library.models import SDXLModels, load_sdxl, model_hashes
-from library.optim import build_lr_scheduler, build_optimizer, total_training_steps, warmup_steps
+from library.optim import build_lr_scheduler, build_optimizer, decay_steps, total_training_steps, warmup_steps
 from library.precision import PrecisionPlan, plan_precision, save_dtype
+from library.run_report import StepTimer, build_report, peak_memory, write_report
+from library.ema import LoRAEMA
 from library.saving import LoRASaver
+from library.validation import (ValidationSet, build_validation_set, scan_validation_dir, split_records,
+                                validation_logs, validation_loss, validation_metadata)
+from library.train_state import RngSnapshot, TrainProgress, load_state, save_state
 from library.text_encoder_cache import (CachedTextDataset, TextEncoderCache, cache_text_encoder_outputs,
                                         collate_with_text_outputs)
 from library.text_encoding import encode_captions, time_ids
@@ -47,6 +54,10 @@ class TrainResult:
     """Loss of every optimizer step (for tests and comparisons)."""
     is_main_process: bool
     """Only the main process writes files (and reports them)."""
+    report_path: Path | None = None
+    """`<output_name>_report.json` (step time, throughput, peak memory, precision), main process only."""
+    validation_losses: list[tuple[int, float]] = field(default_factory=list)
+    """(step, loss/validation) of every evaluation of this run."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,41 @@ class TrainingParts:
     sampler: BucketBatchSampler
     schedule: Schedule
     saver: LoRASaver
+    timer: StepTimer = field(default_factory=StepTimer)
+    rng_at_step: RngSnapshot | None = None
+    """Every RNG as the last finished optimizer step left it (what Ctrl-C saves)."""
+    ema: LoRAEMA | None = None
+    validation: ValidationSource | None = None
+    last_validated_step: int | None = None
+    validation_losses: list[tuple[int, float]] = field(default_factory=list)
+    """(step, validation loss) of every evaluation."""
+
+
+@dataclass(frozen=True)
+class ValidationSource:
+    """The held-out batches, and their cached text-encoder outputs when training uses that cache."""
+
+    validation: ValidationSet
+    text_cache: TextEncoderCache | None
+
+    def batches(self):
+        if self.text_cache is None:
+            return self.validation.iter_batches()
+        return self.validation.iter_batches(CachedTextDataset(self.validation.dataset, self.text_cache),
+                                            partial(collate_with_text_outputs, base=collate_examples))
+
+
+def split_validation(cfg: TrainConfig) -> tuple[list, ValidationSet | None]:
+    """The training records and the validation set (a split of them, or --validation_data_dir's images)."""
+    records = scan_train_data_dir(cfg.data)
+    val_cfg = cfg.validation
+    if val_cfg is None or not val_cfg.enabled:
+        return records, None
+    if val_cfg.split > 0:
+        records, held_out = split_records(records, val_cfg.split, val_cfg.seed)
+    else:
+        held_out = scan_validation_dir(cfg.data, val_cfg.data_dir)
+    return records, build_validation_set(held_out, cfg.data, cfg.loop.batch_size, val_cfg.seed, val_cfg.max_steps)
 
 
 def format_param_groups(infos: list[ParamGroupInfo], weight_decay: float | None) -> str:
@@ -89,44 +135,59 @@ def format_param_groups(infos: list[ParamGroupInfo], weight_decay: float | None)
 
 
 def make_accelerator(cfg: TrainConfig) -> tuple[Accelerator, PrecisionPlan]:
-    """accelerate with the precision this device can run; fallbacks are printed once."""
+    """accelerate with the precision this device can run; fallbacks and what runs are printed once."""
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    plan = plan_precision(cfg.precision.mixed_precision, device_type, cfg.precision.xformers)
+    plan = plan_precision(cfg.precision.request, device_type)
     out = cfg.output
     run_dir = None
     if out.logging_dir is not None:
         run_dir = out.logging_dir / f"{out.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}"
+    # accelerate keeps one process-wide state that refuses a second mixed-precision setting; each run in this
+    # process (tests, sweeps calling `train` in turn) sets its own. The distributed part (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    # Gradient accumulation is run by the loop (groups never span epochs, so a resumed run lines up exactly).
     accelerator = Accelerator(
         mixed_precision=plan.mixed_precision,
-        gradient_accumulation_steps=cfg.loop.gradient_accumulation_steps,
-        log_with="tensorboard" if run_dir is not None else None,
+        log_with=list(out.log_with) or None,
         project_dir=str(run_dir) if run_dir is not None else None,
     )
-    for note in plan.notes:
+    for note in (*plan.notes, *loss_option_warnings(cfg.loss)):
         accelerator.print(f"warning: {note}")
-    base = "float8_e4m3fn" if cfg.precision.fp8_base else str(plan.weight_dtype).removeprefix("torch.")
-    accelerator.print(
-        f"precision: mixed={plan.mixed_precision}, base weights={base}, "
-        f"compute={str(plan.compute_dtype).removeprefix('torch.')}, LoRA=float32, attention={plan.attention}, "
-        f"device={accelerator.device}, processes={accelerator.num_processes}"
-    )
+    accelerator.print(plan.describe(str(accelerator.device), accelerator.num_processes)
+                      + f", gradient checkpointing={'on' if cfg.precision.gradient_checkpointing else 'off'}")
     return accelerator, plan
+
+
+def set_attention(unet, attention: str) -> None:
+    """The UNet's attention backend: PyTorch SDPA, xformers, or sliced attention (--mem_eff_attn)."""
+    if attention == "xformers":
+        unet.enable_xformers_memory_efficient_attention()
+    elif attention == "sliced":
+        unet.set_attention_slice("auto")
+    else:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
 
 
 def prepare_base_models(
     models: SDXLModels, plan: PrecisionPlan, precision: PrecisionConfig, train_text_encoder: bool, device: torch.device
 ) -> None:
-    """Freeze the base model, place it, and apply fp8 storage, attention and checkpointing choices."""
-    models.vae.to(device, torch.float32).requires_grad_(False).eval()  # SDXL's VAE overflows in fp16
+    """Freeze the base model, place it, and apply weight storage, attention and checkpointing choices.
+
+    The loader already stored the weights as the plan says; `store_weights` then only installs the per-layer
+    up-cast (and converts, for models that were loaded some other way)."""
+    if models.vae is not None:
+        models.vae.to(device, plan.vae_dtype).requires_grad_(False).eval()
     for model in (models.unet, models.text_encoder1, models.text_encoder2):
         model.requires_grad_(False)
         model.to(device)
         model.eval()
-    if plan.attention == "xformers":
-        models.unet.enable_xformers_memory_efficient_attention()
-    if precision.fp8_base:
-        for model in (models.unet, models.text_encoder1, models.text_encoder2):
-            store_weights_in_fp8(model, plan.compute_dtype)
+    set_attention(models.unet, plan.attention)
+    for model, storage in ((models.unet, plan.unet_storage_dtype), (models.text_encoder1, plan.text_encoder_storage_dtype),
+                           (models.text_encoder2, plan.text_encoder_storage_dtype)):
+        if storage is not None:
+            store_weights(model, storage, plan.compute_dtype)
     if precision.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
         models.unet.train()
@@ -134,6 +195,22 @@ def prepare_base_models(
             for te in (models.text_encoder1, models.text_encoder2):
                 te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 te.train()
+
+
+def release_model(model, needed_later: bool, highvram: bool, device: torch.device):
+    """What is left of a model whose outputs are cached: freed (returns None) unless needed later (for samples);
+    then kept on the device with --highvram (or when the device is the CPU), else moved to CPU RAM."""
+    if not needed_later:
+        return None
+    if highvram or device.type == "cpu":
+        return model
+    return model.to("cpu")
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def vae_fingerprint(vae) -> str:
@@ -188,8 +265,11 @@ def make_loader(
         source, collate = CachedTextDataset(dataset, text_cache), partial(collate_with_text_outputs,
                                                                            base=collate_examples)
     workers = loop.max_data_loader_n_workers
+    # Its own generator: creating an epoch's iterator must not draw from the global RNG (the noise's), or a
+    # resumed run would drift from an uninterrupted one.
     loader = DataLoader(source, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                        persistent_workers=loop.persistent_data_loader_workers and workers > 0)
+                        persistent_workers=loop.persistent_data_loader_workers and workers > 0,
+                        generator=torch.Generator().manual_seed(loop.seed))
     return loader, sampler
 
 
@@ -197,7 +277,7 @@ def cache_text_conditioning(
     dataset: TrainDataset, models: SDXLModels, loop: LoopConfig, plan: PrecisionPlan, accelerator: Accelerator,
     model_id: str,
 ) -> TextEncoderCache:
-    """Encode every image's caption (variants) once, then move the text encoders off the device.
+    """Encode every image's caption (variants) once (the caller then releases the text encoders).
 
     Variant k's caption is the dataset's own processed caption for the synthetic key (index, 10_000 + k, 0)."""
     device = accelerator.device
@@ -214,11 +294,6 @@ def cache_text_conditioning(
         to_disk=loop.cache_text_encoder_outputs_to_disk, model=model_id, batch_size=max(loop.batch_size, 8),
         show_progress=accelerator.is_local_main_process,
     )
-    for text_encoder in (models.text_encoder1, models.text_encoder2):
-        text_encoder.to("cpu")
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     return cache
 
 
@@ -232,6 +307,8 @@ def plan_schedule(loop: LoopConfig, batches_per_epoch: int) -> Schedule:
 def batch_loss(
     batch: dict, models: SDXLModels, encode: Encoder | None, noise_scheduler, plan: PrecisionPlan,
     train_text_encoder: bool, accelerator: Accelerator, max_token_length: int = 75,
+    loss_options: LossOptions = LossOptions(), timesteps: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """One batch -> the training loss: latents, text conditioning (cached or encoded), noise, prediction, MSE."""
     device = accelerator.device
@@ -246,10 +323,11 @@ def batch_loss(
         "text_embeds": pooled,
         "time_ids": time_ids(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]).to(device),
     }
-    noisy, noise, timesteps = add_noise(noise_scheduler, latents)
+    noised = noise_batch(noise_scheduler, latents, loss_options, timesteps=timesteps, generator=generator)
     with accelerator.autocast():
-        prediction = models.unet(noisy.to(plan.compute_dtype), timesteps, context, added_cond_kwargs=added).sample
-    return epsilon_mse_loss(prediction, noise, batch["loss_weights"])
+        prediction = models.unet(noised.noisy.to(plan.compute_dtype), noised.timesteps, context,
+                                 added_cond_kwargs=added).sample
+    return diffusion_loss(prediction, noised, batch["loss_weights"], noise_scheduler, loss_options)
 
 
 def average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
@@ -265,28 +343,50 @@ def average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator
 def train(cfg: TrainConfig) -> TrainResult:
     started_at = time.time()
     # Data first: a missing folder or broken image stops here, before any model loads.
-    dataset = TrainDataset(scan_train_data_dir(cfg.data), cfg.data)
+    records, validation = split_validation(cfg)
+    dataset = TrainDataset(records, cfg.data)
+    sampling = cfg.sampling
     accelerator, plan = make_accelerator(cfg)
     accelerator.print(dataset.bucket_report())
     set_seed(cfg.loop.seed)
 
-    # Base model, frozen; latents (then the VAE leaves memory) and, UNet-only, text-encoder outputs (then the
-    # encoders leave the device) cached once, or both encoded per batch.
-    models = load_sdxl(cfg.model.path, config_dir=cfg.model.config_dir, dtype=plan.weight_dtype)
+    # Base model, frozen, loaded tensor by tensor straight into its storage dtype on the device; latents and,
+    # UNet-only, text-encoder outputs cached once (then those models are released), or both encoded per batch.
+    load_started = time.perf_counter()
+    models = load_sdxl(cfg.model.path, config_dir=cfg.model.config_dir, dtype=plan.weight_dtype,
+                       device=accelerator.device, linear_weight_dtypes=plan.storage_dtypes(), vae_dtype=plan.vae_dtype)
     prepare_base_models(models, plan, cfg.precision, cfg.network.train_text_encoder, accelerator.device)
+    load_seconds = time.perf_counter() - load_started
     encode: Encoder | None = vae_encoder(models.vae, accelerator.device)
     if cfg.loop.cache_latents:
-        cache_latents(dataset, encode, to_disk=cfg.loop.cache_latents_to_disk, batch_size=cfg.loop.vae_batch_size,
-                      show_progress=accelerator.is_local_main_process, vae_fingerprint=vae_fingerprint(models.vae))
-        models.vae, encode = None, None
-        gc.collect()
+        for cached in (dataset, validation.dataset if validation is not None else None):
+            if cached is not None:
+                cache_latents(cached, encode, to_disk=cfg.loop.cache_latents_to_disk,
+                              batch_size=cfg.loop.vae_batch_size, show_progress=accelerator.is_local_main_process,
+                              vae_fingerprint=vae_fingerprint(models.vae))
+        models.vae = release_model(models.vae, sampling is not None, cfg.precision.highvram, accelerator.device)
+        encode = None
+        free_memory(accelerator.device)
     hashes = model_hashes(cfg.model.path)
     text_cache = None
     if cfg.loop.cache_text_encoder_outputs:
         text_cache = cache_text_conditioning(dataset, models, cfg.loop, plan, accelerator, model_id=hashes[1])
+    validation_source = None
+    if validation is not None:
+        validation_source = ValidationSource(validation, None if text_cache is None else cache_text_conditioning(
+            validation.dataset, models, cfg.loop, plan, accelerator, model_id=hashes[1]))
 
     # LoRA network, optimizer groups (LoRA+), schedule.
-    network = create_lora_network(cfg.network, models).to(accelerator.device)
+    network = create_lora_network(cfg.network, models).to(accelerator.device, plan.lora_dtype)
+    ema = None
+    if cfg.ema is not None:
+        ema = LoRAEMA(network, cfg.ema.decay, update_after_step=cfg.ema.update_after_step, warmup=cfg.ema.warmup)
+    if text_cache is not None:  # the network is built (it names the text encoders' modules): release them
+        models.text_encoder1 = release_model(models.text_encoder1, sampling is not None, cfg.precision.highvram,
+                                             accelerator.device)
+        models.text_encoder2 = release_model(models.text_encoder2, sampling is not None, cfg.precision.highvram,
+                                             accelerator.device)
+        free_memory(accelerator.device)
     opt = cfg.optimizer
     param_groups, descriptions = network.prepare_optimizer_params(opt.text_encoder_lr, opt.unet_lr, opt.learning_rate)
     group_infos = network.param_group_infos(opt.text_encoder_lr, opt.unet_lr, opt.learning_rate)
@@ -294,12 +394,18 @@ def train(cfg: TrainConfig) -> TrainResult:
     accelerator.print(format_param_groups(group_infos, optimizer.param_groups[0].get("weight_decay")))
     loader, sampler = make_loader(dataset, cfg.loop, accelerator, text_cache)
     schedule = plan_schedule(cfg.loop, len(sampler))
+    n = accelerator.num_processes  # accelerate steps a prepared scheduler once per process per optimizer step
     lr_scheduler = build_lr_scheduler(
-        opt.lr_scheduler, optimizer, total_steps=schedule.total_steps * accelerator.num_processes,
-        warmup=warmup_steps(opt.lr_warmup_steps, schedule.total_steps) * accelerator.num_processes,
+        opt.lr_scheduler, optimizer, total_steps=schedule.total_steps * n,
+        warmup=warmup_steps(opt.lr_warmup_steps, schedule.total_steps) * n,
         num_cycles=opt.lr_scheduler_num_cycles, power=opt.lr_scheduler_power,
+        decay=decay_steps(opt.lr_decay_steps, schedule.total_steps) * n,
+        min_lr_ratio=opt.lr_scheduler_min_lr_ratio, timescale=opt.lr_scheduler_timescale,
+        scheduler_type=opt.lr_scheduler_type, scheduler_args=opt.lr_scheduler_args, initial_lr=opt.learning_rate,
     )
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    if plan.lora_dtype == torch.float16:
+        allow_fp16_gradients(accelerator)
 
     # What every saved file says about this run.
     inner = getattr(optimizer, "optimizer", optimizer)
@@ -313,70 +419,273 @@ def train(cfg: TrainConfig) -> TrainResult:
         mixed_precision=plan.mixed_precision, optimizer_name=f"{type(inner).__module__}.{type(inner).__name__}",
         session_id=random.Random(cfg.loop.seed).randint(0, 2**32), started_at=started_at,
     )
-    saver = LoRASaver(cfg.output.output_dir, cfg.output.output_name, save_dtype(cfg.output.save_precision))
+    if validation is not None:
+        base_metadata.update(validation_metadata(cfg.validation))
+        base_metadata["ss_num_validation_images"] = str(len(validation.dataset))
+    saver = LoRASaver(cfg.output.output_dir, cfg.output.output_name, save_dtype(cfg.output.save_precision), ema=ema)
     if accelerator.is_main_process:
         saver.save_param_groups(group_infos, inner.param_groups[0].get("weight_decay"))
-    if cfg.output.logging_dir is not None:
-        accelerator.init_trackers("network_train")
+    if cfg.output.log_with:
+        accelerator.init_trackers(cfg.output.log_tracker_name or "network_train")
+
+    # Resume: optimizer, scheduler, RNG, LoRA weights and the position in the data come back from the state
+    # folder, registered objects in a fixed order (the load must see them in the order they were saved).
+    progress = TrainProgress()
+    accelerator.register_for_checkpointing(network, progress, *([ema] if ema is not None else []))
+    if cfg.output.resume is not None:
+        load_state(accelerator, cfg.output.resume, progress)
+        accelerator.print(f"resumed from {cfg.output.resume} at step {progress.step}, epoch {progress.epoch}")
 
     parts = TrainingParts(accelerator, plan, models, encode, network, optimizer, lr_scheduler, descriptions, loader,
-                          sampler, schedule, saver)
-    losses, epoch = run_loop(parts, cfg, base_metadata)
-    final_path = saver.final_path
+                          sampler, schedule, saver, ema=ema, validation=validation_source)
+    try:
+        losses = run_loop(parts, cfg, base_metadata, progress)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(*save_interrupted(parts, cfg, base_metadata, progress)) from None
+    epochs_done = progress.epoch - 1 if progress.steps_in_epoch == 0 else progress.epoch
+    final_path, report_path = saver.final_path, None
+    final_metadata = progress_metadata(base_metadata, steps=progress.step, epoch=epochs_done, finished=True)
     if accelerator.is_main_process:
-        final_path = saver.save_final(network, progress_metadata(base_metadata, steps=len(losses), epoch=epoch,
-                                                                 finished=True))
+        final_path = saver.save_final(network, final_metadata)
+    if cfg.output.save_state or cfg.output.save_state_on_train_end:
+        accelerator.print(f"saved {save_state(accelerator, saver.state_path(saver.final_path), progress)}")
+    if accelerator.is_main_process:
+        report = run_report(parts, cfg, steps=progress.step, epochs=epochs_done, load_seconds=load_seconds,
+                            total_seconds=time.time() - started_at)
+        report_path = write_report(saver.report_path, report)
+        for warning in report["warnings"]:
+            accelerator.print(f"warning: {warning}")
     accelerator.end_training()
-    return TrainResult(final_path, saver.saved, len(losses), epoch, losses, accelerator.is_main_process)
+    return TrainResult(final_path, saver.saved, progress.step, epochs_done, losses, accelerator.is_main_process,
+                       report_path, parts.validation_losses)
 
 
-def run_loop(parts: TrainingParts, cfg: TrainConfig, base_metadata: dict[str, str]) -> tuple[list[float], int]:
-    """Epochs of optimizer steps; returns every step's loss and the last epoch run."""
-    accelerator, network, optimizer, lr_scheduler = parts.accelerator, parts.network, parts.optimizer, parts.lr_scheduler
-    schedule, sampler = parts.schedule, parts.sampler
-    noise_scheduler = make_noise_scheduler()
-    params = network.get_trainable_params()
-    max_grad_norm = cfg.optimizer.max_grad_norm
-    progress = tqdm(total=schedule.total_steps, desc="steps", disable=not accelerator.is_local_main_process)
-    losses: list[float] = []
-    epoch = 0
-    while len(losses) < schedule.total_steps:
-        epoch += 1
-        sampler.set_epoch(epoch)
-        network.on_epoch_start(None, None)
-        for batch in parts.loader:
-            # Forward, backward, step (accelerate skips the step while accumulating).
-            with accelerator.accumulate(network):
-                loss = batch_loss(batch, parts.models, parts.encode, noise_scheduler, parts.plan,
-                                  cfg.network.train_text_encoder, accelerator, cfg.loop.max_token_length)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    average_gradients(params, accelerator)
-                    if max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(params, max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
+class TrainingInterrupted(Exception):
+    """Ctrl-C: the LoRA file and the resumable state of the last finished step were saved."""
 
-            # Progress and logs: the loss and every group's learning rate.
-            losses.append(float(accelerator.reduce(loss.detach(), reduction="mean")))
-            average = sum(losses[-100:]) / len(losses[-100:])
-            progress.update(1)
-            progress.set_postfix(avr_loss=f"{average:.4f}")
-            logs = {"loss": losses[-1], "loss/average": average}
-            logs.update({f"lr/{d}": lr for d, lr in zip(parts.group_descriptions, lr_scheduler.get_last_lr())})
-            accelerator.log(logs, step=len(losses))
-            if len(losses) >= schedule.total_steps:
-                break
+    def __init__(self, lora_path: Path | None, state_path: Path | None, step: int) -> None:
+        super().__init__(f"interrupted after step {step}")
+        self.lora_path, self.state_path, self.step = lora_path, state_path, step
 
-        # Epoch checkpoints; the last epoch's weights are the final file.
-        save_every = cfg.output.save_every_n_epochs
-        accelerator.wait_for_everyone()
-        if save_every and epoch % save_every == 0 and epoch < schedule.num_epochs and accelerator.is_main_process:
-            metadata = progress_metadata(base_metadata, steps=len(losses), epoch=epoch, finished=False)
-            accelerator.print(f"saved {parts.saver.save_epoch(network, metadata, epoch)}")
-    progress.close()
+
+def save_interrupted(parts: TrainingParts, cfg: TrainConfig, base_metadata: dict[str, str],
+                     progress: TrainProgress) -> tuple[Path | None, Path | None, int]:
+    """Save the LoRA and a state as of the last finished optimizer step (the half-done step's gradients are
+    dropped and the RNG is put back to where that step left it), so `--resume` continues exactly."""
+    accelerator, saver = parts.accelerator, parts.saver
+    parts.optimizer.zero_grad(set_to_none=True)
+    if parts.rng_at_step is not None:
+        parts.rng_at_step.restore()
+    lora_path = state_path = None
+    if accelerator.is_main_process:
+        metadata = progress_metadata(base_metadata, steps=progress.step, epoch=progress.epoch, finished=False)
+        lora_path = saver.save_step(parts.network, metadata, progress.step)
+    if accelerator.num_processes == 1:  # with several processes the ranks may not all reach the save
+        state_path = save_state(accelerator, saver.state_path(saver.step_path(progress.step)), progress)
+    return lora_path, state_path, progress.step
+
+
+def run_report(
+    parts: TrainingParts, cfg: TrainConfig, steps: int, epochs: int, load_seconds: float, total_seconds: float
+) -> dict:
+    """The content of `<output_name>_report.json`: what the run cost and what actually ran."""
+    accelerator, plan = parts.accelerator, parts.plan
+    loop = cfg.loop
+    samples_per_step = loop.batch_size * loop.gradient_accumulation_steps * accelerator.num_processes
+    precision = {
+        "mixed_precision": plan.mixed_precision,
+        "compute": _dtype_name(plan.compute_dtype),
+        "unet_weights": _dtype_name(plan.unet_storage_dtype or plan.weight_dtype),
+        "text_encoder_weights": _dtype_name(plan.text_encoder_storage_dtype or plan.weight_dtype),
+        "other_base_weights": _dtype_name(plan.weight_dtype),
+        "vae": _dtype_name(plan.vae_dtype),
+        "lora": _dtype_name(plan.lora_dtype),
+    }
+    extra = {
+        "attention": plan.attention,
+        "gradient_checkpointing": cfg.precision.gradient_checkpointing,
+        "device": str(accelerator.device),
+        "processes": accelerator.num_processes,
+        "steps": steps,
+        "epochs": epochs,
+        "cached_latents": loop.cache_latents,
+        "cached_text_encoder_outputs": loop.cache_text_encoder_outputs,
+        "load_seconds": round(load_seconds, 3),
+        "total_seconds": round(total_seconds, 3),
+    }
+    return build_report(parts.timer, samples_per_step, peak_memory(accelerator.device), precision, extra)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def allow_fp16_gradients(accelerator: Accelerator) -> None:
+    """--full_fp16 on a GPU: the LoRA weights (so their gradients) are fp16, which torch's GradScaler refuses to
+    unscale unless told that fp16 gradients are expected (sd-scripts makes the same change)."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None:
+        return
+    unscale = scaler._unscale_grads_
+    scaler._unscale_grads_ = lambda optimizer, inv_scale, found_inf, allow_fp16: unscale(
+        optimizer, inv_scale, found_inf, True)
+
+
+def maybe_validate(parts: TrainingParts, cfg: TrainConfig, noise_scheduler, step: int, epoch_end: int | None,
+                   train_average: float) -> float | None:
+    """The validation loss when due (fixed timesteps, noise and seeds: the same weights give the same number in
+    any run), logged as `loss/validation`; every process computes it, so no reduce is needed."""
+    if parts.validation is None or not cfg.validation.is_due(step, epoch_end) or parts.last_validated_step == step:
+        return None
+    accelerator = parts.accelerator
+
+    def compute(batch, timesteps, generator):
+        return batch_loss(batch, parts.models, parts.encode, noise_scheduler, parts.plan, False, accelerator,
+                          cfg.loop.max_token_length, cfg.loss, timesteps=timesteps, generator=generator)
+
+    was_training = parts.network.training
+    parts.network.eval()  # no LoRA dropout
+    try:
+        loss = validation_loss(parts.validation.batches(), compute, timesteps=cfg.validation.timesteps,
+                               seed=cfg.validation.seed, device=accelerator.device)
+    finally:
+        parts.network.train(was_training)
+    parts.last_validated_step = step
+    parts.validation_losses.append((step, loss))
+    accelerator.log(validation_logs(loss, train_average), step=step)
+    parts.timer.restart()  # validating is not a step
+    return loss
+
+
+def maybe_sample(parts: TrainingParts, cfg: TrainConfig, step: int, epoch: int | None) -> None:
+    """Render the sample prompts when they are due (main process), log them to TensorBoard, and keep the time
+    out of the step timings. Sampling restores every RNG state, so it never changes the training run."""
+    sampling, accelerator = cfg.sampling, parts.accelerator
+    if sampling is None or not sampling.due(step, epoch):
+        return
+    if accelerator.is_main_process:
+        from library.sampling import images_for_tracker, sample_images
+
+        paths = sample_images(parts.models, sampling.prompts, sampler_name=sampling.sampler,
+                              device=accelerator.device, compute_dtype=parts.plan.compute_dtype,
+                              output_dir=cfg.output.output_dir, output_name=cfg.output.output_name, step=step,
+                              epoch=epoch, max_token_length=cfg.loop.max_token_length, seed_base=cfg.loop.seed,
+                              network=parts.network)
+        if accelerator.trackers:
+            writer = accelerator.get_tracker("tensorboard", unwrap=True)
+            for prompt, image in zip(sampling.prompts, images_for_tracker(paths)):
+                writer.add_image(f"sample_{prompt.index}", image, step, dataformats="HWC")
     accelerator.wait_for_everyone()
-    return losses, epoch
+    parts.timer.restart()
+
+
+def run_loop(parts: TrainingParts, cfg: TrainConfig, base_metadata: dict[str, str],
+             progress: TrainProgress) -> list[float]:
+    """Epochs of optimizer steps from `progress` on (0, or where a resumed state stood); returns the loss of
+    every step run here. Each step accumulates `gradient_accumulation_steps` batches (fewer at an epoch's end)."""
+    accelerator, network, sampler = parts.accelerator, parts.network, parts.sampler
+    schedule, accumulation = parts.schedule, cfg.loop.gradient_accumulation_steps
+    noise_scheduler = make_noise_scheduler(cfg.loss.zero_terminal_snr)
+    progress_bar = tqdm(total=schedule.total_steps, initial=progress.step, desc="steps",
+                        disable=not accelerator.is_local_main_process)
+    losses: list[float] = []
+    if progress.step == 0:
+        maybe_sample(parts, cfg, 0, 0)
+    parts.timer.restart()
+    parts.rng_at_step = RngSnapshot.take()
+    while progress.step < schedule.total_steps:
+        epoch = progress.epoch
+        sampler.set_epoch(epoch, skip_batches=progress.steps_in_epoch * accumulation)
+        network.on_epoch_start(None, None)
+        batches_left = len(sampler) - progress.steps_in_epoch * accumulation
+        batches = iter(parts.loader)
+        while batches_left > 0 and progress.step < schedule.total_steps:
+            size = min(accumulation, batches_left)
+            loss = optimizer_step(parts, cfg, batches, size, noise_scheduler)
+            batches_left -= size
+            progress.step += 1
+            progress.steps_in_epoch += 1
+            if batches_left == 0:  # the epoch is done: a state saved now resumes at the next one
+                progress.epoch, progress.steps_in_epoch = epoch + 1, 0
+            parts.timer.step_done()
+            parts.rng_at_step = RngSnapshot.take()
+
+            losses.append(loss)
+            average = sum(losses[-100:]) / len(losses[-100:])
+            progress_bar.update(1)
+            progress_bar.set_postfix(avr_loss=f"{average:.4f}")
+            logs = {"loss": loss, "loss/average": average}
+            logs.update({f"lr/{d}": float(lr) for d, lr in zip(parts.group_descriptions,
+                                                                  parts.lr_scheduler.get_last_lr())})
+            accelerator.log(logs, step=progress.step)
+            maybe_validate(parts, cfg, noise_scheduler, progress.step, None, average)
+            save_step_checkpoint(parts, cfg, base_metadata, progress)
+            maybe_sample(parts, cfg, progress.step, None)
+        if batches_left == 0:
+            maybe_validate(parts, cfg, noise_scheduler, progress.step, epoch, sum(losses[-100:]) / len(losses[-100:]))
+            save_epoch_checkpoint(parts, cfg, base_metadata, progress, epoch)
+            maybe_sample(parts, cfg, progress.step, epoch)
+    progress_bar.close()
+    accelerator.wait_for_everyone()
+    return losses
+
+
+def optimizer_step(parts: TrainingParts, cfg: TrainConfig, batches, size: int, noise_scheduler) -> float:
+    """Forward and backward `size` batches (the loss averaged over them), then one clipped optimizer step and
+    one scheduler step; returns the mean loss over batches and processes."""
+    accelerator, params = parts.accelerator, parts.network.get_trainable_params()
+    total = torch.zeros((), device=accelerator.device)
+    for _ in range(size):
+        loss = batch_loss(next(batches), parts.models, parts.encode, noise_scheduler, parts.plan,
+                          cfg.network.train_text_encoder, accelerator, cfg.loop.max_token_length, cfg.loss)
+        accelerator.backward(loss / size)
+        total += loss.detach()
+    average_gradients(params, accelerator)
+    if cfg.optimizer.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(params, cfg.optimizer.max_grad_norm)
+    parts.optimizer.step()
+    parts.lr_scheduler.step()
+    parts.optimizer.zero_grad(set_to_none=True)
+    if parts.ema is not None:
+        parts.ema.update()
+    return float(accelerator.reduce(total / size, reduction="mean"))
+
+
+def save_step_checkpoint(parts: TrainingParts, cfg: TrainConfig, base_metadata: dict[str, str],
+                         progress: TrainProgress) -> None:
+    """--save_every_n_steps: `<name>-step<N>.safetensors` (+ state with --save_state), then rotation."""
+    out, saver, accelerator = cfg.output, parts.saver, parts.accelerator
+    every = out.save_every_n_steps
+    if not every or progress.step % every or progress.step >= parts.schedule.total_steps:
+        return
+    if accelerator.is_main_process:
+        metadata = progress_metadata(base_metadata, steps=progress.step, epoch=progress.epoch, finished=False)
+        accelerator.print(f"saved {saver.save_step(parts.network, metadata, progress.step)}")
+        saver.remove_files(saver.old_step_paths(progress.step, every, out.save_last_n_steps))
+    if out.save_state:
+        save_state(accelerator, saver.state_path(saver.step_path(progress.step)), progress)
+        if accelerator.is_main_process:
+            saver.remove_states(saver.old_step_paths(progress.step, every, out.save_last_n_steps_state))
+    accelerator.wait_for_everyone()
+    parts.timer.restart()  # saving is not a step
+
+
+def save_epoch_checkpoint(parts: TrainingParts, cfg: TrainConfig, base_metadata: dict[str, str],
+                          progress: TrainProgress, epoch: int) -> None:
+    """--save_every_n_epochs: `<name>-<epoch>.safetensors` (+ state with --save_state), then rotation; the
+    last epoch's weights are the final file instead."""
+    out, saver, accelerator = cfg.output, parts.saver, parts.accelerator
+    every = out.save_every_n_epochs
+    accelerator.wait_for_everyone()
+    if not every or epoch % every or epoch >= parts.schedule.num_epochs:
+        return
+    if accelerator.is_main_process:
+        metadata = progress_metadata(base_metadata, steps=progress.step, epoch=epoch, finished=False)
+        accelerator.print(f"saved {saver.save_epoch(parts.network, metadata, epoch)}")
+        saver.remove_files(saver.old_epoch_paths(epoch, every, out.save_last_n_epochs))
+    if out.save_state:
+        save_state(accelerator, saver.state_path(saver.epoch_path(epoch)), progress)
+        if accelerator.is_main_process:
+            saver.remove_states(saver.old_epoch_paths(epoch, every, out.save_last_n_epochs_state))
+    accelerator.wait_for_everyone()
+    parts.timer.restart()  # saving is not a step

@@ -53,8 +53,12 @@ def test_seed_command_runs_under_accelerate_launch(tiny_sdxl, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == [f"utaha_xl_loraplus-{e:06d}.safetensors" for e in (2, 4, 6, 8, 10, 12)] + [
-        "utaha_xl_loraplus.safetensors", "utaha_xl_loraplus_param_groups.json"
+        "utaha_xl_loraplus.safetensors", "utaha_xl_loraplus_param_groups.json", "utaha_xl_loraplus_report.json"
     ]
+    report = json.loads((tmp_path / "out" / "utaha_xl_loraplus_report.json").read_text())
+    # The seed command on a CPU: fp8 Linear/Conv storage, fp32 compute, SDPA instead of xformers.
+    assert report["precision"]["unet_weights"] == report["precision"]["text_encoder_weights"] == "float8_e4m3fn"
+    assert (report["precision"]["compute"], report["attention"], report["steps"]) == ("float32", "sdpa", 14)
     assert f"LoRA saved to {tmp_path / 'out' / 'utaha_xl_loraplus.safetensors'}" in proc.stdout
     assert "xformers cannot run on this machine; using PyTorch SDPA" in proc.stdout + proc.stderr
     assert "fp16 needs a CUDA GPU" in proc.stdout + proc.stderr

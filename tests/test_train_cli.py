@@ -46,7 +46,8 @@ def test_writes_final_and_epoch_files(loraplus_run):
     files = sorted(p.name for p in (loraplus_run / "output").iterdir())
     # 4 epochs, save every 2: epoch 2 gets a numbered file, epoch 4 is the final file; the optimizer
     # groups are written beside them.
-    assert files == ["tiny_lora-000002.safetensors", "tiny_lora.safetensors", "tiny_lora_param_groups.json"]
+    assert files == ["tiny_lora-000002.safetensors", "tiny_lora.safetensors", "tiny_lora_param_groups.json",
+                     "tiny_lora_report.json"]
 
 
 def test_param_group_table_is_saved_as_json_and_in_metadata(loraplus_run):
@@ -203,7 +204,7 @@ def test_training_lowers_the_loss_on_its_data(tiny_sdxl, tiny_models, small_data
         ({"--train_data_dir": "no/such/folder"}, "--train_data_dir"),
         ({"--network_args": "loraplus_lr_ratio=abc"}, "loraplus_lr_ratio='abc' is not a number"),
         ({"--network_args": "loraplus_ratio=16"}, "unknown key 'loraplus_ratio'"),
-        ({"--optimizer_type": "Adagrad"}, "--optimizer_type"),
+        ({"--optimizer_type": "NoSuchOptimizer"}, "--optimizer_type"),
     ],
 )
 def test_bad_input_stops_with_one_line_before_loading(tiny_sdxl, small_dataset, tmp_path, capsys, change, fragment):
