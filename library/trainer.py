@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import gc
-import hashlib
 import importlib
 import math
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -20,9 +17,10 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from library.config import LoopConfig, NetworkConfig, PrecisionConfig, TrainConfig
+from library.config import LoopConfig, NetworkConfig, TrainConfig
 from library.dataset import BucketBatchSampler, TrainDataset, collate_examples, scan_train_data_dir
-from library.fp8 import store_weights
+from library.base_models import (Encoder, free_memory, prepare_base_models, release_model, vae_encoder,  # noqa: F401
+                                 vae_fingerprint)
 from library.latent_cache import cache_latents
 from library.loss import SDXL_VAE_SCALE, diffusion_loss, make_noise_scheduler, noise_batch
 from library.loss_options import LossOptions, loss_option_warnings
@@ -41,7 +39,6 @@ from library.text_encoder_cache import (CachedTextDataset, TextEncoderCache, cac
 from library.text_encoding import encode_captions, time_ids
 from networks.lora import ParamGroupInfo
 
-Encoder = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -156,81 +153,6 @@ def make_accelerator(cfg: TrainConfig) -> tuple[Accelerator, PrecisionPlan]:
     accelerator.print(plan.describe(str(accelerator.device), accelerator.num_processes)
                       + f", gradient checkpointing={'on' if cfg.precision.gradient_checkpointing else 'off'}")
     return accelerator, plan
-
-
-def set_attention(unet, attention: str) -> None:
-    """The UNet's attention backend: PyTorch SDPA, xformers, or sliced attention (--mem_eff_attn)."""
-    if attention == "xformers":
-        unet.enable_xformers_memory_efficient_attention()
-    elif attention == "sliced":
-        unet.set_attention_slice("auto")
-    else:
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        unet.set_attn_processor(AttnProcessor2_0())
-
-
-def prepare_base_models(
-    models: SDXLModels, plan: PrecisionPlan, precision: PrecisionConfig, train_text_encoder: bool, device: torch.device
-) -> None:
-    """Freeze the base model, place it, and apply weight storage, attention and checkpointing choices.
-
-    The loader already stored the weights as the plan says; `store_weights` then only installs the per-layer
-    up-cast (and converts, for models that were loaded some other way)."""
-    if models.vae is not None:
-        models.vae.to(device, plan.vae_dtype).requires_grad_(False).eval()
-    for model in (models.unet, models.text_encoder1, models.text_encoder2):
-        model.requires_grad_(False)
-        model.to(device)
-        model.eval()
-    set_attention(models.unet, plan.attention)
-    for model, storage in ((models.unet, plan.unet_storage_dtype), (models.text_encoder1, plan.text_encoder_storage_dtype),
-                           (models.text_encoder2, plan.text_encoder_storage_dtype)):
-        if storage is not None:
-            store_weights(model, storage, plan.compute_dtype)
-    if precision.gradient_checkpointing:
-        models.unet.enable_gradient_checkpointing()
-        models.unet.train()
-        if train_text_encoder:
-            for te in (models.text_encoder1, models.text_encoder2):
-                te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                te.train()
-
-
-def release_model(model, needed_later: bool, highvram: bool, device: torch.device):
-    """What is left of a model whose outputs are cached: freed (returns None) unless needed later (for samples);
-    then kept on the device with --highvram (or when the device is the CPU), else moved to CPU RAM."""
-    if not needed_later:
-        return None
-    if highvram or device.type == "cpu":
-        return model
-    return model.to("cpu")
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def vae_fingerprint(vae) -> str:
-    """A short id of the VAE's weights (sha256 of its first and last convolutions), stored with cached latents
-    so that a cache made by another VAE is recomputed instead of used."""
-    digest = hashlib.sha256()
-    for tensor in (vae.encoder.conv_in.weight, vae.quant_conv.weight if vae.quant_conv is not None else None):
-        if tensor is not None:
-            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def vae_encoder(vae, device: torch.device) -> Encoder:
-    """Images in [-1, 1] -> unscaled latents (a sample of the VAE's posterior, as sd-scripts caches)."""
-
-    @torch.no_grad()
-    def encode(images: torch.Tensor) -> torch.Tensor:
-        return vae.encode(images.to(device, vae.dtype)).latent_dist.sample().float()
-
-    return encode
 
 
 def create_lora_network(net_cfg: NetworkConfig, models: SDXLModels):

@@ -1,0 +1,92 @@
+"""The frozen base model once loaded: freezing, placement, weight storage, attention and checkpointing; releasing
+models whose outputs are cached; the VAE as a latent encoder."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+from collections.abc import Callable
+
+import torch
+
+from library.config import PrecisionConfig
+from library.fp8 import store_weights
+from library.models import SDXLModels
+from library.precision import PrecisionPlan
+
+Encoder = Callable[[torch.Tensor], torch.Tensor]
+
+
+def set_attention(unet, attention: str) -> None:
+    """The UNet's attention backend: PyTorch SDPA, xformers, or sliced attention (--mem_eff_attn)."""
+    if attention == "xformers":
+        unet.enable_xformers_memory_efficient_attention()
+    elif attention == "sliced":
+        unet.set_attention_slice("auto")
+    else:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
+
+
+def prepare_base_models(
+    models: SDXLModels, plan: PrecisionPlan, precision: PrecisionConfig, train_text_encoder: bool, device: torch.device
+) -> None:
+    """Freeze the base model, place it, and apply weight storage, attention and checkpointing choices.
+
+    The loader already stored the weights as the plan says; `store_weights` then only installs the per-layer
+    up-cast (and converts, for models that were loaded some other way)."""
+    if models.vae is not None:
+        models.vae.to(device, plan.vae_dtype).requires_grad_(False).eval()
+    for model in (models.unet, models.text_encoder1, models.text_encoder2):
+        model.requires_grad_(False)
+        model.to(device)
+        model.eval()
+    set_attention(models.unet, plan.attention)
+    for model, storage in ((models.unet, plan.unet_storage_dtype), (models.text_encoder1, plan.text_encoder_storage_dtype),
+                           (models.text_encoder2, plan.text_encoder_storage_dtype)):
+        if storage is not None:
+            store_weights(model, storage, plan.compute_dtype)
+    if precision.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+        models.unet.train()
+        if train_text_encoder:
+            for te in (models.text_encoder1, models.text_encoder2):
+                te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                te.train()
+
+
+def release_model(model, needed_later: bool, highvram: bool, device: torch.device):
+    """What is left of a model whose outputs are cached: freed (returns None) unless needed later (for samples);
+    then kept on the device with --highvram (or when the device is the CPU), else moved to CPU RAM."""
+    if not needed_later:
+        return None
+    if highvram or device.type == "cpu":
+        return model
+    return model.to("cpu")
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def vae_fingerprint(vae) -> str:
+    """A short id of the VAE's weights (sha256 of its first and last convolutions), stored with cached latents
+    so that a cache made by another VAE is recomputed instead of used."""
+    digest = hashlib.sha256()
+    for tensor in (vae.encoder.conv_in.weight, vae.quant_conv.weight if vae.quant_conv is not None else None):
+        if tensor is not None:
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def vae_encoder(vae, device: torch.device) -> Encoder:
+    """Images in [-1, 1] -> unscaled latents (a sample of the VAE's posterior, as sd-scripts caches)."""
+
+    @torch.no_grad()
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        return vae.encode(images.to(device, vae.dtype)).latent_dist.sample().float()
+
+    return encode
