@@ -1,8 +1,9 @@
 """Every precision mode trains on the tiny SDXL, stores what it says it stores, and tracks fp32's loss.
 
 Same seed, same data, same noise and timesteps in every mode, so the per-step losses differ only through
-precision. Tolerances (relative to fp32, every step): 2% for fp8 or fp16 weight storage with fp32 compute,
-5% for bf16 compute (8 mantissa bits).
+precision. Tolerances (relative to fp32, every step), about 3x the deviation measured on this CPU
+(fp8 4.8e-3, fp16 storage 4.7e-5, bf16 7.7e-4, bf16 + fp8 4.6e-3, full bf16 8.4e-4): 1.5% with fp8 weights,
+0.1% with fp16 storage and fp32 compute, 0.5% with bf16 compute.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ MODES = {
     "bf16_fp8": ["--mixed_precision", "bf16", "--fp8_base"],
     "full_bf16": ["--mixed_precision", "bf16", "--full_bf16"],
 }
-TOLERANCE = {"fp8": 0.02, "fp16_storage": 0.02, "bf16": 0.05, "bf16_fp8": 0.05, "full_bf16": 0.05}
+TOLERANCE = {"fp8": 0.015, "fp16_storage": 0.001, "bf16": 0.005, "bf16_fp8": 0.015, "full_bf16": 0.005}
 
 
 @pytest.fixture(scope="module")
