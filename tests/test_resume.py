@@ -39,7 +39,7 @@ def _argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
                            "--gradient_accumulation_steps", "2", "--optimizer_type", "AdamW", "--learning_rate",
                            "1e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--network_dim", "4",
                            "--network_dropout", "0.1", "--shuffle_caption", "--cache_latents", "--output_name", "run",
-                           *extra)
+                           "--ema_decay", "0.8", *extra)
 
 
 def _train(argv: list[str]):
@@ -73,6 +73,10 @@ def test_resumed_twice_ends_with_identical_weights(uninterrupted, tiny_sdxl, dat
     assert second.losses == reference.losses[4:]
     want, got = load_file(str(reference.final_path)), load_file(str(second.final_path))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    ema_want = load_file(str(reference.final_path.with_name("run-ema.safetensors")))
+    ema_got = load_file(str(second.final_path.with_name("run-ema.safetensors")))
+    assert all(torch.equal(ema_want[k], ema_got[k]) for k in ema_want)  # the EMA resumes exactly too
+    assert not all(torch.equal(ema_want[k], want[k]) for k in want)
     with safe_open(str(second.final_path), "pt") as f:
         meta = f.metadata()
     assert (meta["ss_steps"], meta["ss_epoch"]) == (str(TOTAL_STEPS), "2")
@@ -118,10 +122,12 @@ def test_rotation_keeps_the_last_n_checkpoints_and_states(tiny_sdxl, data, tmp_p
     names = sorted(p.name for p in tmp_path.iterdir())
     # 12 steps: step files of the last 2 steps before the end (10, 11), their newest state only; epochs 2 and 3
     # (epoch 4 is the final file) with their states (rotated with the files by default).
-    assert [n for n in names if "-step" in n] == ["run-step00000010.safetensors", "run-step00000011-state",
-                                                  "run-step00000011.safetensors"]
-    assert [n for n in names if n.startswith("run-0")] == ["run-000002-state", "run-000002.safetensors",
-                                                           "run-000003-state", "run-000003.safetensors"]
+    assert [n for n in names if "-step" in n] == [
+        "run-step00000010-ema.safetensors", "run-step00000010.safetensors", "run-step00000011-ema.safetensors",
+        "run-step00000011-state", "run-step00000011.safetensors"]
+    assert [n for n in names if n.startswith("run-0")] == [
+        "run-000002-ema.safetensors", "run-000002-state", "run-000002.safetensors", "run-000003-ema.safetensors",
+        "run-000003-state", "run-000003.safetensors"]
     assert "run.safetensors" in names
 
 

@@ -157,3 +157,10 @@ def test_log_prefix_and_tracker_name_name_the_run_folder(tiny_sdxl, data, tmp_pa
     (run_dir,) = (tmp_path / "logs").iterdir()
     assert run_dir.name.startswith("ratio16-")
     assert list((run_dir / "sweep").glob("events.out.tfevents.*"))
+
+
+def test_validation_with_cached_text_encoder_outputs(tiny_sdxl, data, tmp_path):
+    result = _train(tiny_sdxl.single_file, data, tmp_path, "--max_train_steps", "2", "--validation_split", "0.25",
+                    "--validate_every_n_steps", "1", "--cache_text_encoder_outputs", "--network_train_unet_only")
+    assert [step for step, _ in result.validation_losses] == [1, 2]
+    assert all(np.isfinite(loss) for _, loss in result.validation_losses)
