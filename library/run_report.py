@@ -117,7 +117,7 @@ def build_report(
             "min": min(durations, default=None),
             "max": max(durations, default=None),
             "measured_steps": len(durations),
-            "excludes": "saving and sampling; includes data loading",
+            "excludes": "saving, sampling and validation; includes data loading",
         },
         "samples_per_step": samples_per_step,
         "samples_per_s": samples_per_step / median if median else None,
