@@ -37,7 +37,10 @@ def prepare_base_models(
     The loader already stored the weights as the plan says; `store_weights` then only installs the per-layer
     up-cast (and converts, for models that were loaded some other way)."""
     if models.vae is not None:
-        models.vae.to(device, plan.vae_dtype).requires_grad_(False).eval()
+        vae = models.vae
+        if vae.dtype != plan.vae_dtype or vae.device != device:  # the loader already placed it: no extra copy
+            vae.to(device, plan.vae_dtype)
+        vae.requires_grad_(False).eval()
     for model in (models.unet, models.text_encoder1, models.text_encoder2):
         model.requires_grad_(False)
         model.to(device)
@@ -52,8 +55,16 @@ def prepare_base_models(
         models.unet.train()
         if train_text_encoder:
             for te in (models.text_encoder1, models.text_encoder2):
-                te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                enable_text_encoder_checkpointing(te)
                 te.train()
+
+
+def enable_text_encoder_checkpointing(text_encoder) -> None:
+    """Non-reentrant checkpointing (LoRA's inputs need no grad of their own); transformers >= 5.x renamed the call."""
+    if hasattr(text_encoder, "activation_checkpointing_enable"):
+        text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def release_model(model, needed_later: bool, highvram: bool, device: torch.device):

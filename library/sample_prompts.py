@@ -41,7 +41,8 @@ SAMPLERS = (
 )
 """sd-scripts' `--sample_sampler` choices (a ``k_`` name is the same sampler as the plain one, as there)."""
 NEEDS_SCIPY = ("lms", "k_lms")
-"""Samplers whose diffusers scheduler (LMSDiscreteScheduler) needs scipy, which is not a dependency of ours."""
+"""Samplers whose diffusers scheduler (LMSDiscreteScheduler) needs scipy (in requirements.txt; checked at start-up
+for environments installed some other way)."""
 DEFAULT_SAMPLER = "ddim"
 DEFAULT_SIZE = 512
 DEFAULT_STEPS = 30
