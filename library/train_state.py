@@ -106,6 +106,15 @@ def check_resume_folder(folder: Path) -> None:
 
 
 def load_state(accelerator, folder: Path, progress: TrainProgress) -> None:
-    """Restore everything registered with accelerate (optimizer, scheduler, RNG, network, progress, EMA)."""
-    accelerator.load_state(str(folder))
+    """Restore everything registered with accelerate (optimizer, scheduler, RNG, network, progress, EMA); a state
+    from a differently set-up run (other dims, optimizer, groups, EMA) is one line that says so."""
+    try:
+        accelerator.load_state(str(folder))
+    except (RuntimeError, ValueError, KeyError, FileNotFoundError) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        reason = next((line for line in lines if "size mismatch" in line or "key" in line.lower()), lines[0])[:300]
+        raise UserInputError(
+            f"--resume: the state in {folder} does not fit this run ({reason}); resume with the network, optimizer, "
+            "LoRA+ and EMA flags of the run that saved it"
+        ) from None
     progress.load_state_dict(json.loads((Path(folder) / TRAIN_STATE_FILE).read_text()))

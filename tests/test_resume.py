@@ -134,3 +134,13 @@ def test_rotation_keeps_the_last_n_checkpoints_and_states(tiny_sdxl, data, tmp_p
 def test_resume_from_a_folder_that_is_not_a_state_is_one_line(tiny_sdxl, data, tmp_path, capsys):
     assert train_network.main(_argv(tiny_sdxl.single_file, data, tmp_path, "--resume", str(data))) == 2
     assert "is not a state folder saved by --save_state" in capsys.readouterr().err
+
+
+def test_resume_with_other_network_flags_is_one_line(uninterrupted, tiny_sdxl, data, tmp_path, capsys):
+    out, _ = uninterrupted
+    argv = _argv(tiny_sdxl.single_file, data, tmp_path, "--resume", str(out / "run-step00000002-state"),
+                 "--network_dim", "8")
+    assert train_network.main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: --resume") and "does not fit this run" in errors[0]
+    assert "size mismatch" in errors[0]
