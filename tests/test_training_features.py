@@ -164,3 +164,14 @@ def test_validation_with_cached_text_encoder_outputs(tiny_sdxl, data, tmp_path):
                     "--validate_every_n_steps", "1", "--cache_text_encoder_outputs", "--network_train_unet_only")
     assert [step for step, _ in result.validation_losses] == [1, 2]
     assert all(np.isfinite(loss) for _, loss in result.validation_losses)
+
+
+def test_samples_at_epoch_ends_are_named_by_epoch(tiny_sdxl, data, tmp_path):
+    prompts = tmp_path / "prompts.toml"
+    prompts.write_text('[prompt]\nwidth = 64\nheight = 64\nsample_steps = 2\n\n[[prompt.subset]]\nprompt = "a cat"\n'
+                       "seed = 7\n")
+    _train(tiny_sdxl.single_file, data, tmp_path / "out", "--max_train_epochs", "2", "--sample_prompts", str(prompts),
+           "--sample_every_n_epochs", "1")
+    names = sorted(p.name for p in (tmp_path / "out" / "sample").iterdir())
+    assert [n.split("_")[1:3] for n in names] == [["e000001", "00"], ["e000002", "00"]]
+    assert all(n.endswith("_7.png") for n in names)
