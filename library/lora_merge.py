@@ -31,6 +31,7 @@ import torch
 from library.safetensors_header import TensorEntry, read_safetensors_header
 
 from library.atomic import atomic_path
+from library.checkpoint_reader import SAFETENSORS_DTYPES
 from library.errors import UserInputError
 from library.lora_io import load_lora_file
 from networks.sdxl_keys import TE1_PREFIX, TE2_PREFIX, UNET_PREFIX
@@ -39,21 +40,7 @@ LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 _SHOWN_NAMES = 5  # how many offending names an error message lists
 _DIFFUSERS_UNET_NAMES = ("lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_unet_mid_block_")
 
-# safetensors dtype codes <-> torch dtypes (the ones a checkpoint can hold).
-_DTYPES: Mapping[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+_DTYPES: Mapping[str, torch.dtype] = SAFETENSORS_DTYPES  # safetensors dtype codes -> torch dtypes
 _CODES: Mapping[torch.dtype, str] = {v: k for k, v in _DTYPES.items()}
 _FLOAT_CODES = frozenset(code for code, dtype in _DTYPES.items() if dtype.is_floating_point)
 

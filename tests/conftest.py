@@ -2,11 +2,14 @@
 
 - ``tiny_sdxl``: paths of the tiny model (``.single_file``: original-layout ``tiny_sdxl.safetensors``;
   ``.diffusers_dir``: the same weights as a diffusers folder beside it, also the single file's config folder).
+- ``no_network``: any socket resolve or connect fails the test (offline loading checks).
 - ``tiny_models``: ``library.models.SDXLModels`` loaded from the single file in fp32 (shared: tests that change
   the models must work on copies).
 """
 
 from __future__ import annotations
+
+import socket
 
 import pytest
 
@@ -27,3 +30,15 @@ def tiny_models(tiny_sdxl):
     from library.models import load_sdxl
 
     return load_sdxl(tiny_sdxl.single_file, dtype=torch.float32)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail any attempt to resolve or connect, whatever HF_HUB_OFFLINE says."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[:2]}")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -48,18 +47,6 @@ def diffusers_load(tiny_sdxl):
     return StableDiffusionXLPipeline.from_single_file(
         str(tiny_sdxl.single_file), config=str(tiny_sdxl.diffusers_dir), local_files_only=True
     )
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Fail any attempt to resolve or connect, whatever HF_HUB_OFFLINE says."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args[:2]}")
-
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def assert_same_as_diffusers(models, reference) -> None:

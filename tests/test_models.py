@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import socket
 import struct
 
 import pytest
@@ -30,18 +29,6 @@ def reference():
     from tools.make_tiny_sdxl import build_tiny_sdxl
 
     return build_tiny_sdxl(seed=0)
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Fail any attempt to resolve or connect, whatever HF_HUB_OFFLINE says."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args[:2]}")
-
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def test_single_file_round_trip_is_exact(tiny_sdxl, tiny_models, reference):
