@@ -20,7 +20,6 @@ from library.errors import UserInputError
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FP8_DTYPE = torch.float8_e4m3fn
-ATTENTION_BACKENDS = ("sdpa", "xformers", "mem_eff_attn")
 
 
 @dataclass(frozen=True)
@@ -66,13 +65,24 @@ class PrecisionPlan:
             stored["text_encoder1"] = stored["text_encoder2"] = self.text_encoder_storage_dtype
         return stored
 
+    def summary(self) -> dict[str, str]:
+        """What is stored and computed in which dtype, by name (the run report's `precision`)."""
+        return {
+            "mixed_precision": self.mixed_precision,
+            "compute": _name(self.compute_dtype),
+            "unet_weights": _name(self.unet_storage_dtype or self.weight_dtype),
+            "text_encoder_weights": _name(self.text_encoder_storage_dtype or self.weight_dtype),
+            "other_base_weights": _name(self.weight_dtype),
+            "vae": _name(self.vae_dtype),
+            "lora": _name(self.lora_dtype),
+        }
+
     def describe(self, device: str, processes: int) -> str:
         """The one start-up line that says what runs."""
-        unet = _name(self.unet_storage_dtype or self.weight_dtype)
-        te = _name(self.text_encoder_storage_dtype or self.weight_dtype)
-        return (f"precision: mixed={self.mixed_precision}, compute={_name(self.compute_dtype)}, "
-                f"UNet weights={unet}, text-encoder weights={te}, other base weights={_name(self.weight_dtype)}, "
-                f"VAE={_name(self.vae_dtype)}, LoRA={_name(self.lora_dtype)}, attention={self.attention}, "
+        s = self.summary()
+        return (f"precision: mixed={s['mixed_precision']}, compute={s['compute']}, UNet weights={s['unet_weights']}, "
+                f"text-encoder weights={s['text_encoder_weights']}, other base weights={s['other_base_weights']}, "
+                f"VAE={s['vae']}, LoRA={s['lora']}, attention={self.attention}, "
                 f"device={device}, processes={processes}")
 
 

@@ -4,6 +4,7 @@ and the rotation that keeps only the last N of them."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 
 from library.atomic import write_text_atomic
+from library.ema import ema_path, save_ema_weights
 
 
 class LoRASaver:
@@ -57,7 +59,7 @@ class LoRASaver:
 
     @staticmethod
     def ema_path(lora_path: Path) -> Path:
-        return lora_path.with_name(f"{lora_path.stem}-ema.safetensors")
+        return ema_path(lora_path)
 
     def old_epoch_paths(self, epoch: int, every: int, keep: int | None) -> list[Path]:
         """Epoch checkpoints that --save_last_n_epochs(_state) `keep` drops after saving `epoch`: those more than
@@ -83,8 +85,6 @@ class LoRASaver:
         return removed
 
     def remove_states(self, lora_paths) -> list[Path]:
-        import shutil
-
         removed = []
         for path in lora_paths:
             state = self.state_path(path)
@@ -106,8 +106,6 @@ class LoRASaver:
         network.save_weights(path, self.dtype, metadata)
         self.saved.append(path)
         if self.ema is not None:
-            from library.ema import save_ema_weights
-
             save_ema_weights(network, self.ema, self.ema_path(path), self.dtype, metadata)
             self.saved.append(self.ema_path(path))
         return path

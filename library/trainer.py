@@ -101,10 +101,7 @@ class ValidationSource:
     text_cache: TextEncoderCache | None
 
     def batches(self):
-        if self.text_cache is None:
-            return self.validation.iter_batches()
-        return self.validation.iter_batches(CachedTextDataset(self.validation.dataset, self.text_cache),
-                                            partial(collate_with_text_outputs, base=collate_examples))
+        return self.validation.iter_batches(*example_source(self.validation.dataset, self.text_cache))
 
 
 def split_validation(cfg: TrainConfig) -> tuple[list, ValidationSet | None]:
@@ -175,6 +172,14 @@ def create_lora_network(net_cfg: NetworkConfig, models: SDXLModels):
     return network
 
 
+def example_source(dataset: TrainDataset, text_cache: TextEncoderCache | None):
+    """(what to index with example keys, how to collate them): the dataset itself, or with `text_cache` the
+    dataset plus each example's cached `text_context` / `text_pooled`."""
+    if text_cache is None:
+        return dataset, collate_examples
+    return CachedTextDataset(dataset, text_cache), partial(collate_with_text_outputs, base=collate_examples)
+
+
 def make_loader(
     dataset: TrainDataset, loop: LoopConfig, accelerator: Accelerator, text_cache: TextEncoderCache | None = None
 ) -> tuple[DataLoader, BucketBatchSampler]:
@@ -182,10 +187,7 @@ def make_loader(
     every batch also carries the cached `text_context` / `text_pooled` of its examples."""
     sampler = BucketBatchSampler(dataset, loop.batch_size, loop.seed,
                                  num_replicas=accelerator.num_processes, rank=accelerator.process_index)
-    source, collate = dataset, collate_examples
-    if text_cache is not None:
-        source, collate = CachedTextDataset(dataset, text_cache), partial(collate_with_text_outputs,
-                                                                           base=collate_examples)
+    source, collate = example_source(dataset, text_cache)
     workers = loop.max_data_loader_n_workers
     # Its own generator: creating an epoch's iterator must not draw from the global RNG (the noise's), or a
     # resumed run would drift from an uninterrupted one.
@@ -414,15 +416,6 @@ def run_report(
     accelerator, plan = parts.accelerator, parts.plan
     loop = cfg.loop
     samples_per_step = loop.batch_size * loop.gradient_accumulation_steps * accelerator.num_processes
-    precision = {
-        "mixed_precision": plan.mixed_precision,
-        "compute": _dtype_name(plan.compute_dtype),
-        "unet_weights": _dtype_name(plan.unet_storage_dtype or plan.weight_dtype),
-        "text_encoder_weights": _dtype_name(plan.text_encoder_storage_dtype or plan.weight_dtype),
-        "other_base_weights": _dtype_name(plan.weight_dtype),
-        "vae": _dtype_name(plan.vae_dtype),
-        "lora": _dtype_name(plan.lora_dtype),
-    }
     extra = {
         "attention": plan.attention,
         "gradient_checkpointing": cfg.precision.gradient_checkpointing,
@@ -435,11 +428,7 @@ def run_report(
         "load_seconds": round(load_seconds, 3),
         "total_seconds": round(total_seconds, 3),
     }
-    return build_report(parts.timer, samples_per_step, peak_memory(accelerator.device), precision, extra)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    return build_report(parts.timer, samples_per_step, peak_memory(accelerator.device), plan.summary(), extra)
 
 
 def allow_fp16_gradients(accelerator: Accelerator) -> None:
@@ -508,6 +497,7 @@ def run_loop(parts: TrainingParts, cfg: TrainConfig, base_metadata: dict[str, st
     accelerator, network, sampler = parts.accelerator, parts.network, parts.sampler
     schedule, accumulation = parts.schedule, cfg.loop.gradient_accumulation_steps
     noise_scheduler = make_noise_scheduler(cfg.loss.zero_terminal_snr)
+    params = network.get_trainable_params()
     progress_bar = tqdm(total=schedule.total_steps, initial=progress.step, desc="steps",
                         disable=not accelerator.is_local_main_process)
     losses: list[float] = []
@@ -523,7 +513,7 @@ def run_loop(parts: TrainingParts, cfg: TrainConfig, base_metadata: dict[str, st
         batches = iter(parts.loader)
         while batches_left > 0 and progress.step < schedule.total_steps:
             size = min(accumulation, batches_left)
-            loss = optimizer_step(parts, cfg, batches, size, noise_scheduler)
+            loss = optimizer_step(parts, cfg, params, batches, size, noise_scheduler)
             batches_left -= size
             progress.step += 1
             progress.steps_in_epoch += 1
@@ -552,10 +542,11 @@ def run_loop(parts: TrainingParts, cfg: TrainConfig, base_metadata: dict[str, st
     return losses
 
 
-def optimizer_step(parts: TrainingParts, cfg: TrainConfig, batches, size: int, noise_scheduler) -> float:
-    """Forward and backward `size` batches (the loss averaged over them), then one clipped optimizer step and
-    one scheduler step; returns the mean loss over batches and processes."""
-    accelerator, params = parts.accelerator, parts.network.get_trainable_params()
+def optimizer_step(parts: TrainingParts, cfg: TrainConfig, params: list[torch.nn.Parameter], batches, size: int,
+                   noise_scheduler) -> float:
+    """Forward and backward `size` batches (the loss averaged over them), then one clipped optimizer step of
+    `params` and one scheduler step; returns the mean loss over batches and processes."""
+    accelerator = parts.accelerator
     total = torch.zeros((), device=accelerator.device)
     for _ in range(size):
         loss = batch_loss(next(batches), parts.models, parts.encode, noise_scheduler, parts.plan,
