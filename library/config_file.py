@@ -8,6 +8,9 @@ command-line tokens placed *before* the real command line and parsed once by the
   `--network_dim 16.5` would);
 - the command line wins, because argparse keeps the last value of a flag (a list flag is replaced, not extended).
 
+Keys of sd-scripts options this trainer does not implement (`library.sdscripts_options`), which GUI-written files
+carry, are accepted with one note while they are off and refused by name when they are on.
+
 argparse has no public accessor for a parser's actions and groups, so this module reads `_actions` and
 `_action_groups` (as sd-scripts does); it only reads them, apart from the brief, restored changes in `_lenient`.
 """
@@ -17,16 +20,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
-import json
+import logging
 import re
 import sys
-import tomllib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from library.atomic import write_text_atomic
 from library.errors import UserInputError
+from library.sdscripts_options import UNIMPLEMENTED_FLAGS, is_off, refusal
+from library.toml_io import TomlFileError, dumps, read_toml
+
+logger = logging.getLogger(__name__)
 
 COMMAND_LINE_ONLY = ("config_file", "output_config")  # a file naming itself (or asking to be written) makes no sense
 
@@ -63,21 +69,33 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
 def config_tokens(parser: argparse.ArgumentParser, path: Path) -> list[str]:
     """The TOML file as command-line tokens: flat keys, or keys in tables one level deep (any table name)."""
     doc = _read_toml(path)
+    if not doc:  # most likely a save that never finished: training on the defaults instead would be a surprise
+        raise UserInputError(f"config file {path} holds no arguments (it is empty or only comments); write them "
+                             "into it, or leave out --config_file")
     actions = file_actions(parser)
     values: dict[str, Any] = {}
+    foreign: dict[str, Any] = {}  # sd-scripts options we lack
     unknown: list[tuple[str, str | None]] = []
     for key, value, table in _flatten(doc, path):
         if key in COMMAND_LINE_ONLY:
             raise UserInputError(f"config file {path}: '{key}' cannot be set inside a config file; "
                                  f"give --{key} on the command line")
-        if key not in actions:
-            unknown.append((key, table))
-        elif key in values:
+        if key in values or key in foreign:
             raise UserInputError(f"config file {path}: key '{key}' is set twice; keep one")
-        else:
+        if key in actions:
             values[key] = value
+        elif key in UNIMPLEMENTED_FLAGS:
+            foreign[key] = value
+        else:
+            unknown.append((key, table))
     if unknown:
         raise UserInputError(f"config file {path}: {_unknown_keys_message(unknown, actions, parser.prog)}")
+    for key, value in foreign.items():
+        if not is_off(UNIMPLEMENTED_FLAGS, key, foreign):
+            raise UserInputError(f"config file {path}: {refusal(UNIMPLEMENTED_FLAGS, key, value)}")
+    if foreign:
+        logger.warning("note: config file %s: ignoring sd-scripts options this trainer does not implement, all off "
+                       "or without effect here: %s", path, ", ".join(sorted(foreign)))
     return [token for key, value in values.items() for token in _tokens(actions[key], key, value, path)]
 
 
@@ -92,8 +110,6 @@ def file_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 def config_toml(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
     """`args` as TOML, one table per argument group (snake-cased title, as sd-scripts' grouped files); None left out."""
-    import toml
-
     keys = file_actions(parser).keys() - set(COMMAND_LINE_ONLY)
     tables: dict[str, dict[str, Any]] = {}
     for group in parser._action_groups:
@@ -102,10 +118,8 @@ def config_toml(parser: argparse.ArgumentParser, args: argparse.Namespace) -> st
             value = getattr(args, action.dest, None)
             if action.dest in keys and value is not None:
                 tables.setdefault(name, {})[action.dest] = value
-    encoder = toml.TomlEncoder()
-    encoder.dump_funcs[str] = _toml_str  # toml 0.10's own string writer mangles backslashes next to \x escapes
     header = f"# {parser.prog} arguments; load with --config_file (flags on the command line win)\n"
-    return header + toml.dumps(tables, encoder=encoder)
+    return header + dumps(tables)
 
 
 def write_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
@@ -124,18 +138,12 @@ def write_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> P
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise UserInputError(f"config file {path} not found; check --config_file")
     try:
-        with open(path, "rb") as handle:
-            return tomllib.load(handle)
-    except FileNotFoundError:
-        raise UserInputError(f"config file {path} not found; check --config_file") from None
-    except OSError as error:
-        raise UserInputError(f"cannot read config file {path}: {error.strerror or error}") from None
-    except ValueError as error:  # TOMLDecodeError (it says where), or bytes that are not UTF-8
-        message = " ".join(str(error).split())
-        if "Unescaped" in message or "hex value" in message:  # the usual cause: "C:\Users\..." in double quotes
-            message += "; in double quotes a backslash starts an escape: write Windows paths in 'single quotes'"
-        raise UserInputError(f"config file {path} is not valid TOML: {message}") from None
+        return read_toml(path)
+    except TomlFileError as error:
+        raise UserInputError(f"config file {path} {error}") from None
 
 
 def _flatten(doc: dict[str, Any], path: Path) -> Iterator[tuple[str, Any, str | None]]:
@@ -195,11 +203,6 @@ def _same(a: Any, b: Any) -> bool:
 def _text(value: Any) -> str:
     """A TOML value as the command line would spell it (floats keep their exact repr)."""
     return str(value).lower() if type(value) is bool else str(value)
-
-
-def _toml_str(text: str) -> str:
-    """A TOML basic string: JSON's escapes are a subset of TOML's; TOML also forbids a raw DEL."""
-    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 @contextlib.contextmanager

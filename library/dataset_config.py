@@ -2,19 +2,24 @@
 and the `N_name` folder trees of `--train_data_dir` / `--reg_data_dir`, as typed frozen dataclasses.
 
 A value is looked up subset > dataset > general > command line, as in sd-scripts. Unknown keys are errors
-that name the key, the file and the nearest valid key (sd-scripts ignores them silently).
+that name the key, the file and the nearest valid key (sd-scripts ignores them silently). Keys of sd-scripts
+options we do not implement are accepted (with one note) while off and refused by name when on, as in
+`--config_file`.
 """
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Mapping
 import dataclasses
+import difflib
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from library.captions import CaptionOptions
 from library.errors import UserInputError
+from library.sdscripts_options import UNIMPLEMENTED_DATASET_KEYS, is_off, refusal
+from library.toml_io import TomlFileError, read_toml
 
 Size = tuple[int, int]
 
@@ -129,12 +134,6 @@ _DATASET_ONLY = {
     "bucket_reso_steps": int, "bucket_no_upscale": bool, "batch_size": int,
 }
 _CAPTION_KEYS = tuple(f.name for f in fields(CaptionOptions))
-_SDSCRIPTS_UNSUPPORTED = frozenset({
-    "color_aug", "face_crop_aug_range", "alpha_mask", "token_warmup_min", "token_warmup_step", "enable_wildcard",
-    "secondary_separator", "cache_info", "metadata_file", "conditioning_data_dir", "validation_split",
-    "validation_seed", "network_multiplier", "custom_attributes", "resize_interpolation",
-})
-"""sd-scripts keys we know but do not implement: refused with their own message."""
 
 CLI_FALLBACK_KEYS = tuple(_SUBSET_ASCENDABLE) + tuple(_DATASET_ONLY)
 """Keys whose command-line value is the last fallback (`--train_batch_size` is `batch_size`)."""
@@ -144,12 +143,18 @@ def _fail(path: Path, where: str, message: str) -> UserInputError:
     return UserInputError(f"--dataset_config {path}: {where}: {message}")
 
 
-def _check_keys(table: Mapping, allowed: Mapping[str, object], path: Path, where: str, hint: str = "") -> None:
+def _check_keys(table: Mapping, allowed: Mapping[str, object], path: Path, where: str, hint: str = "",
+                ignored: set[str] | None = None) -> None:
+    """Refuse unknown keys. Where sd-scripts' own keys may appear (`ignored` given), those we lack are refused
+    when on, else added to `ignored`."""
     for key in table:
         if key in allowed:
             continue
-        if key in _SDSCRIPTS_UNSUPPORTED:
-            raise _fail(path, where, f"'{key}' is an sd-scripts option this trainer does not support; remove it")
+        if key in UNIMPLEMENTED_DATASET_KEYS and ignored is not None:
+            if not is_off(UNIMPLEMENTED_DATASET_KEYS, key, table):
+                raise _fail(path, where, refusal(UNIMPLEMENTED_DATASET_KEYS, key, table[key]))
+            ignored.add(key)
+            continue
         if key in _DATASET_ONLY or key in _SUBSET_ONLY or key in _SUBSET_ASCENDABLE:
             raise _fail(path, where, f"'{key}' is not allowed here{hint}")
         near = difflib.get_close_matches(key, list(allowed), n=1)
@@ -183,22 +188,20 @@ def _typed(table: Mapping, schema: Mapping[str, object], path: Path, where: str)
 def load_dataset_config(path: Path, cli: Mapping[str, object]) -> DatasetGroupConfig:
     """Read and validate `--dataset_config`. `cli` holds the command-line value of every `CLI_FALLBACK_KEYS`
     key (the last fallback). Raises UserInputError naming the file for any problem."""
-    import toml
-
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"--dataset_config: file not found: {path}")
     try:
-        document = toml.loads(path.read_text(encoding="utf-8-sig"))
-    except (toml.TomlDecodeError, UnicodeDecodeError, ValueError, IndexError, TypeError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UserInputError(f"--dataset_config {path}: not valid TOML: {reason}") from None
+        document = read_toml(path)
+    except TomlFileError as error:
+        raise UserInputError(f"--dataset_config {path} {error}") from None
+    ignored: set[str] = set()
     _check_keys(document, {"general": dict, "datasets": list}, path, "top level")
     general = document.get("general", {})
     if not isinstance(general, dict):
         raise _fail(path, "top level", "'general' must be a table: [general]")
     _check_keys(general, {**_SUBSET_ASCENDABLE, **_DATASET_ONLY}, path, "[general]",
-                " (image_dir and is_reg belong in [[datasets.subsets]])")
+                " (image_dir and is_reg belong in [[datasets.subsets]])", ignored)
     general = _typed(general, {**_SUBSET_ASCENDABLE, **_DATASET_ONLY}, path, "[general]")
     datasets = document.get("datasets", [])
     if not isinstance(datasets, list) or not datasets:
@@ -206,14 +209,20 @@ def load_dataset_config(path: Path, cli: Mapping[str, object]) -> DatasetGroupCo
     sections = []
     for d_index, dataset in enumerate(datasets):
         where = f"[[datasets]] #{d_index + 1}"
+        if not isinstance(dataset, dict):
+            raise _fail(path, where, f"must be a table ([[datasets]]), not {dataset!r}")
         _check_keys(dataset, {**_SUBSET_ASCENDABLE, **_DATASET_ONLY, "subsets": list}, path, where,
-                    " (image_dir and is_reg belong in [[datasets.subsets]])")
+                    " (image_dir and is_reg belong in [[datasets.subsets]])", ignored)
         subsets = dataset.get("subsets", [])
         if not isinstance(subsets, list) or not subsets:
             raise _fail(path, where, "no [[datasets.subsets]] block: add one with image_dir")
         dataset_values = _typed(dataset, {**_SUBSET_ASCENDABLE, **_DATASET_ONLY}, path, where)
         chain = [dataset_values, general, dict(cli)]
-        sections.append(_section(chain, subsets, path, where))
+        sections.append(_section(chain, subsets, path, where, ignored))
+    if ignored:
+        logging.getLogger(__name__).warning(
+            "note: --dataset_config %s: ignoring sd-scripts keys this trainer does not implement, all off or "
+            "without effect here: %s", path, ", ".join(sorted(ignored)))
     return DatasetGroupConfig(tuple(sections), path)
 
 
@@ -224,7 +233,7 @@ def _lookup(key: str, chain: list[Mapping], default: object = None) -> object:
     return default
 
 
-def _section(chain: list[Mapping], subsets: list, path: Path, where: str) -> DatasetSectionConfig:
+def _section(chain: list[Mapping], subsets: list, path: Path, where: str, ignored: set[str]) -> DatasetSectionConfig:
     try:
         buckets = BucketConfig(
             resolution=_resolution(_lookup("resolution", chain, 512), path, where),
@@ -240,7 +249,8 @@ def _section(chain: list[Mapping], subsets: list, path: Path, where: str) -> Dat
             if not isinstance(subset, dict):
                 raise _fail(path, s_where, "must be a table")
             _check_keys(subset, {**_SUBSET_ONLY, **_SUBSET_ASCENDABLE}, path, s_where,
-                        " (dataset keys such as resolution and batch_size belong in [[datasets]] or [general])")
+                        " (dataset keys such as resolution and batch_size belong in [[datasets]] or [general])",
+                        ignored)
             values = _typed(subset, {**_SUBSET_ONLY, **_SUBSET_ASCENDABLE}, path, s_where)
             if "image_dir" not in values:
                 raise _fail(path, s_where, "'image_dir' is required")

@@ -28,12 +28,12 @@ import importlib.util
 import json
 import math
 import time
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from library.errors import UserInputError
+from library.toml_io import TomlFileError, loads
 
 SAMPLERS = (
     "ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++", "dpmsingle",
@@ -95,8 +95,11 @@ def load_sample_prompts(path: str | Path) -> list[SamplePrompt]:
         raise UserInputError(f"{_FLAG}: {path} must be a .txt, .toml or .json file")
     try:
         text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not part of the text
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserInputError(f"{_FLAG}: cannot read {path} as UTF-8 text ({error})") from None
+    except OSError as error:
+        raise UserInputError(f"{_FLAG}: cannot read {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise UserInputError(f"{_FLAG}: {path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                             f"{error.start}); save it as UTF-8") from None
     if suffix == ".txt":
         entries = [(f"line {number}", line.strip()) for number, line in enumerate(text.splitlines(), 1)
                    if line.strip() and not line.strip().startswith("#")]
@@ -105,7 +108,7 @@ def load_sample_prompts(path: str | Path) -> list[SamplePrompt]:
     else:
         entries = _json_entries(path, text)
     if not entries:
-        raise UserInputError(f"{_FLAG}: {path} holds no prompts")
+        raise UserInputError(f"{_FLAG}: {path} holds no prompts; add some (see --help) or leave out {_FLAG}")
     prompts = []
     for index, (where, entry) in enumerate(entries):
         try:
@@ -118,9 +121,9 @@ def load_sample_prompts(path: str | Path) -> list[SamplePrompt]:
 
 def _toml_entries(path: Path, text: str) -> list[tuple[str, object]]:
     try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        raise UserInputError(f"{_FLAG}: {path} is not valid TOML ({error})") from None
+        data = loads(text)
+    except TomlFileError as error:
+        raise UserInputError(f"{_FLAG}: {path} {error}") from None
     extra = sorted(set(data) - {"prompt"})
     table = data.get("prompt")
     if extra or not isinstance(table, (dict, list)):
@@ -188,6 +191,10 @@ def make_sample_prompt(index: int, fields: Mapping[str, object]) -> SamplePrompt
     width = _number(fields.get("width", DEFAULT_SIZE), int, "width")
     height = _number(fields.get("height", DEFAULT_SIZE), int, "height")
     seed = fields.get("seed")
+    if seed is not None:
+        seed = _number(seed, int, "seed")
+        if seed >= 2**63:  # torch.Generator.manual_seed would raise at the first sample, mid-run
+            raise ValueError(f"seed must be below 2**63, not {seed}")
     sampler = fields.get("sampler")
     if sampler is not None:
         sampler = str(sampler).lower()
@@ -200,7 +207,7 @@ def make_sample_prompt(index: int, fields: Mapping[str, object]) -> SamplePrompt
         negative_prompt=_text(fields.get("negative_prompt") or "", "negative prompt"),
         width=max(MIN_SIZE, width - width % 8),
         height=max(MIN_SIZE, height - height % 8),
-        seed=None if seed is None else _number(seed, int, "seed"),
+        seed=seed,
         steps=max(1, min(MAX_STEPS, _number(fields.get("steps", DEFAULT_STEPS), int, "steps"))),
         scale=_number(fields.get("scale", DEFAULT_SCALE), float, "scale"),
         sampler=sampler,
@@ -215,6 +222,8 @@ def _number(value: object, kind: type, what: str) -> int | float:
         number = kind(value)
         if kind is int and isinstance(value, float) and value != number:
             raise ValueError
+    except OverflowError:  # int(inf): "1e400" in a file
+        raise ValueError(f"{what} must be a finite number, not {value!r}") from None
     except ValueError:
         raise ValueError(f"{what} must be {'an integer' if kind is int else 'a number'}, not {value!r}") from None
     if not math.isfinite(number) or number < 0:
