@@ -241,7 +241,7 @@ def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
 def _shards(index: Path) -> list[Path]:
     """The shard files a ``*.index.json`` names in its ``weight_map``, each once, in first-use order."""
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserInputError(f"{index}: not a shard index with a weight_map ({type(e).__name__}: {e})") from None
     shards = [index.parent / name for name in dict.fromkeys(weight_map.values())]

@@ -4,14 +4,14 @@ attention actually ran, so runs (and LoRA+ ratios) can be compared on cost as we
 from __future__ import annotations
 
 import json
-import os
-import resource
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from library.atomic import write_text_atomic
@@ -54,14 +54,14 @@ class MemoryPeak:
 
 
 def ram_limit_bytes() -> int | None:
-    """Physical memory, or the cgroup's memory limit when one is set and lower."""
+    """Physical memory (psutil, any OS), or the Linux cgroup's memory limit when one is set and lower."""
     try:
-        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
+        limit: int | None = int(psutil.virtual_memory().total)
+    except (OSError, RuntimeError):
         limit = None
     for path in _CGROUP_LIMITS:
         try:
-            text = path.read_text().strip()
+            text = path.read_text(encoding="utf-8", errors="replace").strip()
         except OSError:
             continue
         if text.isdigit() and (limit is None or int(text) < limit):
@@ -70,15 +70,24 @@ def ram_limit_bytes() -> int | None:
 
 
 def peak_rss_bytes() -> int:
-    """This process's own peak RSS: VmHWM where /proc has it (``ru_maxrss`` of a child started from a big
-    parent can carry the parent's peak), else ``ru_maxrss``."""
+    """This process's own peak resident memory, by what each OS offers: VmHWM from /proc on Linux (``ru_maxrss``
+    of a child started from a big parent can carry the parent's peak), psutil's peak working set on Windows,
+    ``ru_maxrss`` elsewhere (macOS, BSD), and the current RSS (a lower bound) when none of them is there."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path("/proc/self/status").read_text(encoding="utf-8", errors="replace").splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    info = psutil.Process().memory_info()
+    if hasattr(info, "peak_wset"):  # Windows
+        return int(info.peak_wset)
+    try:
+        import resource  # Unix only, hence imported here
+    except ImportError:
+        return int(info.rss)
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(maxrss if sys.platform == "darwin" else maxrss * 1024)  # bytes on macOS, KiB on Linux and BSD
 
 
 def peak_memory(device: torch.device) -> MemoryPeak:

@@ -7,7 +7,6 @@ that fails while parsing.
 from __future__ import annotations
 
 import argparse
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import train_network
 from library.cli import build_parser
 from library.config_file import config_path, config_toml, parse_args
 from library.errors import UserInputError
+from library.toml_io import tomllib
 from tests.cli_args import tiny_train_argv
 
 FLAT = """
