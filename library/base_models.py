@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import logging
 from collections.abc import Callable
 
 import torch
@@ -15,24 +16,36 @@ from library.models import SDXLModels
 from library.precision import PrecisionPlan
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
+logger = logging.getLogger(__name__)
 
 
-def set_attention(unet, attention: str) -> None:
-    """The UNet's attention backend: PyTorch SDPA, xformers, or sliced attention (--mem_eff_attn)."""
+def set_attention(unet, attention: str) -> str:
+    """Set the UNet's attention backend - PyTorch SDPA, xformers, or sliced attention (--mem_eff_attn) - and
+    return the one that runs: an xformers that imports but cannot run here (diffusers tries it on a tiny input
+    and raises: a build for another CUDA, a GPU it lacks kernels for) falls back to SDPA with one warning."""
     if attention == "xformers":
-        unet.enable_xformers_memory_efficient_attention()
-    elif attention == "sliced":
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+            return "xformers"
+        except Exception as error:  # noqa: BLE001 - whatever a broken build raises, SDPA still works
+            reason = (str(error).strip().splitlines() or [""])[0][:200]
+            logger.warning("--xformers: xformers cannot run on this machine (%s: %s); using PyTorch SDPA attention "
+                           "instead", type(error).__name__, reason)
+            attention = "sdpa"
+    if attention == "sliced":
         unet.set_attention_slice("auto")
     else:
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         unet.set_attn_processor(AttnProcessor2_0())
+    return attention
 
 
 def prepare_base_models(
     models: SDXLModels, plan: PrecisionPlan, precision: PrecisionConfig, train_text_encoder: bool, device: torch.device
-) -> None:
-    """Freeze the base model, place it, and apply weight storage, attention and checkpointing choices.
+) -> str:
+    """Freeze the base model, place it, and apply weight storage, attention and checkpointing choices; returns the
+    attention that runs (`plan.attention`, or "sdpa" when xformers failed).
 
     The loader already stored the weights as the plan says; `store_weights` then only installs the per-layer
     up-cast (and converts, for models that were loaded some other way)."""
@@ -45,7 +58,7 @@ def prepare_base_models(
         model.requires_grad_(False)
         model.to(device)
         model.eval()
-    set_attention(models.unet, plan.attention)
+    attention = set_attention(models.unet, plan.attention)
     for model, storage in ((models.unet, plan.unet_storage_dtype), (models.text_encoder1, plan.text_encoder_storage_dtype),
                            (models.text_encoder2, plan.text_encoder_storage_dtype)):
         if storage is not None:
@@ -57,6 +70,7 @@ def prepare_base_models(
             for te in (models.text_encoder1, models.text_encoder2):
                 enable_text_encoder_checkpointing(te)
                 te.train()
+    return attention
 
 
 def enable_text_encoder_checkpointing(text_encoder) -> None:

@@ -90,8 +90,25 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def xformers_usable(device_type: str) -> bool:
-    return device_type == "cuda" and importlib.util.find_spec("xformers") is not None
+def xformers_problem(device_type: str) -> str | None:
+    """Why xformers cannot run on `device_type` (None: it can, as far as importing it tells).
+
+    An installed xformers built for another torch or CUDA fails in many ways (ImportError, OSError from its
+    library, RuntimeError...), so any error on import means "not usable"; one that imports but fails on its first
+    call is caught where attention is set (`library.base_models.set_attention`)."""
+    if device_type != "cuda":
+        return "it needs a CUDA GPU"
+    if importlib.util.find_spec("xformers") is None:
+        return "it is not installed (pip install xformers, the build matching your torch and CUDA)"
+    try:
+        importlib.import_module("xformers.ops")
+    except Exception as error:  # noqa: BLE001 - whatever a broken build raises, SDPA still works
+        return f"importing it failed: {type(error).__name__}: {_first_line(error)}"
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:200]
 
 
 def check_precision_flags(request: PrecisionRequest) -> None:
@@ -111,9 +128,11 @@ def _attention(request: PrecisionRequest, device_type: str, notes: list[str]) ->
                      "runs memory-efficiently on a GPU)")
         return "sliced"
     if request.xformers:
-        if xformers_usable(device_type):
+        problem = xformers_problem(device_type)
+        if problem is None:
             return "xformers"
-        notes.append("--xformers: xformers cannot run on this machine; using PyTorch SDPA attention instead")
+        notes.append(f"--xformers: xformers cannot run on this machine ({problem}); using PyTorch SDPA attention "
+                     "instead")
     return "sdpa"
 
 
