@@ -6,7 +6,7 @@ import importlib
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from library.precision import PrecisionPlan, plan_precision, save_dtype
 from library.run_report import StepTimer, build_report, peak_memory, write_report
 from library.ema import LoRAEMA
 from library.saving import LoRASaver
+from library.trackers import log_sample_images, run_hparams, store_run_config
 from library.validation import (ValidationSet, build_validation_set, scan_validation_dir, split_records,
                                 validation_logs, validation_loss, validation_metadata)
 from library.train_state import RngSnapshot, TrainProgress, load_state, save_state
@@ -279,7 +280,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     load_started = time.perf_counter()
     models = load_sdxl(cfg.model.path, config_dir=cfg.model.config_dir, dtype=plan.weight_dtype,
                        device=accelerator.device, linear_weight_dtypes=plan.storage_dtypes(), vae_dtype=plan.vae_dtype)
-    prepare_base_models(models, plan, cfg.precision, cfg.network.train_text_encoder, accelerator.device)
+    attention = prepare_base_models(models, plan, cfg.precision, cfg.network.train_text_encoder, accelerator.device)
+    if attention != plan.attention:  # xformers failed on its first call: SDPA runs, and the report says so
+        plan = replace(plan, attention=attention)
     load_seconds = time.perf_counter() - load_started
     encode: Encoder | None = vae_encoder(models.vae, accelerator.device)
     if cfg.loop.cache_latents:
@@ -349,8 +352,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     saver = LoRASaver(cfg.output.output_dir, cfg.output.output_name, save_dtype(cfg.output.save_precision), ema=ema)
     if accelerator.is_main_process:
         saver.save_param_groups(group_infos, inner.param_groups[0].get("weight_decay"))
-    if cfg.output.log_with:
+    if cfg.output.log_with:  # trackers, with the run's settings so runs can be compared
         accelerator.init_trackers(cfg.output.log_tracker_name or "network_train")
+        hparams = run_hparams(cfg.network, opt, cfg.loop, plan.summary(), total_steps=schedule.total_steps,
+                              num_epochs=schedule.num_epochs, num_train_images=dataset.num_train_images)
+        metrics = ("loss/average", "loss/validation") if validation is not None else ("loss/average",)
+        for problem in store_run_config(accelerator.trackers, hparams, metrics):
+            accelerator.print(f"warning: {problem}")
 
     # Resume: optimizer, scheduler, RNG, LoRA weights and the position in the data come back from the state
     # folder, registered objects in a fixed order (the load must see them in the order they were saved).
@@ -469,8 +477,8 @@ def maybe_validate(parts: TrainingParts, cfg: TrainConfig, noise_scheduler, step
 
 
 def maybe_sample(parts: TrainingParts, cfg: TrainConfig, step: int, epoch: int | None) -> None:
-    """Render the sample prompts when they are due (main process), log them to TensorBoard, and keep the time
-    out of the step timings. Sampling restores every RNG state, so it never changes the training run."""
+    """Render the sample prompts when they are due (main process), log them to every tracker that takes images,
+    and keep the time out of the step timings. Sampling restores every RNG state, so it never changes the training run."""
     sampling, accelerator = cfg.sampling, parts.accelerator
     if sampling is None or not sampling.due(step, epoch):
         return
@@ -483,9 +491,9 @@ def maybe_sample(parts: TrainingParts, cfg: TrainConfig, step: int, epoch: int |
                               epoch=epoch, max_token_length=cfg.loop.max_token_length, seed_base=cfg.loop.seed,
                               network=parts.network)
         if accelerator.trackers:
-            writer = accelerator.get_tracker("tensorboard", unwrap=True)
-            for prompt, image in zip(sampling.prompts, images_for_tracker(paths)):
-                writer.add_image(f"sample_{prompt.index}", image, step, dataformats="HWC")
+            images = [(f"sample_{p.index}", image) for p, image in zip(sampling.prompts, images_for_tracker(paths))]
+            for problem in log_sample_images(accelerator.trackers, images, step):
+                accelerator.print(f"warning: {problem}")
     accelerator.wait_for_everyone()
     parts.timer.restart()
 
