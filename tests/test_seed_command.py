@@ -60,7 +60,7 @@ def test_seed_command_runs_under_accelerate_launch(tiny_sdxl, tmp_path):
     assert report["precision"]["unet_weights"] == report["precision"]["text_encoder_weights"] == "float8_e4m3fn"
     assert (report["precision"]["compute"], report["attention"], report["steps"]) == ("float32", "sdpa", 14)
     assert f"LoRA saved to {tmp_path / 'out' / 'utaha_xl_loraplus.safetensors'}" in proc.stdout
-    assert "xformers cannot run on this machine; using PyTorch SDPA" in proc.stdout + proc.stderr
+    assert "xformers cannot run on this machine (it needs a CUDA GPU); using PyTorch SDPA" in proc.stdout + proc.stderr
     assert "fp16 needs a CUDA GPU" in proc.stdout + proc.stderr
     with safe_open(str(tmp_path / "out" / "utaha_xl_loraplus.safetensors"), "pt") as f:
         meta = f.metadata()
