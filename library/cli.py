@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     files = parser.add_argument_group("config files")
     files.add_argument("--config_file", default=None,
                        help="TOML of these arguments (flat, or grouped in tables as sd-scripts writes them); flags "
-                            "on the command line win; an unknown key is an error")
+                            "on the command line win; an unknown key is an error, and so is an sd-scripts option this "
+                            "trainer lacks unless it is off")
     files.add_argument("--output_config", action="store_true",
                        help="write the effective arguments as TOML (to --config_file's path, else "
                             "<output_dir>/<output_name>.toml) and exit without training")

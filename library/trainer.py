@@ -478,7 +478,7 @@ def maybe_validate(parts: TrainingParts, cfg: TrainConfig, noise_scheduler, step
 
 def maybe_sample(parts: TrainingParts, cfg: TrainConfig, step: int, epoch: int | None) -> None:
     """Render the sample prompts when they are due (main process), log them to every tracker that takes images,
-    and keep the time out of the step timings. Sampling restores every RNG state, so it never changes the training run."""
+    and keep the time out of the step timings. Sampling restores every RNG state, so it never changes the run."""
     sampling, accelerator = cfg.sampling, parts.accelerator
     if sampling is None or not sampling.due(step, epoch):
         return

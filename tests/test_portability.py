@@ -79,8 +79,8 @@ def test_no_unix_only_module_at_import_time_or_unix_only_call():
 
 def _python310() -> str | None:
     """A working Python 3.10 (a pyenv shim on PATH may exist and still refuse to run)."""
-    candidates = [shutil.which("python3.10"), *sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.10*/bin/python"))),
-                  "/usr/bin/python3.10", "/usr/local/bin/python3.10"]
+    pyenv = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.10*/bin/python")))
+    candidates = [shutil.which("python3.10"), *pyenv, "/usr/bin/python3.10", "/usr/local/bin/python3.10"]
     for candidate in filter(None, candidates):
         try:
             done = subprocess.run([candidate, "-c", "import sys; print(sys.version_info[:2] == (3, 10))"],
