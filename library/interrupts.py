@@ -49,6 +49,34 @@ def sigterm_interrupts() -> Iterator[None]:
         signal.signal(sigterm, previous)
 
 
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM arriving in the body are held, and handed to their Python handlers at its end (so they
+    raise KeyboardInterrupt / `Terminated` there): the body runs whole or not at all. For short critical sections
+    only (an optimizer update and its bookkeeping). Signals that are ignored or left to the OS stay so; nothing
+    changes off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def hold(signum, frame):
+        received.append(signum)
+
+    previous = {}
+    for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
+        if sig is not None and callable(handler := signal.getsignal(sig)):
+            previous[sig] = handler
+            signal.signal(sig, hold)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        previous[received[0]](received[0], None)
+
+
 NOTHING_SAVED = "no LoRA or state was saved"
 
 

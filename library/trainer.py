@@ -35,7 +35,8 @@ from library.run_report import StepTimer, build_report, peak_memory, write_repor
 from library.ema import LoRAEMA
 from library.errors import OutputInUseError
 from library.finite import NonFiniteSteps, group_gradient_norms, non_finite_source
-from library.interrupts import NOTHING_SAVED, Phase, TrainingInterrupted, sigterm_interrupts, signal_name
+from library.interrupts import (NOTHING_SAVED, Phase, TrainingInterrupted, interrupts_deferred, sigterm_interrupts,
+                                signal_name)
 from library.run_lock import output_lock
 from library.saving import LoRASaver
 from library.validation import (ValidationSet, build_validation_set, scan_validation_dir, split_records,
@@ -586,14 +587,19 @@ def run_loop(parts: TrainingParts, cfg: TrainConfig, base_metadata: dict[str, st
             batches = iter(parts.loader)
             while batches_left > 0 and progress.step < schedule.total_steps:
                 size = min(accumulation, batches_left)
-                loss = optimizer_step(parts, cfg, params, batches, size, noise_scheduler, progress.step + 1)
-                batches_left -= size
-                progress.step += 1
-                progress.steps_in_epoch += 1
-                if batches_left == 0:  # the epoch is done: a state saved now resumes at the next one
-                    progress.epoch, progress.steps_in_epoch = epoch + 1, 0
-                parts.timer.step_done()
-                parts.rng_at_step = RngSnapshot.take()
+                loss, finite = backward_step(parts, cfg, params, batches, size, noise_scheduler, progress.step + 1)
+                # The update and the step's bookkeeping happen together or not at all: a Ctrl-C or SIGTERM arriving
+                # here is raised after them, so the saved state never has the weights of one step and the position,
+                # schedule or RNG of another.
+                with interrupts_deferred():
+                    apply_update(parts, cfg, params, finite)
+                    batches_left -= size
+                    progress.step += 1
+                    progress.steps_in_epoch += 1
+                    if batches_left == 0:  # the epoch is done: a state saved now resumes at the next one
+                        progress.epoch, progress.steps_in_epoch = epoch + 1, 0
+                    parts.timer.step_done()
+                    parts.rng_at_step = RngSnapshot.take()
 
                 losses.append(loss)
                 average = recent_average(losses)
@@ -622,14 +628,13 @@ def recent_average(losses: list[float]) -> float:
     return sum(finite) / len(finite) if finite else float("nan")
 
 
-def optimizer_step(parts: TrainingParts, cfg: TrainConfig, params: list[torch.nn.Parameter], batches, size: int,
-                   noise_scheduler, step: int) -> float:
-    """Forward and backward `size` batches (the loss averaged over them), then one clipped optimizer step of
-    `params` and one scheduler step; returns the mean loss over batches and processes.
+def backward_step(parts: TrainingParts, cfg: TrainConfig, params: list[torch.nn.Parameter], batches, size: int,
+                  noise_scheduler, step: int) -> tuple[float, bool]:
+    """Forward and backward `size` batches (the loss averaged over them) and the cross-process gradient average;
+    returns the mean loss over batches and processes, and whether the update may be applied.
 
-    Before the update, step `step`'s loss and then each optimizer group's gradient norm (after the cross-process
-    average, so every process decides alike) must be finite; if not, the step is skipped under --max_nan_steps
-    (gradients dropped, no update, the scheduler still steps so the schedule keeps its length) or the run stops
+    Step `step`'s loss and then each optimizer group's gradient norm (after the average, so every process decides
+    alike) must be finite; if not, the step is skipped under --max_nan_steps (a warning line) or the run stops
     (NonFiniteError). One host sync covers the loss and the norms."""
     accelerator = parts.accelerator
     total = torch.zeros((), device=accelerator.device)
@@ -648,19 +653,25 @@ def optimizer_step(parts: TrainingParts, cfg: TrainConfig, params: list[torch.nn
     source = non_finite_source(values[0], values[1:] if check_gradients else None, parts.group_descriptions)
     if source is not None:
         accelerator.print(parts.non_finite.skip_or_stop(step, source))
+    return values[0], source is None
+
+
+def apply_update(parts: TrainingParts, cfg: TrainConfig, params: list[torch.nn.Parameter], finite: bool) -> None:
+    """One clipped optimizer step, one scheduler step, the EMA. A skipped (non-finite) step drops its gradients
+    and only steps the scheduler, so the schedule keeps its length."""
+    if not finite:
         parts.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # torch warns when a scheduler steps before the first optimizer step
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             parts.lr_scheduler.step()
-        return values[0]
+        return
     if cfg.optimizer.max_grad_norm > 0:
-        accelerator.clip_grad_norm_(params, cfg.optimizer.max_grad_norm)
+        parts.accelerator.clip_grad_norm_(params, cfg.optimizer.max_grad_norm)
     parts.optimizer.step()
     parts.lr_scheduler.step()
     parts.optimizer.zero_grad(set_to_none=True)
     if parts.ema is not None:
         parts.ema.update()
-    return values[0]
 
 
 def save_step_checkpoint(parts: TrainingParts, cfg: TrainConfig, base_metadata: dict[str, str],

@@ -309,3 +309,18 @@ def test_weights_file_without_modules_of_the_trained_part_is_refused(tiny_sdxl, 
                            "--dim_from_weights", "--network_train_unet_only")
     assert train_network.main(argv) == 2
     assert "the UNet: the --network_weights file has no UNet modules" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name == "nt", reason="needs POSIX signals")
+@pytest.mark.parametrize("signum, raised", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)])
+def test_signals_in_a_deferred_section_are_raised_after_it(signum, raised):
+    from library.interrupts import interrupts_deferred
+
+    done = []
+    with pytest.raises(raised) as error, sigterm_interrupts():
+        with interrupts_deferred():
+            os.kill(os.getpid(), signum)
+            time.sleep(0.2)
+            done.append("the whole body")
+    assert done == ["the whole body"] and type(error.value) is raised
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
