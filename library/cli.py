@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+ENTRY_SCRIPTS = ("train_network.py", "sdxl_train_network.py")
+
+
 def resume_command(argv: Sequence[str], state: Path, program: str | None = None) -> str:
     """The command line that continues an interrupted run: this run's own arguments with `--resume STATE` in
     place of any `--resume` they had (argparse takes the last one anyway), quoted for this OS's shell.
@@ -225,7 +228,8 @@ def resume_command(argv: Sequence[str], state: Path, program: str | None = None)
             args.append(arg)
     if program is None:
         python = "python" if _same_file(shutil.which("python"), sys.executable) else sys.executable
-        program = _join([python, sys.argv[0] or "train_network.py"])
+        script = sys.argv[0] if Path(sys.argv[0]).name in ENTRY_SCRIPTS else "train_network.py"  # else: in-process
+        program = _join([python, script])
     return f"{program} {_join([*args, '--resume', str(state)])}"
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from library.errors import OutputInUseError
+from library.errors import OutputInUseError, UserInputError
 
 UNREADABLE_GRACE_S = 10.0
 """An unreadable lock younger than this may be one being written right now: it counts as held."""
@@ -130,11 +130,15 @@ def output_lock(output_dir: Path, output_name: str, note: Callable[[str], None] 
     """Hold `<output_dir>/<output_name>.lock` for the body; OutputInUseError (one line) when a live run holds it.
     A stale lock is taken over with a `note`. The folder is created when missing."""
     path = lock_path(output_dir, output_name)
-    path.parent.mkdir(parents=True, exist_ok=True)
     me = _this_holder()
     for _ in range(5):
-        if _create(path, me):
-            break
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if _create(path, me):
+                break
+        except OSError as error:
+            raise UserInputError(f"--output_dir: cannot create {path}: {error.strerror or error}; make the folder "
+                                 "writable or choose another --output_dir") from None
         try:
             seen = path.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -281,14 +281,19 @@ def train(cfg: TrainConfig) -> TrainResult:
     KeyboardInterrupt)."""
     started_at = time.time()
     phase = Phase()
-    state = PartialState()
     with sigterm_interrupts(), contextlib.ExitStack() as run_scope:
         try:
             return run_training(cfg, started_at, phase, run_scope)
         except TrainingInterrupted:
             raise
         except KeyboardInterrupt as interrupt:
-            raise TrainingInterrupted.during(phase, interrupt, state.is_main_process) from None
+            raise TrainingInterrupted.during(phase, interrupt, process_state().is_main_process) from None
+
+
+def process_state() -> PartialState:
+    """accelerate's process state (rank, process count) as the Accelerator made later will have it: made now with
+    the same `ACCELERATE_USE_CPU` reading as accelerate's own, or several CPU processes would each be rank 0."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 @contextlib.contextmanager
@@ -318,7 +323,7 @@ def run_training(cfg: TrainConfig, started_at: float, phase: Phase, run_scope: c
     records, validation = split_validation(cfg)
     dataset = TrainDataset(records, cfg.data)
     # One run per output: a second run on the same --output_dir/--output_name stops here.
-    run_scope.enter_context(held_output(cfg.output, PartialState()))
+    run_scope.enter_context(held_output(cfg.output, process_state()))
     sampling = cfg.sampling
     accelerator, plan = make_accelerator(cfg)
     accelerator.print(dataset.bucket_report())

@@ -324,3 +324,12 @@ def test_signals_in_a_deferred_section_are_raised_after_it(signum, raised):
             done.append("the whole body")
     assert done == ["the whole body"] and type(error.value) is raised
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_output_folder_that_cannot_be_created_is_one_line(tmp_path):
+    from library.errors import UserInputError
+
+    (tmp_path / "taken").write_text("a file where the output folder should be")
+    with pytest.raises(UserInputError, match="--output_dir: cannot create .*taken/run.lock: "):
+        with output_lock(tmp_path / "taken", "run"):
+            pass
