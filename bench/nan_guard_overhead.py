@@ -57,7 +57,7 @@ def sdxl_dim4_groups(device: str = "cpu") -> list[dict]:
 
 
 def _with_grad(grad: torch.Tensor) -> torch.nn.Parameter:
-    param = torch.nn.Parameter(torch.zeros(1))
+    param = torch.nn.Parameter(torch.zeros_like(grad))
     param.grad = grad
     return param
 
