@@ -9,7 +9,9 @@ lost the step, the epoch, the lr, the optimizer state, an RNG state or the data 
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import signal
 from pathlib import Path
 
 import pytest
@@ -102,6 +104,35 @@ def test_ctrl_c_saves_lora_and_state_and_resume_is_exact(uninterrupted, tiny_sdx
     monkeypatch.setattr(trainer_module, "backward_step", real_step)
     resumed = _train(_argv(tiny_sdxl.single_file, data, tmp_path / "c2", "--resume", str(stop.value.state_path)))
     assert resumed.losses == reference.losses[3:]
+    want, got = load_file(str(reference.final_path)), load_file(str(resumed.final_path))
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="sends a POSIX signal")
+@pytest.mark.parametrize("where, saved_step", [("batch_loss", 3), ("apply_update", 4)])
+def test_sigterm_at_any_point_of_a_step_resumes_exactly(uninterrupted, tiny_sdxl, data, tmp_path, monkeypatch, where,
+                                                       saved_step):
+    """A real SIGTERM during step 4: in its first batch, after its noise and dropout were drawn (the step is
+    dropped and the RNG put back: state of step 3), or in its optimizer update (the update and the step's
+    bookkeeping finish first: state of step 4). Either way the resumed run ends where the uninterrupted one did."""
+    _, reference = uninterrupted
+    real, calls = getattr(trainer_module, where), []
+    signal_at = {"batch_loss": 7, "apply_update": 4}[where]  # 2 batches per step: batch 7 starts step 4
+
+    def signalled(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(trainer_module, where, signalled)
+    with pytest.raises(TrainingInterrupted) as stop:
+        _train(_argv(tiny_sdxl.single_file, data, tmp_path / "t"))
+    assert (stop.value.signal_name, stop.value.exit_code, stop.value.step) == ("SIGTERM", 143, saved_step)
+    monkeypatch.setattr(trainer_module, where, real)
+    resumed = _train(_argv(tiny_sdxl.single_file, data, tmp_path / "t2", "--resume", str(stop.value.state_path)))
+    assert resumed.losses == reference.losses[saved_step:]
     want, got = load_file(str(reference.final_path)), load_file(str(resumed.final_path))
     assert all(torch.equal(want[k], got[k]) for k in want)
 
