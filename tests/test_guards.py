@@ -96,9 +96,9 @@ def test_lora_writer_refuses_non_finite_weights_and_keeps_the_old_file(tiny_mode
         network.state_dict()[name].fill_(NAN)
     with pytest.raises(NonFiniteError, match=f"refusing to write {good}: {name} holds NaN"):
         network.save_weights(good, torch.float32, {})
-    # the EMA (still finite) is checked as well: a NaN in it stops the save before the LoRA file is written
+    # the EMA file is checked as well, and before the LoRA file: both are written or neither
     with torch.no_grad():
-        network.state_dict()[name].zero_()
+        network.state_dict()[name].fill_(0.5)  # finite, and not what the file holds
         ema.shadow[name].fill_(INF)
     with pytest.raises(NonFiniteError, match=f"{saver.ema_path(good).name}: {name} holds NaN"):
         saver.save_final(network, {})

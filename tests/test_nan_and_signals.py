@@ -108,6 +108,25 @@ def test_max_nan_steps_skips_updates_keeps_the_schedule_and_counts(tiny_sdxl, da
     assert (report["steps"], report["non_finite_steps_skipped"]) == (4, 2)
 
 
+def test_a_state_holding_nan_is_refused_and_the_earlier_state_kept(tiny_sdxl, data, tmp_path, monkeypatch, capsys):
+    real_save = trainer_module.save_step_checkpoint
+
+    def poisoned_at_step_2(parts, cfg, base_metadata, progress):
+        if progress.step == 2:  # the weights stay finite; only the optimizer's moment estimate breaks
+            next(iter(parts.optimizer.state.values()))["exp_avg"].fill_(NAN)
+        return real_save(parts, cfg, base_metadata, progress)
+
+    monkeypatch.setattr(trainer_module, "save_step_checkpoint", poisoned_at_step_2)
+    out = tmp_path / "out"
+    assert train_network.main(_argv(tiny_sdxl.single_file, data, out, "--max_train_steps", "3", "--save_every_n_steps",
+                                    "1", "--save_state")) == 3
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: refusing to write the state {out / 'run-step00000002-state'}: optimizer state exp_avg "
+                      "of parameter 0 holds NaN or infinite values; states written before are kept"]
+    assert json.loads((out / "run-step00000001-state" / "train_state.json").read_text())["step"] == 1
+    assert not (out / "run-step00000002-state").exists() and not list(out.glob(".*"))  # no half state, no temp
+
+
 def test_ctrl_c_while_caching_is_one_line_and_propagates(tiny_sdxl, data, tmp_path, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
