@@ -45,8 +45,10 @@ class LockHolder:
             return None
         try:
             return abs(psutil.Process(self.pid).create_time() - self.process_started) < 1.0
-        except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
-            return psutil.pid_exists(self.pid) and self.process_started <= 0
+        except (psutil.NoSuchProcess, ValueError):
+            return False
+        except psutil.AccessDenied:  # it exists and cannot be inspected: count it as the owner
+            return True
 
 
 def lock_path(output_dir: Path, output_name: str) -> Path:
