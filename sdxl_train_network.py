@@ -3,7 +3,7 @@
 
 import sys
 
-from train_network import main
+from train_network import main, run  # noqa: F401  (main: for in-process callers, as train_network.main)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

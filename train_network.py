@@ -5,6 +5,9 @@
         --train_data_dir D --output_dir OUT --network_module networks.lora --loraplus_lr_ratio 16 ...
 
 or with the same arguments in a TOML file: `train_network.py --config_file train.toml [flags that win]`.
+
+Exit codes: 0 done, 2 bad input, 3 training diverged (NaN/inf), 75 the output is in use by another run,
+130 Ctrl-C, 143 SIGTERM (see library.errors).
 """
 
 from __future__ import annotations
@@ -12,19 +15,24 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from library.cli import build_parser
+from library.cli import build_parser, resume_command
 from library.config_file import parse_args, write_config
-from library.errors import UserInputError
+from library.errors import EXIT_INTERRUPTED, RunStopped
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the trainer; returns the process exit code (2 and one line on stderr for bad input)."""
+    """Run the trainer; returns the process exit code (one `error:` line on stderr for a refused or stopped run).
+
+    Ctrl-C or SIGTERM during training prints what was saved and the command that continues, then raises the
+    `TrainingInterrupted` on (a KeyboardInterrupt), so an in-process caller stops as it would on Ctrl-C; `run`
+    turns it into the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
         args = parse_args(parser, argv)  # the command line over --config_file's values
     except SystemExit as exit_:  # --help, or a flag argparse could not parse (already reported in one line)
         return int(exit_.code or 0)
-    except UserInputError as error:
+    except RunStopped as error:
         return _report(error)
     try:
         if args.output_config:  # write the effective arguments and stop: nothing is loaded
@@ -36,23 +44,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         from library.trainer import TrainingInterrupted, train
 
         result = train(cfg)
-    except UserInputError as error:
+    except RunStopped as error:
         return _report(error)
-    except TrainingInterrupted as stop:  # Ctrl-C: what was saved, and how to go on
-        if stop.lora_path is not None:
-            print(f"interrupted after step {stop.step}: LoRA saved to {stop.lora_path}", file=sys.stderr)
-        if stop.state_path is not None:
-            print(f"state saved to {stop.state_path}; continue with --resume \"{stop.state_path}\"", file=sys.stderr)
-        return 130
+    except TrainingInterrupted as stop:  # what was saved, and how to go on
+        for line in stop.report_lines():
+            print(line, file=sys.stderr)
+        if stop.state_path is not None and stop.is_main_process:
+            print(f"state saved to {stop.state_path}; continue with:\n  {resume_command(argv, stop.state_path)}",
+                  file=sys.stderr)
+        raise
     if result.is_main_process:
         print(f"LoRA saved to {result.final_path}")
     return 0
 
 
-def _report(error: UserInputError) -> int:
+def run(argv: Sequence[str] | None = None) -> int:
+    """The script's exit code: `main`'s, or for an interrupt 130 (Ctrl-C) / 143 (SIGTERM) without a traceback
+    (what was saved is already printed)."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt as interrupt:
+        code = getattr(interrupt, "exit_code", None)
+        if code is None:  # before the trainer started (imports, parsing): nothing to save
+            print("interrupted (SIGINT) before training started: nothing was saved", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        return code
+
+
+def _report(error: RunStopped) -> int:
     print(f"error: {error}", file=sys.stderr)
-    return 2
+    return error.exit_code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

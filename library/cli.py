@@ -6,6 +6,13 @@ Only this module and `library.config` see the argparse namespace.
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
 
 from library.loss_options import add_loss_arguments
 from library.optimizer_names import OPTIMIZER_TYPES, SCHEDULERS
@@ -127,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     loop.add_argument("--max_train_steps", type=int, default=1600)
     loop.add_argument("--max_train_epochs", type=int, default=None, help="overrides --max_train_steps")
     loop.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    loop.add_argument("--max_nan_steps", type=int, default=0,
+                      help="(not in sd-scripts) skip up to N optimizer steps whose loss or gradients are NaN/inf (no "
+                           "update; the schedule still advances), then stop; 0: stop at the first one (exit code 3)")
     loop.add_argument("--seed", type=int, default=None)
     loop.add_argument("--gradient_checkpointing", action="store_true")
     loop.add_argument("--max_token_length", type=int, default=None,
@@ -197,3 +207,38 @@ def build_parser() -> argparse.ArgumentParser:
     save.add_argument("--log_tracker_name", default=None, help="project/run name given to the trackers "
                                                                "(default network_train)")
     return parser
+
+
+ENTRY_SCRIPTS = ("train_network.py", "sdxl_train_network.py")
+
+
+def resume_command(argv: Sequence[str], state: Path, program: str | None = None) -> str:
+    """The command line that continues an interrupted run: this run's own arguments with `--resume STATE` in
+    place of any `--resume` they had (argparse takes the last one anyway), quoted for this OS's shell.
+
+    `program`: how the script was started (default `python <sys.argv[0]>`, with this interpreter's full path when
+    plain `python` would find another one)."""
+    args: list[str] = []
+    skip_next = False
+    for arg in argv:
+        if skip_next:
+            skip_next = False
+        elif arg == "--resume":
+            skip_next = True
+        elif not arg.startswith("--resume="):
+            args.append(arg)
+    if program is None:
+        python = "python" if _same_file(shutil.which("python"), sys.executable) else sys.executable
+        script = sys.argv[0] if Path(sys.argv[0]).name in ENTRY_SCRIPTS else "train_network.py"  # else: in-process
+        program = _join([python, script])
+    return f"{program} {_join([*args, '--resume', str(state)])}"
+
+
+def _same_file(a: str | None, b: str) -> bool:
+    """The same path (not resolved: a virtual environment's python links to the system one, which lacks its
+    packages)."""
+    return a is not None and os.path.normcase(os.path.abspath(a)) == os.path.normcase(os.path.abspath(b))
+
+
+def _join(words: Sequence[str]) -> str:
+    return subprocess.list2cmdline(list(words)) if os.name == "nt" else shlex.join(words)

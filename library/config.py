@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,7 +19,7 @@ from library.optimizer_names import canonical_optimizer_type, canonical_schedule
 from library.loss_options import LossOptions, loss_options_from_args
 from library.precision import PrecisionRequest, check_precision_flags
 from library.sample_prompts import SamplingConfig, make_sampling_config
-from library.train_state import check_resume_folder
+from library.train_state import check_resume_folder, saved_progress
 from library.ema import EMAConfig, ema_config_from_args
 from library.validation import ValidationConfig, validation_config_from_args
 from library.safetensors_header import read_safetensors_header
@@ -26,6 +27,7 @@ from library.dataset import DatasetConfig
 from library.dataset_config import load_dataset_config
 from library.errors import UserInputError
 from library.text_encoding import check_max_token_length
+from networks.block_weights import EMBEDDING_BLOCK, OUT_BLOCK, block_dims_and_alphas, block_index, block_lr_weights
 from networks.network_args import LORAPLUS_KEYS, LoRAPlusRatios, merge_loraplus_flags, parse_network_args
 
 
@@ -110,6 +112,9 @@ class LoopConfig:
     """Also keep them in sd-scripts' `<stem>_te_outputs.npz` beside each image."""
     text_encoder_cache_variants: int = 1
     """Caption variants cached per image (more than 1 lets caption shuffle and dropout work with the cache)."""
+    max_nan_steps: int = 0
+    """Optimizer steps with a NaN/inf loss or gradients that may be skipped before the run stops (0: stop at the
+    first)."""
 
 
 @dataclass(frozen=True)
@@ -202,6 +207,98 @@ def planned_group_lrs(
             if ratio is not None:
                 groups[f"{component} plus"] = lr * ratio
     return groups
+
+
+def check_run_length(max_train_steps: int, max_train_epochs: int | None) -> None:
+    """A run of no steps would only write the untrained LoRA (B = 0: a file that changes nothing): refuse it."""
+    if max_train_epochs is not None:
+        if max_train_epochs <= 0:
+            raise UserInputError(f"--max_train_epochs {max_train_epochs} trains nothing (it overrides "
+                                 "--max_train_steps): give 1 or more")
+    elif max_train_steps <= 0:
+        raise UserInputError(f"--max_train_steps {max_train_steps} trains nothing: give 1 or more (or --max_train_epochs)")
+
+
+def check_learning_rates(learning_rate: float, unet_lr: float | None, text_encoder_lr: list[float] | None) -> None:
+    """Every rate is a finite number >= 0 (a negative one climbs the loss, a NaN one breaks the weights)."""
+    given = [("--learning_rate", learning_rate), ("--unet_lr", unet_lr)]
+    given += [("--text_encoder_lr", lr) for lr in text_encoder_lr or ()]
+    for flag, lr in given:
+        if lr is not None and not (math.isfinite(lr) and lr >= 0):
+            raise UserInputError(f"{flag} {lr} must be a finite number >= 0 (e.g. 1e-4)")
+
+
+def check_something_trains(
+    learning_rate: float, unet_lr: float | None, text_encoder_lr: list[float] | None,
+    train_unet: bool, train_text_encoder: bool, unet_empty: str | None = None, text_encoder_empty: str | None = None,
+) -> None:
+    """Refuse a run in which no LoRA weight would change: each component is not trained, at lr 0, or gets no
+    modules (`unet_empty` / `text_encoder_empty` say why, e.g. every block lr weight is 0)."""
+    te_lr, te_flag = (text_encoder_lr[0], "--text_encoder_lr") if text_encoder_lr else (learning_rate, "--learning_rate")
+    u_lr, u_flag = (unet_lr, "--unet_lr") if unet_lr is not None else (learning_rate, "--learning_rate")
+    reasons = []
+    for name, trained, excluded_by, lr, flag, empty in (
+        ("the text encoders", train_text_encoder, "--network_train_unet_only", te_lr, te_flag, text_encoder_empty),
+        ("the UNet", train_unet, "--network_train_text_encoder_only", u_lr, u_flag, unet_empty),
+    ):
+        if not trained:
+            reasons.append(f"{name}: not trained ({excluded_by})")
+        elif lr == 0:
+            reasons.append(f"{name}: learning rate 0 ({flag} 0)")
+        elif empty:
+            reasons.append(f"{name}: {empty}")
+        else:
+            return
+    advice = "give a learning rate above 0" if all("learning rate 0" in r or "not trained" in r for r in reasons) \
+        else "change one of these"
+    raise UserInputError(f"nothing would train ({'; '.join(reasons)}): {advice}")
+
+
+def unet_without_modules(network_args: dict[str, str], dim: int, alpha: float,
+                         weights_names: list[str] | None) -> str | None:
+    """Why the UNet would get no trained LoRA module from the block network_args (every block lr weight or block
+    dim 0), or None. `weights_names`: the module names of --network_weights under --dim_from_weights."""
+    lr_weights = block_lr_weights(network_args)
+    adapted = range(EMBEDDING_BLOCK + 1, OUT_BLOCK)  # blocks 0 and 22 are never adapted
+    if weights_names is not None:
+        names = [name for name in weights_names if name.startswith("lora_unet_")]
+        if not names:
+            return "the --network_weights file has no UNet modules"
+        if lr_weights is not None and not any(lr_weights[_block_or(name, EMBEDDING_BLOCK + 1)] > 0 for name in names):
+            return "every block lr weight of the file's modules is 0 (down/mid/up_lr_weight)"
+        return None
+    if lr_weights is not None and not any(lr_weights[b] > 0 for b in adapted):
+        return "every block lr weight is 0 (down/mid/up_lr_weight)"
+    conv_dim = int(network_args["conv_dim"]) if "conv_dim" in network_args else None
+    blocks = block_dims_and_alphas(network_args, dim, alpha, conv_dim, None, lr_weights)
+    if blocks is not None and not any(blocks.dims[b] > 0 or (blocks.conv_dims is not None and blocks.conv_dims[b] > 0)
+                                      for b in adapted):
+        return "every block dim is 0 (block_dims, conv_block_dims)"
+    return None
+
+
+def _block_or(lora_name: str, default: int) -> int:
+    try:
+        return block_index(lora_name)
+    except ValueError:  # not an SDXL UNet name: loading the network reports it
+        return default
+
+
+def check_resume_trains(resume: Path, max_train_steps: int, max_train_epochs: int | None) -> None:
+    """A state saved at (or past) the end of this run's schedule would train nothing and only rewrite the final
+    file: refuse it (an unreadable train_state.json is left to the resume itself to report)."""
+    progress = saved_progress(resume)
+    if progress is None:
+        return
+    if max_train_epochs is not None:
+        done = progress.epoch > max_train_epochs
+        length = f"--max_train_epochs {max_train_epochs}"
+    else:
+        done = progress.step >= max_train_steps
+        length = f"--max_train_steps {max_train_steps}"
+    if done:
+        raise UserInputError(f"--resume {resume}: that state is at step {progress.step} (epoch {progress.epoch}), "
+                             f"already the end of {length}; nothing would train: give a longer run")
 
 
 def check_optimizer_fits_groups(
@@ -356,6 +453,21 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise UserInputError(problem)
     text_encoder_lr = list(args.text_encoder_lr) if args.text_encoder_lr else None
     train_unet, train_text_encoder = not args.network_train_text_encoder_only, not args.network_train_unet_only
+    # A run that would train nothing stops here: no steps, or no LoRA weight that may change.
+    check_run_length(args.max_train_steps, args.max_train_epochs)
+    check_learning_rates(args.learning_rate, args.unet_lr, text_encoder_lr)
+    file_names = None
+    if weights is not None and args.dim_from_weights:
+        file_names = [key.partition(".")[0] for key in read_safetensors_header(weights)[0]]
+    check_something_trains(
+        args.learning_rate, args.unet_lr, text_encoder_lr, train_unet, train_text_encoder,
+        unet_empty=unet_without_modules(network_args, args.network_dim, args.network_alpha, file_names),
+        text_encoder_empty=("the --network_weights file has no text-encoder modules"
+                            if file_names is not None and not any(n.startswith("lora_te") for n in file_names)
+                            else None),
+    )
+    if args.max_nan_steps < 0:
+        raise UserInputError(f"--max_nan_steps must be 0 or more, got {args.max_nan_steps}")
     check_optimizer_fits_groups(
         optimizer_type,
         planned_group_lrs(args.learning_rate, args.unet_lr, text_encoder_lr, loraplus, train_unet, train_text_encoder),
@@ -379,6 +491,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     resume = Path(args.resume) if args.resume else None
     if resume is not None:
         check_resume_folder(resume)
+        check_resume_trains(resume, args.max_train_steps, args.max_train_epochs)
     log_with = check_log_with(args.log_with, args.logging_dir)
     for flag in ("save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs", "save_last_n_steps",
                  "save_last_n_epochs_state", "save_last_n_steps_state"):
@@ -444,6 +557,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             cache_text_encoder_outputs=bool(args.cache_text_encoder_outputs or cache_te_to_disk),
             cache_text_encoder_outputs_to_disk=cache_te_to_disk,
             text_encoder_cache_variants=args.text_encoder_cache_variants,
+            max_nan_steps=args.max_nan_steps,
         ),
         output=OutputConfig(
             output_dir=Path(args.output_dir),

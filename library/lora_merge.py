@@ -32,7 +32,7 @@ from library.safetensors_header import TensorEntry, read_safetensors_header
 
 from library.atomic import atomic_path
 from library.checkpoint_reader import SAFETENSORS_DTYPES
-from library.errors import UserInputError
+from library.errors import NonFiniteError, UserInputError
 from library.lora_io import load_lora_file
 from networks.sdxl_keys import TE1_PREFIX, TE2_PREFIX, UNET_PREFIX
 
@@ -308,7 +308,10 @@ def merge_loras_into_single_file(
                 continue
             tensor = _read_tensor(raw, entry, data_start)
             if name in plan:
-                tensor = _merged_tensor(tensor, plan[name], merge_dtype)
+                tensor = _merged_tensor(tensor, plan[name], merge_dtype).to(_DTYPES[code])
+                if not bool(torch.isfinite(tensor).all()):  # the temporary file goes; no broken model is written
+                    raise NonFiniteError(f"refusing to write {out_path}: {name} holds NaN or infinite values after "
+                                         f"merging (as {code}); lower the ratios or use --save_precision float")
             out.write(_tensor_bytes(tensor.to(_DTYPES[code])))
             del tensor
     return MergeReport(modules=tuple(counts), changed_keys=tuple(sorted(plan)))

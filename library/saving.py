@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from library.atomic import write_text_atomic
-from library.ema import ema_path, save_ema_weights
+from library.ema import ema_path, ema_state_dict, save_ema_weights
+from library.finite import check_finite_for_saving
 
 
 class LoRASaver:
@@ -103,6 +104,8 @@ class LoRASaver:
         return self._save(network, metadata, self.step_path(step))
 
     def _save(self, network, metadata: Mapping[str, str], path: Path) -> Path:
+        if self.ema is not None:  # both files or neither: a NaN in the average stops before the LoRA is written
+            check_finite_for_saving(ema_state_dict(network, self.ema), self.dtype, self.ema_path(path))
         network.save_weights(path, self.dtype, metadata)
         self.saved.append(path)
         if self.ema is not None:

@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from library.errors import UserInputError
+from library.errors import NonFiniteError, UserInputError
+from library.finite import first_non_finite
 
 TRAIN_STATE_FILE = "train_state.json"
 
@@ -66,9 +68,17 @@ class RngSnapshot:
             torch.cuda.set_rng_state_all(self.cuda)
 
 
-def save_state(accelerator, folder: Path, progress: TrainProgress) -> Path:
+def save_state(accelerator, folder: Path, progress: TrainProgress,
+               check: Iterable[tuple[str, torch.Tensor]] = ()) -> Path:
     """Write accelerate's state and `train_state.json` to `folder` atomically: a temporary folder beside it is
-    filled, then renamed over it, so an interrupted save leaves the previous state intact."""
+    filled, then renamed over it, so an interrupted save leaves the previous state intact.
+
+    `check`: the state's tensors (weights, optimizer state, EMA): one holding a NaN or infinity makes every process
+    refuse the save (NonFiniteError) before anything is written, so a broken state never replaces a good one."""
+    bad = first_non_finite(check)
+    if bad is not None:
+        raise NonFiniteError(f"refusing to write the state {folder}: {bad} holds NaN or infinite values; states "
+                             "written before are kept")
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent)) \
@@ -103,6 +113,16 @@ def check_resume_folder(folder: Path) -> None:
         raise UserInputError(f"--resume: no such state folder: {folder}")
     if not (folder / TRAIN_STATE_FILE).is_file():
         raise UserInputError(f"--resume: {folder} is not a state folder saved by --save_state (no {TRAIN_STATE_FILE})")
+
+
+def saved_progress(folder: Path) -> TrainProgress | None:
+    """Where the state in `folder` stood (its `train_state.json`), or None when that cannot be read."""
+    try:
+        progress = TrainProgress()
+        progress.load_state_dict(json.loads((Path(folder) / TRAIN_STATE_FILE).read_text(encoding="utf-8")))
+        return progress
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def load_state(accelerator, folder: Path, progress: TrainProgress) -> None:

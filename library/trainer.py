@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import random
+import re
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from library.config import LoopConfig, NetworkConfig, TrainConfig
+from library.config import LoopConfig, NetworkConfig, OutputConfig, TrainConfig
 from library.dataset import BucketBatchSampler, TrainDataset, collate_examples, scan_train_data_dir
 from library.base_models import (Encoder, free_memory, prepare_base_models, release_model, vae_encoder,  # noqa: F401
                                  vae_fingerprint)
@@ -30,6 +33,11 @@ from library.optim import build_lr_scheduler, build_optimizer, decay_steps, tota
 from library.precision import PrecisionPlan, plan_precision, save_dtype
 from library.run_report import StepTimer, build_report, peak_memory, write_report
 from library.ema import LoRAEMA
+from library.errors import OutputInUseError
+from library.finite import NonFiniteSteps, group_gradient_norms, non_finite_source
+from library.interrupts import (NOTHING_SAVED, Phase, TrainingInterrupted, interrupts_deferred, sigterm_interrupts,
+                                signal_name)
+from library.run_lock import output_lock
 from library.saving import LoRASaver
 from library.trackers import log_sample_images, run_hparams, store_run_config
 from library.validation import (ValidationSet, build_validation_set, scan_validation_dir, split_records,
@@ -88,6 +96,8 @@ class TrainingParts:
     rng_at_step: RngSnapshot | None = None
     """Every RNG as the last finished optimizer step left it (what Ctrl-C saves)."""
     ema: LoRAEMA | None = None
+    non_finite: NonFiniteSteps = field(default_factory=NonFiniteSteps)
+    """Steps skipped for a NaN/inf loss or gradient, and how many may be (--max_nan_steps)."""
     validation: ValidationSource | None = None
     last_validated_step: int | None = None
     validation_losses: list[tuple[int, float]] = field(default_factory=list)
@@ -266,10 +276,55 @@ def average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator
 
 
 def train(cfg: TrainConfig) -> TrainResult:
+    """The whole run. Throughout, SIGTERM takes Ctrl-C's path; from the data check on, the main process holds
+    `<output_name>.lock`, so a second run cannot write the same files. An interrupt in the training loop saves the
+    LoRA and state of the last finished step, one before it saves nothing; both raise `TrainingInterrupted` (a
+    KeyboardInterrupt)."""
     started_at = time.time()
+    phase = Phase()
+    with sigterm_interrupts(), contextlib.ExitStack() as run_scope:
+        try:
+            return run_training(cfg, started_at, phase, run_scope)
+        except TrainingInterrupted:
+            raise
+        except KeyboardInterrupt as interrupt:
+            raise TrainingInterrupted.during(phase, interrupt, process_state().is_main_process) from None
+
+
+def process_state() -> PartialState:
+    """accelerate's process state (rank, process count) as the Accelerator made later will have it: made now with
+    the same `ACCELERATE_USE_CPU` reading as accelerate's own, or several CPU processes would each be rank 0."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+@contextlib.contextmanager
+def held_output(out: OutputConfig, state: PartialState):
+    """The main process holds `<output_dir>/<output_name>.lock` for the body; when another live run holds it,
+    every process stops with the same OutputInUseError line."""
+    with contextlib.ExitStack() as stack:
+        refusal = None
+        if state.is_main_process:
+            try:
+                stack.enter_context(output_lock(out.output_dir, out.output_name))
+            except OutputInUseError as error:
+                refusal = str(error)
+            # Holding the lock, and only then: clear what a killed run left in the output folder (temporary files).
+        if state.num_processes > 1:
+            refusal = broadcast_object_list([refusal])[0]
+        if refusal is not None:
+            raise OutputInUseError(refusal)
+        yield
+
+
+def run_training(cfg: TrainConfig, started_at: float, phase: Phase, run_scope: contextlib.ExitStack) -> TrainResult:
+    """Set-up, the loop and the final files; `phase` says what is going on, for the line an interrupt prints;
+    `run_scope` holds the output lock until the run ends, however it ends."""
     # Data first: a missing folder or broken image stops here, before any model loads.
+    phase.enter("reading the training data")
     records, validation = split_validation(cfg)
     dataset = TrainDataset(records, cfg.data)
+    # One run per output: a second run on the same --output_dir/--output_name stops here.
+    run_scope.enter_context(held_output(cfg.output, process_state()))
     sampling = cfg.sampling
     accelerator, plan = make_accelerator(cfg)
     accelerator.print(dataset.bucket_report())
@@ -277,6 +332,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # Base model, frozen, loaded tensor by tensor straight into its storage dtype on the device; latents and,
     # UNet-only, text-encoder outputs cached once (then those models are released), or both encoded per batch.
+    phase.enter("loading the model")
     load_started = time.perf_counter()
     models = load_sdxl(cfg.model.path, config_dir=cfg.model.config_dir, dtype=plan.weight_dtype,
                        device=accelerator.device, linear_weight_dtypes=plan.storage_dtypes(), vae_dtype=plan.vae_dtype)
@@ -286,6 +342,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     load_seconds = time.perf_counter() - load_started
     encode: Encoder | None = vae_encoder(models.vae, accelerator.device)
     if cfg.loop.cache_latents:
+        phase.enter("caching latents", NOTHING_SAVED + ("; the latents cached to disk so far are kept and reused"
+                                                        if cfg.loop.cache_latents_to_disk else ""))
         for cached in (dataset, validation.dataset if validation is not None else None):
             if cached is not None:
                 cache_latents(cached, encode, to_disk=cfg.loop.cache_latents_to_disk,
@@ -294,9 +352,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         models.vae = release_model(models.vae, sampling is not None, cfg.precision.highvram, accelerator.device)
         encode = None
         free_memory(accelerator.device)
+    phase.enter("hashing the model file")
     hashes = model_hashes(cfg.model.path)
     text_cache = None
     if cfg.loop.cache_text_encoder_outputs:
+        phase.enter("caching text-encoder outputs",
+                    NOTHING_SAVED + ("; the outputs cached to disk so far are kept and reused"
+                                     if cfg.loop.cache_text_encoder_outputs_to_disk else ""))
         text_cache = cache_text_conditioning(dataset, models, cfg.loop, plan, accelerator, model_id=hashes[1])
     validation_source = None
     if validation is not None:
@@ -304,6 +366,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             validation.dataset, models, cfg.loop, plan, accelerator, model_id=hashes[1]))
 
     # LoRA network, optimizer groups (LoRA+), schedule.
+    phase.enter("setting up the LoRA network")
     network = create_lora_network(cfg.network, models).to(accelerator.device, plan.lora_dtype)
     ema = None
     if cfg.ema is not None:
@@ -369,18 +432,30 @@ def train(cfg: TrainConfig) -> TrainResult:
         accelerator.print(f"resumed from {cfg.output.resume} at step {progress.step}, epoch {progress.epoch}")
 
     parts = TrainingParts(accelerator, plan, models, encode, network, optimizer, lr_scheduler, descriptions, loader,
-                          sampler, schedule, saver, ema=ema, validation=validation_source)
+                          sampler, schedule, saver, ema=ema, non_finite=NonFiniteSteps(cfg.loop.max_nan_steps),
+                          validation=validation_source)
+    phase.enter("training")  # an interrupt in the loop saves the last finished step (below)
     try:
         losses = run_loop(parts, cfg, base_metadata, progress)
-    except KeyboardInterrupt:
-        raise TrainingInterrupted(*save_interrupted(parts, cfg, base_metadata, progress)) from None
+    except KeyboardInterrupt as interrupt:
+        phase.enter(f"saving step {progress.step} after an interrupt",
+                    "files being written were left as they were (writes are atomic); checkpoints saved before are "
+                    "kept")
+        lora_path, state_path, step = save_interrupted(parts, cfg, base_metadata, progress)
+        raise TrainingInterrupted(lora_path, state_path, step, signal_name=signal_name(interrupt),
+                                  is_main_process=accelerator.is_main_process) from None
     epochs_done = progress.epoch - 1 if progress.steps_in_epoch == 0 else progress.epoch
     final_path, report_path = saver.final_path, None
     final_metadata = progress_metadata(base_metadata, steps=progress.step, epoch=epochs_done, finished=True)
+    phase.enter("writing the final LoRA", "the checkpoints saved before are kept; no final LoRA was written")
     if accelerator.is_main_process:
         final_path = saver.save_final(network, final_metadata)
+    phase.enter("writing the final files", f"the final LoRA was written to {final_path}")
     if cfg.output.save_state or cfg.output.save_state_on_train_end:
-        accelerator.print(f"saved {save_state(accelerator, saver.state_path(saver.final_path), progress)}")
+        accelerator.print(f"saved {save_run_state(parts, saver.state_path(saver.final_path), progress)}")
+    if parts.non_finite.skipped:
+        accelerator.print(f"warning: {len(parts.non_finite.skipped)} steps had a NaN/inf loss or gradients and were "
+                          f"skipped (--max_nan_steps {cfg.loop.max_nan_steps}): steps {parts.non_finite.skipped}")
     if accelerator.is_main_process:
         report = run_report(parts, cfg, steps=progress.step, epochs=epochs_done, load_seconds=load_seconds,
                             total_seconds=time.time() - started_at)
@@ -390,14 +465,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     accelerator.end_training()
     return TrainResult(final_path, saver.saved, progress.step, epochs_done, losses, accelerator.is_main_process,
                        report_path, parts.validation_losses)
-
-
-class TrainingInterrupted(Exception):
-    """Ctrl-C: the LoRA file and the resumable state of the last finished step were saved."""
-
-    def __init__(self, lora_path: Path | None, state_path: Path | None, step: int) -> None:
-        super().__init__(f"interrupted after step {step}")
-        self.lora_path, self.state_path, self.step = lora_path, state_path, step
 
 
 def save_interrupted(parts: TrainingParts, cfg: TrainConfig, base_metadata: dict[str, str],
@@ -413,8 +480,18 @@ def save_interrupted(parts: TrainingParts, cfg: TrainConfig, base_metadata: dict
         metadata = progress_metadata(base_metadata, steps=progress.step, epoch=progress.epoch, finished=False)
         lora_path = saver.save_step(parts.network, metadata, progress.step)
     if accelerator.num_processes == 1:  # with several processes the ranks may not all reach the save
-        state_path = save_state(accelerator, saver.state_path(saver.step_path(progress.step)), progress)
+        state_path = save_run_state(parts, saver.state_path(saver.step_path(progress.step)), progress)
     return lora_path, state_path, progress.step
+
+
+def save_run_state(parts: TrainingParts, folder: Path, progress: TrainProgress) -> Path:
+    """`save_state` of what this run trains: the weights, the optimizer state and the EMA are checked first, so a
+    state holding a NaN or infinity is refused (NonFiniteError) and never replaces a good one."""
+    optimizer_tensors = ((f"optimizer state {key} of parameter {index}", value)
+                         for index, state in enumerate(parts.optimizer.state.values()) for key, value in state.items())
+    ema_tensors = parts.ema.shadow.items() if parts.ema is not None else ()
+    return save_state(parts.accelerator, folder, progress,
+                      check=[*parts.network.state_dict().items(), *optimizer_tensors, *ema_tensors])
 
 
 def run_report(
@@ -433,6 +510,7 @@ def run_report(
         "epochs": epochs,
         "cached_latents": loop.cache_latents,
         "cached_text_encoder_outputs": loop.cache_text_encoder_outputs,
+        "non_finite_steps_skipped": len(parts.non_finite.skipped),
         "load_seconds": round(load_seconds, 3),
         "total_seconds": round(total_seconds, 3),
     }
@@ -513,47 +591,64 @@ def run_loop(parts: TrainingParts, cfg: TrainConfig, base_metadata: dict[str, st
         maybe_sample(parts, cfg, 0, 0)
     parts.timer.restart()
     parts.rng_at_step = RngSnapshot.take()
-    while progress.step < schedule.total_steps:
-        epoch = progress.epoch
-        sampler.set_epoch(epoch, skip_batches=progress.steps_in_epoch * accumulation)
-        network.on_epoch_start(None, None)
-        batches_left = len(sampler) - progress.steps_in_epoch * accumulation
-        batches = iter(parts.loader)
-        while batches_left > 0 and progress.step < schedule.total_steps:
-            size = min(accumulation, batches_left)
-            loss = optimizer_step(parts, cfg, params, batches, size, noise_scheduler)
-            batches_left -= size
-            progress.step += 1
-            progress.steps_in_epoch += 1
-            if batches_left == 0:  # the epoch is done: a state saved now resumes at the next one
-                progress.epoch, progress.steps_in_epoch = epoch + 1, 0
-            parts.timer.step_done()
-            parts.rng_at_step = RngSnapshot.take()
+    try:  # the bar closes before any error line, so that line is the last one printed
+        while progress.step < schedule.total_steps:
+            epoch = progress.epoch
+            sampler.set_epoch(epoch, skip_batches=progress.steps_in_epoch * accumulation)
+            network.on_epoch_start(None, None)
+            batches_left = len(sampler) - progress.steps_in_epoch * accumulation
+            batches = iter(parts.loader)
+            while batches_left > 0 and progress.step < schedule.total_steps:
+                size = min(accumulation, batches_left)
+                loss, finite = backward_step(parts, cfg, params, batches, size, noise_scheduler, progress.step + 1)
+                # The update and the step's bookkeeping happen together or not at all: a Ctrl-C or SIGTERM arriving
+                # here is raised after them, so the saved state never has the weights of one step and the position,
+                # schedule or RNG of another.
+                with interrupts_deferred():
+                    apply_update(parts, cfg, params, finite)
+                    batches_left -= size
+                    progress.step += 1
+                    progress.steps_in_epoch += 1
+                    if batches_left == 0:  # the epoch is done: a state saved now resumes at the next one
+                        progress.epoch, progress.steps_in_epoch = epoch + 1, 0
+                    parts.timer.step_done()
+                    parts.rng_at_step = RngSnapshot.take()
 
-            losses.append(loss)
-            average = sum(losses[-100:]) / len(losses[-100:])
-            progress_bar.update(1)
-            progress_bar.set_postfix(avr_loss=f"{average:.4f}")
-            logs = {"loss": loss, "loss/average": average}
-            logs.update({f"lr/{d}": float(lr) for d, lr in zip(parts.group_descriptions,
-                                                                  parts.lr_scheduler.get_last_lr())})
-            accelerator.log(logs, step=progress.step)
-            maybe_validate(parts, cfg, noise_scheduler, progress.step, None, average)
-            save_step_checkpoint(parts, cfg, base_metadata, progress)
-            maybe_sample(parts, cfg, progress.step, None)
-        if batches_left == 0:
-            maybe_validate(parts, cfg, noise_scheduler, progress.step, epoch, sum(losses[-100:]) / len(losses[-100:]))
-            save_epoch_checkpoint(parts, cfg, base_metadata, progress, epoch)
-            maybe_sample(parts, cfg, progress.step, epoch)
-    progress_bar.close()
+                losses.append(loss)
+                average = recent_average(losses)
+                progress_bar.update(1)
+                progress_bar.set_postfix(avr_loss=f"{average:.4f}")
+                logs = {"loss": loss, "loss/average": average}
+                logs.update({f"lr/{d}": float(lr) for d, lr in zip(parts.group_descriptions,
+                                                                      parts.lr_scheduler.get_last_lr())})
+                accelerator.log(logs, step=progress.step)
+                maybe_validate(parts, cfg, noise_scheduler, progress.step, None, average)
+                save_step_checkpoint(parts, cfg, base_metadata, progress)
+                maybe_sample(parts, cfg, progress.step, None)
+            if batches_left == 0:
+                maybe_validate(parts, cfg, noise_scheduler, progress.step, epoch, recent_average(losses))
+                save_epoch_checkpoint(parts, cfg, base_metadata, progress, epoch)
+                maybe_sample(parts, cfg, progress.step, epoch)
+    finally:
+        progress_bar.close()
     accelerator.wait_for_everyone()
     return losses
 
 
-def optimizer_step(parts: TrainingParts, cfg: TrainConfig, params: list[torch.nn.Parameter], batches, size: int,
-                   noise_scheduler) -> float:
-    """Forward and backward `size` batches (the loss averaged over them), then one clipped optimizer step of
-    `params` and one scheduler step; returns the mean loss over batches and processes."""
+def recent_average(losses: list[float]) -> float:
+    """The mean of the last 100 finite step losses (a skipped NaN step does not poison the average)."""
+    finite = [loss for loss in losses[-100:] if math.isfinite(loss)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def backward_step(parts: TrainingParts, cfg: TrainConfig, params: list[torch.nn.Parameter], batches, size: int,
+                  noise_scheduler, step: int) -> tuple[float, bool]:
+    """Forward and backward `size` batches (the loss averaged over them) and the cross-process gradient average;
+    returns the mean loss over batches and processes, and whether the update may be applied.
+
+    Step `step`'s loss and then each optimizer group's gradient norm (after the average, so every process decides
+    alike) must be finite; if not, the step is skipped under --max_nan_steps (a warning line) or the run stops
+    (NonFiniteError). One host sync covers the loss and the norms."""
     accelerator = parts.accelerator
     total = torch.zeros((), device=accelerator.device)
     for _ in range(size):
@@ -561,15 +656,35 @@ def optimizer_step(parts: TrainingParts, cfg: TrainConfig, params: list[torch.nn
                           cfg.network.train_text_encoder, accelerator, cfg.loop.max_token_length, cfg.loss)
         accelerator.backward(loss / size)
         total += loss.detach()
+    mean_loss = accelerator.reduce(total / size, reduction="mean").float().reshape(1)
     average_gradients(params, accelerator)
+    # Under fp16 loss scaling inf gradients are the GradScaler's to handle: it skips the step and lowers its scale.
+    check_gradients = getattr(accelerator, "scaler", None) is None
+    checked = [mean_loss, group_gradient_norms(parts.optimizer.param_groups).to(mean_loss.device)] \
+        if check_gradients else [mean_loss]
+    values = torch.cat(checked).tolist()
+    source = non_finite_source(values[0], values[1:] if check_gradients else None, parts.group_descriptions)
+    if source is not None:
+        accelerator.print(parts.non_finite.skip_or_stop(step, source))
+    return values[0], source is None
+
+
+def apply_update(parts: TrainingParts, cfg: TrainConfig, params: list[torch.nn.Parameter], finite: bool) -> None:
+    """One clipped optimizer step, one scheduler step, the EMA. A skipped (non-finite) step drops its gradients
+    and only steps the scheduler, so the schedule keeps its length."""
+    if not finite:
+        parts.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # torch warns when a scheduler steps before the first optimizer step
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+            parts.lr_scheduler.step()
+        return
     if cfg.optimizer.max_grad_norm > 0:
-        accelerator.clip_grad_norm_(params, cfg.optimizer.max_grad_norm)
+        parts.accelerator.clip_grad_norm_(params, cfg.optimizer.max_grad_norm)
     parts.optimizer.step()
     parts.lr_scheduler.step()
     parts.optimizer.zero_grad(set_to_none=True)
     if parts.ema is not None:
         parts.ema.update()
-    return float(accelerator.reduce(total / size, reduction="mean"))
 
 
 def save_step_checkpoint(parts: TrainingParts, cfg: TrainConfig, base_metadata: dict[str, str],
@@ -584,7 +699,7 @@ def save_step_checkpoint(parts: TrainingParts, cfg: TrainConfig, base_metadata: 
         accelerator.print(f"saved {saver.save_step(parts.network, metadata, progress.step)}")
         saver.remove_files(saver.old_step_paths(progress.step, every, out.save_last_n_steps))
     if out.save_state:
-        save_state(accelerator, saver.state_path(saver.step_path(progress.step)), progress)
+        save_run_state(parts, saver.state_path(saver.step_path(progress.step)), progress)
         if accelerator.is_main_process:
             saver.remove_states(saver.old_step_paths(progress.step, every, out.save_last_n_steps_state))
     accelerator.wait_for_everyone()
@@ -605,7 +720,7 @@ def save_epoch_checkpoint(parts: TrainingParts, cfg: TrainConfig, base_metadata:
         accelerator.print(f"saved {saver.save_epoch(parts.network, metadata, epoch)}")
         saver.remove_files(saver.old_epoch_paths(epoch, every, out.save_last_n_epochs))
     if out.save_state:
-        save_state(accelerator, saver.state_path(saver.epoch_path(epoch)), progress)
+        save_run_state(parts, saver.state_path(saver.epoch_path(epoch)), progress)
         if accelerator.is_main_process:
             saver.remove_states(saver.old_epoch_paths(epoch, every, out.save_last_n_epochs_state))
     accelerator.wait_for_everyone()

@@ -269,10 +269,14 @@ class LoRANetwork(nn.Module):
         return list(self.parameters())
 
     def save_weights(self, file: str | os.PathLike, dtype: torch.dtype | None, metadata: Mapping[str, str] | None) -> None:
-        """Write the adapters (every tensor, alpha included, cast to `dtype`) atomically as safetensors."""
+        """Write the adapters (every tensor, alpha included, cast to `dtype`) atomically as safetensors; refused
+        (NonFiniteError) when a tensor holds a NaN or infinity as stored, so a broken file never replaces a good one."""
+        from library.finite import check_finite_for_saving
         from library.lora_io import save_lora_file
 
-        save_lora_file(self.state_dict(), file, dtype, metadata)
+        state = self.state_dict()
+        check_finite_for_saving(state, dtype, file)
+        save_lora_file(state, file, dtype, metadata)
 
     def load_weights(self, file: str | os.PathLike) -> dict:
         """Load a LoRA file (ours or sd-scripts') into these adapters; returns load_state_dict's report."""

@@ -271,3 +271,16 @@ def test_lora_for_another_model_is_refused_in_one_line(tiny_sdxl, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: model.diffusion_model.middle_block.1.proj_in.weight: ")
     assert "another model" in err[0] and not out.exists()
+
+
+def test_a_merge_that_overflows_the_save_dtype_is_refused_and_writes_nothing(tiny_sdxl, lora_files, tmp_path,
+                                                                            capsys):
+    out = tmp_path / "merged.safetensors"
+    out.write_bytes(b"an earlier merge")
+    assert merge_main(["--sd_model", str(tiny_sdxl.single_file), "--models", str(lora_files["b"][1]), "--ratios",
+                       "1e9", "--save_to", str(out), "--save_precision", "fp16"]) == 3
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: refusing to write {out}: ") and "weight holds NaN or infinite values after " \
+        "merging (as F16); lower the ratios or use --save_precision float" in err
+    assert len(err.splitlines()) == 1
+    assert out.read_bytes() == b"an earlier merge" and [p.name for p in tmp_path.iterdir()] == ["merged.safetensors"]

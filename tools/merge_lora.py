@@ -25,7 +25,7 @@ import json  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
-from library.errors import UserInputError  # noqa: E402
+from library.errors import RunStopped, UserInputError  # noqa: E402
 
 PRECISIONS = ("float", "fp16", "bf16")
 
@@ -137,9 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             save_dtype=_dtype(args.save_precision),
             metadata=metadata,
         )
-    except UserInputError as error:
+    except RunStopped as error:  # bad input (2), or a merge that would write NaN/inf (3)
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
     for path, ratio, count in zip(models, ratios, report.modules):
         print(f"merged {path.name} x {ratio:g}: {count} modules")
     print(f"saved {args.save_to} ({len(report.changed_keys)} tensors changed, {time.perf_counter() - started:.1f}s)")
