@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from library.cli import build_parser, resume_command
 from library.config_file import parse_args, write_config
 from library.errors import EXIT_INTERRUPTED, RunStopped
+from library.interrupts import TrainingInterrupted
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from library.config import config_from_args
 
         cfg = config_from_args(args)
-        from library.trainer import TrainingInterrupted, train
+        from library.trainer import train
 
         result = train(cfg)
     except RunStopped as error:

@@ -32,6 +32,8 @@ class BlockUnixOnly(importlib.abc.MetaPathFinder):
     def __init__(self, roots: list[Path]) -> None:
         self.roots = [str(root.resolve()) + os.sep for root in roots]
         self.tests = str(ROOT / "tests") + os.sep
+        # Installed packages keep their imports even when the environment lives inside the checkout (.venv/).
+        self.installed = tuple(str(Path(p).resolve()) + os.sep for p in {sys.prefix, sys.base_prefix, sys.exec_prefix})
         self._import = builtins.__import__
 
     def install(self) -> None:
@@ -54,7 +56,9 @@ class BlockUnixOnly(importlib.abc.MetaPathFinder):
         if name.split(".")[0] not in UNIX_ONLY or not importer or importer.startswith("<"):
             return
         importer = str(Path(importer).resolve())
-        if any(importer.startswith(root) for root in self.roots) and not importer.startswith(self.tests):
+        if importer.startswith(self.installed) or importer.startswith(self.tests):
+            return
+        if any(importer.startswith(root) for root in self.roots):
             raise ModuleNotFoundError(f"No module named {name!r} (Unix-only, imported by {importer})", name=name)
 
 
