@@ -14,8 +14,6 @@ in the file's dtype - never a second copy of the model.
 from __future__ import annotations
 
 import json
-import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -228,8 +226,14 @@ def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
             if "mmap" not in str(e):
                 raise
             loaded = torch.load(file, map_location="cpu", weights_only=True)  # legacy format: no mmap possible
-    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    except Exception as e:  # noqa: BLE001 - whatever unpickling a damaged or foreign file raises, it is unreadable
+        if isinstance(e, UserInputError):
+            raise
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if file.is_dir():
+            reason = "a folder, not a file"
+        elif file.stat().st_size == 0:
+            reason = "empty"
         raise UserInputError(f"{file}: not a readable weights-only torch checkpoint ({reason})") from None
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]

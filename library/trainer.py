@@ -31,6 +31,7 @@ from library.precision import PrecisionPlan, plan_precision, save_dtype
 from library.run_report import StepTimer, build_report, peak_memory, write_report
 from library.ema import LoRAEMA
 from library.saving import LoRASaver
+from library.stale_files import remove_stale_temp_files
 from library.validation import (ValidationSet, build_validation_set, scan_validation_dir, split_records,
                                 validation_logs, validation_loss, validation_metadata)
 from library.train_state import RngSnapshot, TrainProgress, load_state, save_state
@@ -271,6 +272,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     dataset = TrainDataset(records, cfg.data)
     sampling = cfg.sampling
     accelerator, plan = make_accelerator(cfg)
+    if accelerator.is_main_process:  # what a killed run of this output left (must run under the output's lock)
+        remove_stale_temp_files(cfg.output.output_dir, cfg.output.output_name)
     accelerator.print(dataset.bucket_report())
     set_seed(cfg.loop.seed)
 
