@@ -496,13 +496,22 @@ def maybe_sample(parts: TrainingParts, cfg: TrainConfig, step: int, epoch: int |
 def run_loop(parts: TrainingParts, cfg: TrainConfig, base_metadata: dict[str, str],
              progress: TrainProgress) -> list[float]:
     """Epochs of optimizer steps from `progress` on (0, or where a resumed state stood); returns the loss of
-    every step run here. Each step accumulates `gradient_accumulation_steps` batches (fewer at an epoch's end)."""
+    every step run here. Each step accumulates `gradient_accumulation_steps` batches (fewer at an epoch's end).
+    The progress bar is closed however the loop ends, so an error line starts a line of its own."""
+    progress_bar = tqdm(total=parts.schedule.total_steps, initial=progress.step, desc="steps",
+                        disable=not parts.accelerator.is_local_main_process)
+    try:
+        return _run_steps(parts, cfg, base_metadata, progress, progress_bar)
+    finally:
+        progress_bar.close()
+
+
+def _run_steps(parts: TrainingParts, cfg: TrainConfig, base_metadata: dict[str, str], progress: TrainProgress,
+               progress_bar: tqdm) -> list[float]:
     accelerator, network, sampler = parts.accelerator, parts.network, parts.sampler
     schedule, accumulation = parts.schedule, cfg.loop.gradient_accumulation_steps
     noise_scheduler = make_noise_scheduler(cfg.loss.zero_terminal_snr)
     params = network.get_trainable_params()
-    progress_bar = tqdm(total=schedule.total_steps, initial=progress.step, desc="steps",
-                        disable=not accelerator.is_local_main_process)
     losses: list[float] = []
     if progress.step == 0:
         maybe_sample(parts, cfg, 0, 0)
@@ -540,7 +549,6 @@ def run_loop(parts: TrainingParts, cfg: TrainConfig, base_metadata: dict[str, st
             maybe_validate(parts, cfg, noise_scheduler, progress.step, epoch, sum(losses[-100:]) / len(losses[-100:]))
             save_epoch_checkpoint(parts, cfg, base_metadata, progress, epoch)
             maybe_sample(parts, cfg, progress.step, epoch)
-    progress_bar.close()
     accelerator.wait_for_everyone()
     return losses
 
