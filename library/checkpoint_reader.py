@@ -250,6 +250,8 @@ def _shards(index: Path) -> list[Path]:
         raise UserInputError(f"{index}: not a shard index with a weight_map ({type(e).__name__}: {e})") from None
     shards = [index.parent / name for name in dict.fromkeys(weight_map.values())]
     for shard in shards:
+        if shard.is_dir():
+            raise UserInputError(f"{shard}: a folder, not the shard file {index.name} names")
         if not shard.is_file():
             raise UserInputError(f"{index}: shard {shard.name} is missing beside it")
     return shards

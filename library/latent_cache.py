@@ -82,6 +82,8 @@ def load_cached_latents(
     """
     if not npz_path.exists():
         return None, "no cache file"
+    if npz_path.is_dir():
+        return None, "a folder is in its place"  # writing it fails with one line
     flipped = None
     try:
         with np.load(npz_path) as npz:

@@ -91,6 +91,9 @@ def _weight_shapes(subfolder: Path) -> dict[str, Shape]:
 
     weights = find_component_weights(subfolder)
     if weights is None:
+        in_the_way = [subfolder / name for name in component_weight_candidates() if (subfolder / name).is_dir()]
+        if in_the_way:
+            raise UserInputError(f"{_FLAG}: {in_the_way[0]} is a folder, not a weights file; {_ADVICE}")
         looked_for = ", ".join(component_weight_candidates()[:4])
         raise UserInputError(f"{_FLAG}: {subfolder} holds no weights (looked for {looked_for}...)")
     return _file_shapes(weights)

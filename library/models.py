@@ -70,6 +70,8 @@ def check_model_path(path: str | Path) -> None:
             hint += "; Hub repo ids are not downloaded, download the model first"
         raise UserInputError(f"{_FLAG}: no such file or folder: {path} ({hint})")
     if p.is_dir():
+        if (p / "model_index.json").is_dir():
+            raise UserInputError(f"{_FLAG}: {p / 'model_index.json'} is a folder, not a file ({_HINT})")
         if not (p / "model_index.json").is_file():
             raise UserInputError(
                 f"{_FLAG}: {path} is a folder without model_index.json, not a diffusers model ({_HINT})"

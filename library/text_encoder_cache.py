@@ -93,6 +93,8 @@ def _load(npz_path: Path, captions: list[str], model: str, length: int, te1_widt
     """The variants stored in `npz_path` when they fit this run, else (None, why not)."""
     if not npz_path.exists():
         return None, "no cache file"
+    if npz_path.is_dir():
+        return None, "a folder is in its place"  # writing it fails with one line
     try:
         with np.load(npz_path) as npz:
             if "captions" not in npz.files or [str(c) for c in npz["captions"]] != captions:
