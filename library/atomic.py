@@ -128,7 +128,7 @@ def _as_write_failure(error: BaseException, target: Path, temporary: Path | None
     return write_failure(code, target, what=what, hint=hint)
 
 
-# --- Writing ------------------------------------------------------------------------------------------------------------
+# --- Writing ----------------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, *, what: str = "", hint: str = "", durable: bool = True
                 ) -> Iterator[Path]:

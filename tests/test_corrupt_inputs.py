@@ -75,6 +75,17 @@ def _fails_with_one_line(argv: list[str], capsys, *names: Path, after_progress_b
     return errors[0]
 
 
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """The check must stop the run before the model loads: loading it fails the test."""
+    import library.trainer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded: the damaged file was not found at start-up")
+
+    monkeypatch.setattr(library.trainer, "load_sdxl", refuse)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("corrupt_data")
@@ -122,7 +133,7 @@ def test_the_variants_are_intact(tiny_sdxl, model_variants):
 # --- The model -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", DAMAGES)
 @pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
-def test_damaged_single_file(tiny_sdxl, model_variants, data, tmp_path, capsys, kind, suffix):
+def test_damaged_single_file(tiny_sdxl, model_variants, data, tmp_path, capsys, no_model_load, kind, suffix):
     model = tmp_path / f"model{suffix}"
     shutil.copyfile(tiny_sdxl.single_file if suffix == ".safetensors" else model_variants["ckpt"], model)
     damage(model, kind)
@@ -144,14 +155,14 @@ FOLDER_FILES = {
 
 @pytest.mark.parametrize("kind", DAMAGES)
 @pytest.mark.parametrize("variant, name", [(v, n) for v, names in FOLDER_FILES.items() for n in names])
-def test_damaged_file_of_a_diffusers_folder(model_variants, data, tmp_path, capsys, variant, name, kind):
+def test_damaged_file_of_a_diffusers_folder(model_variants, data, tmp_path, capsys, no_model_load, variant, name, kind):
     folder = _mirror(model_variants[variant], tmp_path / "model")
     damage(folder / name, kind)
     line = _fails_with_one_line(tiny_train_argv(folder, data, tmp_path / "out"), capsys, folder / name)
     assert line.startswith("error: --pretrained_model_name_or_path")
 
 
-def test_damaged_config_of_a_single_file_is_named(tiny_sdxl, data, tmp_path, capsys):
+def test_damaged_config_of_a_single_file_is_named(tiny_sdxl, data, tmp_path, capsys, no_model_load):
     """A single file's configs come from the folder beside it: a damaged one there is named too."""
     model = tmp_path / "m.safetensors"
     model.symlink_to(tiny_sdxl.single_file)
@@ -175,7 +186,7 @@ def lora_file(tiny_models, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("dim_from_weights", [False, True])
 @pytest.mark.parametrize("kind", DAMAGES)
-def test_damaged_network_weights(tiny_sdxl, lora_file, data, tmp_path, capsys, kind, dim_from_weights):
+def test_damaged_network_weights(tiny_sdxl, lora_file, data, tmp_path, capsys, no_model_load, kind, dim_from_weights):
     weights = tmp_path / "l.safetensors"
     shutil.copyfile(lora_file, weights)
     damage(weights, kind)
@@ -204,7 +215,8 @@ FOREIGN = {
 
 @pytest.mark.parametrize("dim_from_weights", [False, True])
 @pytest.mark.parametrize("kind", list(FOREIGN))
-def test_lora_of_another_kind_gets_advice_that_fits(tiny_sdxl, data, tmp_path, capsys, kind, dim_from_weights):
+def test_lora_of_another_kind_gets_advice_that_fits(tiny_sdxl, data, tmp_path, capsys, no_model_load, kind,
+                                                    dim_from_weights):
     from safetensors.torch import save_file
 
     make, expected = FOREIGN[kind]
@@ -215,7 +227,7 @@ def test_lora_of_another_kind_gets_advice_that_fits(tiny_sdxl, data, tmp_path, c
     assert expected in line and "add --dim_from_weights" not in line
 
 
-# --- --resume -----------------------------------------------------------------------------------------------------------
+# --- --resume ---------------------------------------------------------------------------------------------------------
 STATE_FILES = ("train_state.json", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl",
                "custom_checkpoint_1.pkl", "custom_checkpoint_2.pkl")
 
@@ -236,7 +248,7 @@ def state_folder(tiny_sdxl, data, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("kind", DAMAGES)
 @pytest.mark.parametrize("name", STATE_FILES)
-def test_damaged_state_file(tiny_sdxl, state_folder, data, tmp_path, capsys, name, kind):
+def test_damaged_state_file(tiny_sdxl, state_folder, data, tmp_path, capsys, no_model_load, name, kind):
     state = tmp_path / "run-state"
     shutil.copytree(state_folder, state)
     damage(state / name, kind)
@@ -248,7 +260,7 @@ def test_damaged_state_file(tiny_sdxl, state_folder, data, tmp_path, capsys, nam
 
 
 @pytest.mark.parametrize("name", STATE_FILES[1:])
-def test_missing_state_file(tiny_sdxl, state_folder, data, tmp_path, capsys, name):
+def test_missing_state_file(tiny_sdxl, state_folder, data, tmp_path, capsys, no_model_load, name):
     state = tmp_path / "run-state"
     shutil.copytree(state_folder, state)
     (state / name).unlink()
@@ -276,7 +288,7 @@ def test_state_damaged_after_the_start_up_check_is_not_called_a_flag_mismatch(ti
     assert "does not fit" not in str(raised.value)
 
 
-# --- Caches ---------------------------------------------------------------------------------------------------------------
+# --- Caches -----------------------------------------------------------------------------------------------------------
 def test_damaged_caches_are_recomputed_and_stale_temporaries_removed(tiny_sdxl, tmp_path, caplog):
     """Each image's latent and text-encoder caches damaged another way: the run trains, warns once per file and
     rewrites them. It also removes the temporaries a killed run left in the output and beside the images."""

@@ -84,7 +84,8 @@ def test_lora_file(tmp_path, full_disk_for):
     from library.lora_io import save_lora_file
 
     path = tmp_path / "run.safetensors"
-    state = {"m.lora_down.weight": torch.randn(4, 64), "m.lora_up.weight": torch.randn(64, 4), "m.alpha": torch.tensor(1.)}
+    state = {"m.lora_down.weight": torch.randn(4, 64), "m.lora_up.weight": torch.randn(64, 4),
+             "m.alpha": torch.tensor(1.0)}
     save_lora_file(state, path, torch.float16, {"ss_network_dim": "4"})
     full_disk_for(r"run\.safetensors")
     _expect_full(lambda: save_lora_file({k: v + 1 for k, v in state.items()}, path, torch.float16, {}), path,
@@ -315,8 +316,8 @@ def test_training_stops_with_one_line_when_the_disk_fills(tiny_sdxl, data, tmp_p
     assert train_network.main(argv) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: the disk is full: cannot write state file {out / 'run-step00000002-state' / 'optimizer.bin'} "
-                      f"{FULL}"] and "Traceback" not in err
+    failed = out / "run-step00000002-state" / "optimizer.bin"
+    assert errors == [f"error: the disk is full: cannot write state file {failed} {FULL}"] and "Traceback" not in err
     assert sorted(p.name for p in out.iterdir()) == ["run-step00000001-state", "run-step00000001.safetensors",
                                                      "run-step00000002.safetensors", "run_param_groups.json"]
     check_resume_folder(out / "run-step00000001-state")
