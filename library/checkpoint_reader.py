@@ -229,17 +229,28 @@ def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # noqa: BLE001 - whatever unpickling a damaged or foreign file raises, it is unreadable
         if isinstance(e, UserInputError):
             raise
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        if file.is_dir():
-            reason = "a folder, not a file"
-        elif file.stat().st_size == 0:
-            reason = "empty"
+        reason = _pickle_failure(e, file)
         raise UserInputError(f"{file}: not a readable weights-only torch checkpoint ({reason})") from None
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict):
         raise UserInputError(f"{file}: holds a {type(loaded).__name__}, not a dict of tensors")
     return {key: value for key, value in loaded.items() if isinstance(value, torch.Tensor)}
+
+
+def _pickle_failure(error: Exception, file: Path) -> str:
+    """What torch.load's error says about the file, in a few words (its messages run to paragraphs)."""
+    text = str(error)
+    if file.is_dir():
+        return "a folder, not a file"
+    if file.stat().st_size == 0:
+        return "empty"
+    if "central directory" in text:
+        return "truncated, or not a torch file: its zip directory is missing"
+    inner = text.partition("WeightsUnpickler error:")[2].strip()
+    if inner:
+        return f"not a checkpoint of tensors: {inner.splitlines()[0][:120]}"
+    return f"{type(error).__name__}: {(text.strip().splitlines() or [''])[0][:120]}"
 
 
 def _shards(index: Path) -> list[Path]:

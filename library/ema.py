@@ -165,5 +165,5 @@ def save_ema_weights(network: nn.Module, ema: LoRAEMA, path: str | os.PathLike, 
     to `dtype`, A1111 hashes), with `ss_ema_*` metadata. Returns `path`."""
     from library.lora_io import save_lora_file
 
-    save_lora_file(ema_state_dict(network, ema), path, dtype, ema_metadata(metadata, ema))
+    save_lora_file(ema_state_dict(network, ema), path, dtype, ema_metadata(metadata, ema), what="EMA file")
     return Path(path)

@@ -38,6 +38,7 @@ def save_lora_file(
     file: str | os.PathLike,
     dtype: torch.dtype | None,
     metadata: Mapping[str, str] | None,
+    what: str = "LoRA file",
 ) -> None:
     """Write LoRA tensors atomically; every tensor (alpha too) cast to `dtype`; hashes added to metadata.
 
@@ -52,7 +53,7 @@ def save_lora_file(
     metadata = dict(metadata or {})
     if metadata:
         metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = addnet_hashes(tensors, metadata)
-    write_bytes_atomic(file, save(tensors, metadata or None), what="LoRA file")
+    write_bytes_atomic(file, save(tensors, metadata or None), what=what)
 
 
 def normalize_lora_key(key: str) -> str:

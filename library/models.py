@@ -83,8 +83,8 @@ def check_model_path(path: str | Path) -> None:
         try:
             keys = list(read_safetensors_header(p)[0])
         except UserInputError as e:
-            raise UserInputError(f"{_FLAG}: {path} is not a readable safetensors file "
-                                 f"({str(e).removeprefix(f'{p}: ')}): download or convert it again") from None
+            raise UserInputError(f"{_FLAG}: {path}: {str(e).removeprefix(f'{p}: ')}; the file is damaged or not a "
+                                 "model: download or convert it again") from None
         if not any(k.startswith("model.diffusion_model.") for k in keys):
             raise UserInputError(
                 f"{_FLAG}: {path} holds no UNet (no model.diffusion_model.* tensors): is it a LoRA or a VAE? ({_HINT})"

@@ -112,7 +112,7 @@ def test_ema_file(tmp_path, full_disk_for):
     save_ema_weights(network, ema, path, torch.float32, {})
     full_disk_for(r"run-ema\.safetensors")
     ema.update()
-    _expect_full(lambda: save_ema_weights(network, ema, path, torch.float32, {}), path, "LoRA file", tmp_path)
+    _expect_full(lambda: save_ema_weights(network, ema, path, torch.float32, {}), path, "EMA file", tmp_path)
 
 
 def test_latent_cache(tmp_path, full_disk_for):
