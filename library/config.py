@@ -329,9 +329,8 @@ def first_save_estimate(
         tensors = len(weights_entries)
     else:
         conv_dim = int(network_args["conv_dim"]) if "conv_dim" in network_args else None
-        conv_alpha = float(network_args.get("conv_alpha") or 1.0) if conv_dim else None
-        blocks = block_dims_and_alphas(network_args, args.network_dim, args.network_alpha, conv_dim, conv_alpha,
-                                       block_lr_weights(network_args))
+        blocks = block_dims_and_alphas(network_args, args.network_dim, args.network_alpha, conv_dim,
+                                       1.0 if conv_dim else None, block_lr_weights(network_args))  # alphas: no size
         include_conv = bool(conv_dim) if blocks is None else blocks.conv_dims is not None
         if shapes.single_file is not None:
             layers = single_file_lora_layers(shapes.single_file, include_conv)
