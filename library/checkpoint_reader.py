@@ -14,8 +14,6 @@ in the file's dtype - never a second copy of the model.
 from __future__ import annotations
 
 import json
-import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -228,14 +226,31 @@ def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
             if "mmap" not in str(e):
                 raise
             loaded = torch.load(file, map_location="cpu", weights_only=True)  # legacy format: no mmap possible
-    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    except Exception as e:  # noqa: BLE001 - whatever unpickling a damaged or foreign file raises, it is unreadable
+        if isinstance(e, UserInputError):
+            raise
+        reason = _pickle_failure(e, file)
         raise UserInputError(f"{file}: not a readable weights-only torch checkpoint ({reason})") from None
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict):
         raise UserInputError(f"{file}: holds a {type(loaded).__name__}, not a dict of tensors")
     return {key: value for key, value in loaded.items() if isinstance(value, torch.Tensor)}
+
+
+def _pickle_failure(error: Exception, file: Path) -> str:
+    """What torch.load's error says about the file, in a few words (its messages run to paragraphs)."""
+    text = str(error)
+    if file.is_dir():
+        return "a folder, not a file"
+    if file.stat().st_size == 0:
+        return "empty"
+    if "central directory" in text:
+        return "truncated, or not a torch file: its zip directory is missing"
+    inner = text.partition("WeightsUnpickler error:")[2].strip()
+    if inner:
+        return f"not a checkpoint of tensors: {inner.splitlines()[0][:120]}"
+    return f"{type(error).__name__}: {(text.strip().splitlines() or [''])[0][:120]}"
 
 
 def _shards(index: Path) -> list[Path]:
@@ -246,6 +261,8 @@ def _shards(index: Path) -> list[Path]:
         raise UserInputError(f"{index}: not a shard index with a weight_map ({type(e).__name__}: {e})") from None
     shards = [index.parent / name for name in dict.fromkeys(weight_map.values())]
     for shard in shards:
+        if shard.is_dir():
+            raise UserInputError(f"{shard}: a folder, not the shard file {index.name} names")
         if not shard.is_file():
             raise UserInputError(f"{index}: shard {shard.name} is missing beside it")
     return shards

@@ -17,12 +17,17 @@ from pathlib import Path
 from library.optim import optimizer_class, per_group_lr_problem, schedule_problem, scheduler_class
 from library.optimizer_names import canonical_optimizer_type, canonical_scheduler, is_adaptive
 from library.loss_options import LossOptions, loss_options_from_args
-from library.precision import PrecisionRequest, check_precision_flags
+from library.precision import PrecisionRequest, check_precision_flags, save_dtype
 from library.sample_prompts import SamplingConfig, make_sampling_config
 from library.train_state import check_resume_folder, saved_progress
 from library.ema import EMAConfig, ema_config_from_args
 from library.validation import ValidationConfig, validation_config_from_args
 from library.safetensors_header import read_safetensors_header
+from library.lora_io import check_lora_file
+from library.model_files import ModelShapes, check_model_files
+from library.output_checks import FirstSave, check_free_space, check_output_folder, estimate_first_save
+from networks.block_weights import block_dims_and_alphas, block_lr_weights
+from networks.lora_size import diffusers_lora_layers, lora_parameter_count, single_file_lora_layers
 from library.dataset import DatasetConfig
 from library.dataset_config import load_dataset_config
 from library.errors import UserInputError
@@ -409,11 +414,42 @@ def check_log_with(log_with: str | None, logging_dir: str | None) -> tuple[str, 
     return trackers
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Validate the namespace and build the typed configuration (no file is read beyond existence checks)."""
-    from library.models import check_model_path
+def first_save_estimate(
+    args: argparse.Namespace, shapes: ModelShapes, weights_entries: dict | None, network_args: dict[str, str],
+    train_unet: bool, train_text_encoder: bool, optimizer_type: str,
+) -> FirstSave:
+    """The size of the run's first save, from the model's tensor shapes and the network flags (or, with
+    --dim_from_weights, the LoRA file's own tensors); see `library.output_checks.estimate_first_save`."""
+    if weights_entries is not None and args.dim_from_weights:
+        parameters = sum(math.prod(entry.shape) for entry in weights_entries.values())
+        tensors = len(weights_entries)
+    else:
+        conv_dim = int(network_args["conv_dim"]) if "conv_dim" in network_args else None
+        blocks = block_dims_and_alphas(network_args, args.network_dim, args.network_alpha, conv_dim,
+                                       1.0 if conv_dim else None, block_lr_weights(network_args))  # alphas: no size
+        include_conv = bool(conv_dim) if blocks is None else blocks.conv_dims is not None
+        if shapes.single_file is not None:
+            layers = single_file_lora_layers(shapes.single_file, include_conv)
+        else:
+            parts = shapes.components
+            layers = diffusers_lora_layers(parts["text_encoder1"], parts["text_encoder2"], parts["unet"], include_conv)
+        unet_rank = None
+        if blocks is not None:
+            unet_rank = lambda layer: (blocks.dim_and_alpha(layer.lora_name, layer.is_conv3x3) or (0,))[0]  # noqa: E731
+        parameters, tensors = lora_parameter_count(layers, dim=args.network_dim, conv_dim=conv_dim,
+                                                   train_unet=train_unet, train_text_encoder=train_text_encoder,
+                                                   unet_rank=unet_rank)
+    return estimate_first_save(parameters, tensors, save_dtype(args.save_precision).itemsize,
+                               ema=args.ema_decay is not None,
+                               save_state=bool(args.save_state or args.save_state_on_train_end),
+                               optimizer_type=optimizer_type)
 
-    check_model_path(args.pretrained_model_name_or_path)
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Validate the namespace and build the typed configuration. Files are read only as far as checking them
+    needs (headers, configs): the model, --network_weights and --resume fail here when damaged, and the output
+    folders when unusable or too full for the first save."""
+    model_shapes = check_model_files(args.pretrained_model_name_or_path, args.model_config_dir)
     data_dir = Path(args.train_data_dir) if args.train_data_dir else None
     if data_dir is None and not args.dataset_config:
         raise UserInputError("give --train_data_dir (a folder of N_name subfolders) or --dataset_config (a TOML file)")
@@ -431,8 +467,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.train_batch_size <= 0 or args.gradient_accumulation_steps <= 0:
         raise UserInputError("--train_batch_size and --gradient_accumulation_steps must be at least 1")
     weights = Path(args.network_weights) if args.network_weights else None
-    if weights is not None and not weights.is_file():
-        raise UserInputError(f"--network_weights: file not found: {weights}")
+    weights_entries = check_lora_file(weights, "--network_weights") if weights is not None else None
     if args.dim_from_weights and weights is None:
         raise UserInputError("--dim_from_weights needs --network_weights (the LoRA file to read the dims from)")
 
@@ -490,9 +525,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     check_precision_flags(precision_request)
     resume = Path(args.resume) if args.resume else None
     if resume is not None:
-        check_resume_folder(resume)
+        check_resume_folder(resume, with_ema=args.ema_decay is not None)
         check_resume_trains(resume, args.max_train_steps, args.max_train_epochs)
     log_with = check_log_with(args.log_with, args.logging_dir)
+    check_output_folder(Path(args.output_dir), "--output_dir")
+    if args.logging_dir:
+        check_output_folder(Path(args.logging_dir), "--logging_dir")
+    check_free_space(Path(args.output_dir), "--output_dir", first_save_estimate(
+        args, model_shapes, weights_entries, network_args, train_unet, train_text_encoder, optimizer_type))
     for flag in ("save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs", "save_last_n_steps",
                  "save_last_n_epochs_state", "save_last_n_steps_state"):
         if (getattr(args, flag) or 0) < 0:

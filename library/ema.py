@@ -164,10 +164,7 @@ def save_ema_weights(network: nn.Module, ema: LoRAEMA, path: str | os.PathLike, 
     """Write the EMA as a LoRA file through the same writer as `network.save_weights` (atomic, every tensor cast
     to `dtype`, A1111 hashes), with `ss_ema_*` metadata; refused like it when a tensor is not finite. Returns
     `path`."""
-    from library.finite import check_finite_for_saving
     from library.lora_io import save_lora_file
 
-    state = ema_state_dict(network, ema)
-    check_finite_for_saving(state, dtype, path)
-    save_lora_file(state, path, dtype, ema_metadata(metadata, ema))
+    save_lora_file(ema_state_dict(network, ema), path, dtype, ema_metadata(metadata, ema), what="EMA file")
     return Path(path)

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from library.atomic import write_npz_atomic
+from library.atomic import DAMAGED, NPZ_READ_ERRORS, write_npz_atomic
 from library.buckets import sdscripts_crop_ltrb
 from library.dataset import ImageRecord, TrainDataset
 from library.errors import UserInputError
+from library.stale_files import remove_stale_cache_temps
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ def load_cached_latents(
     """
     if not npz_path.exists():
         return None, "no cache file"
+    if npz_path.is_dir():
+        return None, "a folder is in its place"  # writing it fails with one line
     flipped = None
     try:
         with np.load(npz_path) as npz:
@@ -95,8 +98,8 @@ def load_cached_latents(
             if need_flipped:
                 flipped = npz["latents_flipped"]
             stored_vae = str(npz[VAE_KEY]) if VAE_KEY in npz.files else None
-    except (OSError, ValueError, EOFError) as error:
-        return None, f"it is unreadable ({error})"
+    except NPZ_READ_ERRORS as error:
+        return None, f"{DAMAGED} ({type(error).__name__}: {str(error)[:120]})"
     if vae_fingerprint is not None and stored_vae is not None and stored_vae != vae_fingerprint:
         return None, f"it was made by another VAE ({stored_vae}, this one is {vae_fingerprint})"
     expected = expected_latent_shape(record.bucket)
@@ -178,6 +181,8 @@ def cache_latents(
             "--random_crop cannot be used with --cache_latents (a cached latent holds one fixed crop): drop one of them"
         )
     pending: dict[tuple[tuple[int, int], bool], list[int]] = {}
+    if to_disk:  # what killed runs left beside the images
+        remove_stale_cache_temps({record.path.parent for record in dataset.records if record.used})
     for index, record in enumerate(dataset.records):
         if not record.used or dataset.has_latents(index):
             continue
@@ -190,7 +195,9 @@ def cache_latents(
             if cached is not None:
                 dataset.set_latents(index, *cached)
                 continue
-            if npz_path.exists():
+            if reason.startswith(DAMAGED):
+                logger.warning("latent cache %s: %s; recomputing it", npz_path, reason)
+            elif npz_path.exists():
                 logger.info("recomputing latent cache %s: %s", npz_path, reason)
         pending.setdefault((record.bucket, need_flipped), []).append(index)
 

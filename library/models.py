@@ -15,8 +15,8 @@ Its original (SGM) names map to diffusers' through ``networks.sdxl_keys``; a dif
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,6 +70,8 @@ def check_model_path(path: str | Path) -> None:
             hint += "; Hub repo ids are not downloaded, download the model first"
         raise UserInputError(f"{_FLAG}: no such file or folder: {path} ({hint})")
     if p.is_dir():
+        if (p / "model_index.json").is_dir():
+            raise UserInputError(f"{_FLAG}: {p / 'model_index.json'} is a folder, not a file ({_HINT})")
         if not (p / "model_index.json").is_file():
             raise UserInputError(
                 f"{_FLAG}: {path} is a folder without model_index.json, not a diffusers model ({_HINT})"
@@ -80,8 +82,9 @@ def check_model_path(path: str | Path) -> None:
     if p.suffix.lower() == ".safetensors":
         try:
             keys = list(read_safetensors_header(p)[0])
-        except (OSError, UserInputError) as e:
-            raise UserInputError(f"{_FLAG}: {path} is not a readable safetensors file ({e})") from None
+        except UserInputError as e:
+            raise UserInputError(f"{_FLAG}: {path}: {str(e).removeprefix(f'{p}: ')}; the file is damaged or not a "
+                                 "model: download or convert it again") from None
         if not any(k.startswith("model.diffusion_model.") for k in keys):
             raise UserInputError(
                 f"{_FLAG}: {path} holds no UNet (no model.diffusion_model.* tensors): is it a LoRA or a VAE? ({_HINT})"
@@ -140,6 +143,7 @@ def load_sdxl(
     resolved = source if source.is_dir() else resolve_config_dir(source, config_dir)
     precisions = _precisions(dtype or torch.float32, dict(linear_weight_dtypes or {}), vae_dtype)
     models = _empty_models(resolved)
+    tokenizer1, tokenizer2, scheduler = _tokenizers_and_scheduler(resolved)  # before the weights: fails fast
     with ExitStack() as stack:
         readers = _open_readers(source, stack)
         # Every name and shape is checked before the first tensor is read: a misfit fails in a second.
@@ -147,7 +151,6 @@ def load_sdxl(
         plans = {c: plan_for(c, models[c], readers[c], resolved, precisions[c]) for c in COMPONENTS}
         for c in COMPONENTS:
             _fill(models[c], readers[c], plans[c], precisions[c], torch.device(device))
-    tokenizer1, tokenizer2, scheduler = _tokenizers_and_scheduler(resolved)
     return SDXLModels(
         unet=models["unet"],
         vae=models["vae"],
@@ -191,17 +194,32 @@ def _empty_models(config_dir: Path) -> dict[str, torch.nn.Module]:
     for component in COMPONENTS:
         if not (config_dir / SUBFOLDERS[component] / "config.json").is_file():
             raise UserInputError(f"config folder {config_dir} lacks {SUBFOLDERS[component]}/config.json")
-    unet_config = UNet2DConditionModel.load_config(config_dir, subfolder="unet", local_files_only=True)
-    vae_config = AutoencoderKL.load_config(config_dir, subfolder="vae", local_files_only=True)
-    te1_config = CLIPTextConfig.from_pretrained(config_dir / "text_encoder", local_files_only=True)
-    te2_config = CLIPTextConfig.from_pretrained(config_dir / "text_encoder_2", local_files_only=True)
-    with init_empty_weights(include_buffers=False):
-        return {
-            "unet": UNet2DConditionModel.from_config(unet_config),
-            "vae": AutoencoderKL.from_config(vae_config),
-            "text_encoder1": CLIPTextModel(te1_config),
-            "text_encoder2": CLIPTextModelWithProjection(te2_config),
-        }
+    with _config_errors(config_dir, "the model configs"):
+        unet_config = UNet2DConditionModel.load_config(config_dir, subfolder="unet", local_files_only=True)
+        vae_config = AutoencoderKL.load_config(config_dir, subfolder="vae", local_files_only=True)
+        te1_config = CLIPTextConfig.from_pretrained(config_dir / "text_encoder", local_files_only=True)
+        te2_config = CLIPTextConfig.from_pretrained(config_dir / "text_encoder_2", local_files_only=True)
+        with init_empty_weights(include_buffers=False):
+            return {
+                "unet": UNet2DConditionModel.from_config(unet_config),
+                "vae": AutoencoderKL.from_config(vae_config),
+                "text_encoder1": CLIPTextModel(te1_config),
+                "text_encoder2": CLIPTextModelWithProjection(te2_config),
+            }
+
+
+@contextmanager
+def _config_errors(config_dir: Path, what: str) -> Iterator[None]:
+    """A config or tokenizer file that parses but that diffusers / transformers cannot use (a wrong value, a
+    missing key) is one line naming the folder, not a library traceback."""
+    try:
+        yield
+    except UserInputError:
+        raise
+    except Exception as error:  # noqa: BLE001 - the libraries raise many types for a bad config
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise UserInputError(f"{_FLAG}: {what} in {config_dir} cannot be used ({type(error).__name__}: {reason}); "
+                             "give the configs that came with the model") from None
 
 
 def _tokenizers_and_scheduler(config_dir: Path) -> tuple[Any, Any, Any]:
@@ -209,11 +227,13 @@ def _tokenizers_and_scheduler(config_dir: Path) -> tuple[Any, Any, Any]:
     import diffusers
     from transformers import CLIPTokenizer
 
-    tokenizer1 = CLIPTokenizer.from_pretrained(config_dir / "tokenizer", local_files_only=True)
-    tokenizer2 = CLIPTokenizer.from_pretrained(config_dir / "tokenizer_2", local_files_only=True)
-    config = diffusers.EulerDiscreteScheduler.load_config(config_dir, subfolder="scheduler", local_files_only=True)
-    scheduler_class = getattr(diffusers, str(config.get("_class_name")), diffusers.EulerDiscreteScheduler)
-    return tokenizer1, tokenizer2, scheduler_class.from_config(config)
+    with _config_errors(config_dir, "the tokenizers or scheduler config"):
+        tokenizer1 = CLIPTokenizer.from_pretrained(config_dir / "tokenizer", local_files_only=True)
+        tokenizer2 = CLIPTokenizer.from_pretrained(config_dir / "tokenizer_2", local_files_only=True)
+        config = diffusers.EulerDiscreteScheduler.load_config(config_dir, subfolder="scheduler",
+                                                              local_files_only=True)
+        scheduler_class = getattr(diffusers, str(config.get("_class_name")), diffusers.EulerDiscreteScheduler)
+        return tokenizer1, tokenizer2, scheduler_class.from_config(config)
 
 
 # --- Filling the empty models, one tensor at a time ----------------------------------------------------------------

@@ -144,5 +144,5 @@ def build_report(
 
 
 def write_report(path: Path, report: dict[str, Any]) -> Path:
-    write_text_atomic(path, json.dumps(report, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(report, indent=2) + "\n", what="run report")
     return path

@@ -30,7 +30,7 @@ from diffusers import (
 from PIL import Image
 from torch import nn
 
-from library.atomic import atomic_path
+from library.atomic import atomic_file
 from library.loss import SDXL_VAE_SCALE
 from library.models import SDXLModels
 from library.sample_prompts import SAMPLERS, SamplePrompt, check_sampler_usable, sample_file_name
@@ -135,8 +135,8 @@ def decode_latents(vae, latents: torch.Tensor) -> np.ndarray:
 
 
 def _save_png(image: np.ndarray, target: Path) -> Path:
-    with atomic_path(target) as tmp:
-        Image.fromarray(image).save(tmp, format="PNG")
+    with atomic_file(target, what="sample image") as handle:
+        Image.fromarray(image).save(handle, format="PNG")
     return target
 
 

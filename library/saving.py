@@ -4,6 +4,7 @@ and the rotation that keeps only the last N of them."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -44,7 +45,7 @@ class LoRASaver:
     def save_param_groups(self, infos: Sequence, weight_decay: float | None) -> Path:
         """The optimizer groups (LoRA+ base/plus, lr, sizes) as JSON beside the LoRA files."""
         rows = [{**asdict(info), "weight_decay": weight_decay} for info in infos]
-        write_text_atomic(self.param_groups_path, json.dumps(rows, indent=2) + "\n")
+        write_text_atomic(self.param_groups_path, json.dumps(rows, indent=2) + "\n", what="parameter groups")
         return self.param_groups_path
 
     def epoch_path(self, epoch: int) -> Path:
@@ -112,3 +113,15 @@ class LoRASaver:
             save_ema_weights(network, self.ema, self.ema_path(path), self.dtype, metadata)
             self.saved.append(self.ema_path(path))
         return path
+
+
+def output_file_pattern(output_name: str) -> re.Pattern[str]:
+    """Every name this trainer gives a file or folder of run `output_name` in the output folder (and its `sample/`
+    folder): LoRA, EMA and checkpoint files, state folders, the JSON beside them, --output_config's TOML and the
+    sample images. `library.stale_files` removes temporary files only of targets matching it."""
+    name = re.escape(output_name)
+    checkpoint = rf"{name}(?:-\d{{6}}|-step\d{{8}})?"
+    return re.compile(
+        rf"{checkpoint}(?:-ema)?\.safetensors|{checkpoint}-state|{name}_param_groups\.json|{name}_report\.json"
+        rf"|{name}\.toml|{name}_(?:e\d{{6}}|\d{{6}})_\d{{2}}_\d{{14}}_\d+\.png"
+    )

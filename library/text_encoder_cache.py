@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from library.atomic import write_npz_atomic
+from library.atomic import DAMAGED, NPZ_READ_ERRORS, write_npz_atomic
 from library.errors import UserInputError
+from library.stale_files import remove_stale_cache_temps
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ def _load(npz_path: Path, captions: list[str], model: str, length: int, te1_widt
     """The variants stored in `npz_path` when they fit this run, else (None, why not)."""
     if not npz_path.exists():
         return None, "no cache file"
+    if npz_path.is_dir():
+        return None, "a folder is in its place"  # writing it fails with one line
     try:
         with np.load(npz_path) as npz:
             if "captions" not in npz.files or [str(c) for c in npz["captions"]] != captions:
@@ -106,8 +109,8 @@ def _load(npz_path: Path, captions: list[str], model: str, length: int, te1_widt
                     return None, f"its states are {h1.shape[0]} tokens long, this run needs {length}"
                 context = torch.from_numpy(np.concatenate([h1, h2], axis=-1).astype(np.float32))
                 outputs.append((context, torch.from_numpy(pool.astype(np.float32))))
-    except (OSError, ValueError, EOFError, KeyError) as error:
-        return None, f"it is unreadable or incomplete ({error})"
+    except NPZ_READ_ERRORS as error:
+        return None, f"{DAMAGED} ({type(error).__name__}: {str(error)[:120]})"
     return outputs, ""
 
 
@@ -151,10 +154,13 @@ def cache_text_encoder_outputs(
         check_captions_fixed(caption_of, [captions[index][0] for index in range(len(image_paths))])
     outputs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     if to_disk:
+        remove_stale_cache_temps({Path(path).parent for path in image_paths})  # what killed runs left
         for index, path in enumerate(image_paths):
             loaded, reason = _load(te_cache_path(path), captions[index], model, length, te1_width)
             if loaded is not None:
                 outputs[index] = [(c.to(dtype), p.to(dtype)) for c, p in loaded]
+            elif reason.startswith(DAMAGED):
+                logger.warning("text-encoder cache %s: %s; recomputing it", te_cache_path(path), reason)
             elif te_cache_path(path).exists():
                 logger.info("recomputing text-encoder cache %s: %s", te_cache_path(path), reason)
 

@@ -40,6 +40,7 @@ from library.interrupts import (NOTHING_SAVED, Phase, TrainingInterrupted, inter
 from library.run_lock import output_lock
 from library.saving import LoRASaver
 from library.trackers import log_sample_images, run_hparams, store_run_config
+from library.stale_files import remove_stale_temp_files
 from library.validation import (ValidationSet, build_validation_set, scan_validation_dir, split_records,
                                 validation_logs, validation_loss, validation_metadata)
 from library.train_state import RngSnapshot, TrainProgress, load_state, save_state
@@ -308,7 +309,8 @@ def held_output(out: OutputConfig, state: PartialState):
                 stack.enter_context(output_lock(out.output_dir, out.output_name))
             except OutputInUseError as error:
                 refusal = str(error)
-            # Holding the lock, and only then: clear what a killed run left in the output folder (temporary files).
+            else:  # holding the lock, and only then: clear what a killed run of this output left (temporary files)
+                remove_stale_temp_files(out.output_dir, out.output_name)
         if state.num_processes > 1:
             refusal = broadcast_object_list([refusal])[0]
         if refusal is not None:
@@ -579,58 +581,64 @@ def maybe_sample(parts: TrainingParts, cfg: TrainConfig, step: int, epoch: int |
 def run_loop(parts: TrainingParts, cfg: TrainConfig, base_metadata: dict[str, str],
              progress: TrainProgress) -> list[float]:
     """Epochs of optimizer steps from `progress` on (0, or where a resumed state stood); returns the loss of
-    every step run here. Each step accumulates `gradient_accumulation_steps` batches (fewer at an epoch's end)."""
+    every step run here. Each step accumulates `gradient_accumulation_steps` batches (fewer at an epoch's end).
+    The progress bar is closed however the loop ends, so an error line starts a line of its own."""
+    progress_bar = tqdm(total=parts.schedule.total_steps, initial=progress.step, desc="steps",
+                        disable=not parts.accelerator.is_local_main_process)
+    try:
+        return _run_steps(parts, cfg, base_metadata, progress, progress_bar)
+    finally:
+        progress_bar.close()
+
+
+def _run_steps(parts: TrainingParts, cfg: TrainConfig, base_metadata: dict[str, str], progress: TrainProgress,
+               progress_bar: tqdm) -> list[float]:
     accelerator, network, sampler = parts.accelerator, parts.network, parts.sampler
     schedule, accumulation = parts.schedule, cfg.loop.gradient_accumulation_steps
     noise_scheduler = make_noise_scheduler(cfg.loss.zero_terminal_snr)
     params = network.get_trainable_params()
-    progress_bar = tqdm(total=schedule.total_steps, initial=progress.step, desc="steps",
-                        disable=not accelerator.is_local_main_process)
     losses: list[float] = []
     if progress.step == 0:
         maybe_sample(parts, cfg, 0, 0)
     parts.timer.restart()
     parts.rng_at_step = RngSnapshot.take()
-    try:  # the bar closes before any error line, so that line is the last one printed
-        while progress.step < schedule.total_steps:
-            epoch = progress.epoch
-            sampler.set_epoch(epoch, skip_batches=progress.steps_in_epoch * accumulation)
-            network.on_epoch_start(None, None)
-            batches_left = len(sampler) - progress.steps_in_epoch * accumulation
-            batches = iter(parts.loader)
-            while batches_left > 0 and progress.step < schedule.total_steps:
-                size = min(accumulation, batches_left)
-                loss, finite = backward_step(parts, cfg, params, batches, size, noise_scheduler, progress.step + 1)
-                # The update and the step's bookkeeping happen together or not at all: a Ctrl-C or SIGTERM arriving
-                # here is raised after them, so the saved state never has the weights of one step and the position,
-                # schedule or RNG of another.
-                with interrupts_deferred():
-                    apply_update(parts, cfg, params, finite)
-                    batches_left -= size
-                    progress.step += 1
-                    progress.steps_in_epoch += 1
-                    if batches_left == 0:  # the epoch is done: a state saved now resumes at the next one
-                        progress.epoch, progress.steps_in_epoch = epoch + 1, 0
-                    parts.timer.step_done()
-                    parts.rng_at_step = RngSnapshot.take()
+    while progress.step < schedule.total_steps:
+        epoch = progress.epoch
+        sampler.set_epoch(epoch, skip_batches=progress.steps_in_epoch * accumulation)
+        network.on_epoch_start(None, None)
+        batches_left = len(sampler) - progress.steps_in_epoch * accumulation
+        batches = iter(parts.loader)
+        while batches_left > 0 and progress.step < schedule.total_steps:
+            size = min(accumulation, batches_left)
+            loss, finite = backward_step(parts, cfg, params, batches, size, noise_scheduler, progress.step + 1)
+            # The update and the step's bookkeeping happen together or not at all: a Ctrl-C or SIGTERM arriving
+            # here is raised after them, so the saved state never has the weights of one step and the position,
+            # schedule or RNG of another.
+            with interrupts_deferred():
+                apply_update(parts, cfg, params, finite)
+                batches_left -= size
+                progress.step += 1
+                progress.steps_in_epoch += 1
+                if batches_left == 0:  # the epoch is done: a state saved now resumes at the next one
+                    progress.epoch, progress.steps_in_epoch = epoch + 1, 0
+                parts.timer.step_done()
+                parts.rng_at_step = RngSnapshot.take()
 
-                losses.append(loss)
-                average = recent_average(losses)
-                progress_bar.update(1)
-                progress_bar.set_postfix(avr_loss=f"{average:.4f}")
-                logs = {"loss": loss, "loss/average": average}
-                logs.update({f"lr/{d}": float(lr) for d, lr in zip(parts.group_descriptions,
-                                                                      parts.lr_scheduler.get_last_lr())})
-                accelerator.log(logs, step=progress.step)
-                maybe_validate(parts, cfg, noise_scheduler, progress.step, None, average)
-                save_step_checkpoint(parts, cfg, base_metadata, progress)
-                maybe_sample(parts, cfg, progress.step, None)
-            if batches_left == 0:
-                maybe_validate(parts, cfg, noise_scheduler, progress.step, epoch, recent_average(losses))
-                save_epoch_checkpoint(parts, cfg, base_metadata, progress, epoch)
-                maybe_sample(parts, cfg, progress.step, epoch)
-    finally:
-        progress_bar.close()
+            losses.append(loss)
+            average = recent_average(losses)
+            progress_bar.update(1)
+            progress_bar.set_postfix(avr_loss=f"{average:.4f}")
+            logs = {"loss": loss, "loss/average": average}
+            logs.update({f"lr/{d}": float(lr) for d, lr in zip(parts.group_descriptions,
+                                                                  parts.lr_scheduler.get_last_lr())})
+            accelerator.log(logs, step=progress.step)
+            maybe_validate(parts, cfg, noise_scheduler, progress.step, None, average)
+            save_step_checkpoint(parts, cfg, base_metadata, progress)
+            maybe_sample(parts, cfg, progress.step, None)
+        if batches_left == 0:
+            maybe_validate(parts, cfg, noise_scheduler, progress.step, epoch, recent_average(losses))
+            save_epoch_checkpoint(parts, cfg, base_metadata, progress, epoch)
+            maybe_sample(parts, cfg, progress.step, epoch)
     accelerator.wait_for_everyone()
     return losses
 

@@ -271,12 +271,9 @@ class LoRANetwork(nn.Module):
     def save_weights(self, file: str | os.PathLike, dtype: torch.dtype | None, metadata: Mapping[str, str] | None) -> None:
         """Write the adapters (every tensor, alpha included, cast to `dtype`) atomically as safetensors; refused
         (NonFiniteError) when a tensor holds a NaN or infinity as stored, so a broken file never replaces a good one."""
-        from library.finite import check_finite_for_saving
         from library.lora_io import save_lora_file
 
-        state = self.state_dict()
-        check_finite_for_saving(state, dtype, file)
-        save_lora_file(state, file, dtype, metadata)
+        save_lora_file(self.state_dict(), file, dtype, metadata)
 
     def load_weights(self, file: str | os.PathLike) -> dict:
         """Load a LoRA file (ours or sd-scripts') into these adapters; returns load_state_dict's report."""
@@ -288,19 +285,36 @@ class LoRANetwork(nn.Module):
         own = self.state_dict()
         unexpected = sorted(k for k in weights_sd if k not in own)
         reshaped = sorted(k for k in weights_sd if k in own and weights_sd[k].shape != own[k].shape)
-        if unexpected or reshaped:
-            example = (reshaped or unexpected)[0]
+        rank_only = [k for k in reshaped if _differs_in_rank_only(weights_sd[k].shape, own[k].shape, k)]
+        if unexpected or len(rank_only) < len(reshaped):
+            example = next((k for k in reshaped if k not in rank_only), None)
             detail = (f"{example} is {tuple(weights_sd[example].shape)} in the file, {tuple(own[example].shape)} here"
-                      if reshaped else f"{example} has no module here")
+                      if example else f"{unexpected[0]} has no layer in this model")
             raise UserInputError(
-                f"LoRA file {file} does not fit this network ({len(reshaped)} tensors of another shape, "
-                f"{len(unexpected)} of unknown modules; e.g. {detail}); add --dim_from_weights to take dims from the "
-                "file, or match --network_dim/--network_alpha/conv_dim"
+                f"LoRA file {file} was made for another base model ({len(unexpected)} tensors of layers this model "
+                f"lacks, {len(reshaped) - len(rank_only)} of other layer sizes; e.g. {detail}); continue it on the "
+                "model it was trained on, or drop --network_weights"
+            )
+        if rank_only:
+            example = rank_only[0]
+            raise UserInputError(
+                f"LoRA file {file} does not fit this network ({len(rank_only)} tensors of another rank; e.g. "
+                f"{example} is {tuple(weights_sd[example].shape)} in the file, {tuple(own[example].shape)} here); add "
+                "--dim_from_weights to take dims from the file, or match --network_dim/--network_alpha/conv_dim"
             )
         return self.load_state_dict(weights_sd, strict=False)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _differs_in_rank_only(file_shape: Sequence[int], own_shape: Sequence[int], key: str) -> bool:
+    """Whether a lora_down (rank, in, ...) or lora_up (out, rank, ...) tensor differs from ours only in its rank."""
+    if len(file_shape) != len(own_shape):
+        return False
+    rank_axis = 0 if key.endswith("lora_down.weight") else 1 if key.endswith("lora_up.weight") else None
+    return rank_axis is not None and all(
+        a == b for axis, (a, b) in enumerate(zip(file_shape, own_shape)) if axis != rank_axis)
 
 
 def _float_or_none(value: str | float | None) -> float | None:

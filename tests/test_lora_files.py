@@ -159,5 +159,5 @@ def test_load_weights_refuses_a_file_of_other_shapes(models, trained_file):
 
     path, *_ = trained_file  # dim 4
     network = create_network(1.0, 8, 1.0, None, _encoders(models), models.unet)
-    with pytest.raises(UserInputError, match=r"does not fit this network \(\d+ tensors of another shape"):
+    with pytest.raises(UserInputError, match=r"does not fit this network \(\d+ tensors of another rank"):
         network.load_weights(path)

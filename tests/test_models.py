@@ -170,7 +170,9 @@ def test_check_model_path_errors(tmp_path):
     assert "folder without model_index.json" in _one_line_error(tmp_path / "folder")
 
     (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 4)
-    assert "not a readable safetensors file" in _one_line_error(tmp_path / "junk.safetensors")
+    assert _one_line_error(tmp_path / "junk.safetensors") == (
+        f"--pretrained_model_name_or_path: {tmp_path / 'junk.safetensors'}: not a safetensors file (too short); "
+        "the file is damaged or not a model: download or convert it again")
 
     lora = tmp_path / "lora.safetensors"
     _write_safetensors_header(lora, ["lora_unet_input_blocks_4_1_proj_in.lora_down.weight"])
