@@ -525,8 +525,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     check_precision_flags(precision_request)
     resume = Path(args.resume) if args.resume else None
     if resume is not None:
+        check_resume_trains(resume, args.max_train_steps, args.max_train_epochs)  # nothing left to train comes first
         check_resume_folder(resume, with_ema=args.ema_decay is not None)
-        check_resume_trains(resume, args.max_train_steps, args.max_train_epochs)
     log_with = check_log_with(args.log_with, args.logging_dir)
     check_output_folder(Path(args.output_dir), "--output_dir")
     if args.logging_dir:
