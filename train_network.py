@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from library import allocator
 from library.cli import build_parser
 from library.config_file import parse_args, write_config
 from library.errors import UserInputError
@@ -19,6 +20,7 @@ from library.errors import UserInputError
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the trainer; returns the process exit code (2 and one line on stderr for bad input)."""
+    allocator.set_malloc_thresholds()  # before torch allocates: freed weight up-casts go back to the OS
     parser = build_parser()
     try:
         args = parse_args(parser, argv)  # the command line over --config_file's values
