@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from library import allocator
 from library.cli import build_parser, resume_command
 from library.config_file import parse_args, write_config
 from library.errors import EXIT_INTERRUPTED, RunStopped
@@ -28,6 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     `TrainingInterrupted` on (a KeyboardInterrupt), so an in-process caller stops as it would on Ctrl-C; `run`
     turns it into the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    allocator.set_malloc_thresholds()  # before torch allocates: freed weight up-casts go back to the OS
     parser = build_parser()
     try:
         args = parse_args(parser, argv)  # the command line over --config_file's values

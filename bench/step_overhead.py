@@ -29,6 +29,8 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
+from library import allocator  # noqa: E402
+
 TARGET = 1.05
 
 
@@ -139,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch", type=int, default=2)
     args = parser.parse_args(argv)
+    allocator.set_malloc_thresholds()  # as train_network.main does, for the bare loop and the trainer alike
     print(f"torch threads {torch.get_num_threads()}, {args.resolution} px, batch {args.batch}, {args.steps} steps")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
