@@ -15,11 +15,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from library import allocator
-from library.cli import build_parser, resume_command
-from library.config_file import parse_args, write_config
+from library.train import allocator
+from library.config.cli import build_parser, resume_command
+from library.config.config_file import parse_args, write_config
 from library.errors import EXIT_INTERRUPTED, RunStopped
-from library.interrupts import TrainingInterrupted
+from library.train.interrupts import TrainingInterrupted
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,10 +41,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.output_config:  # write the effective arguments and stop: nothing is loaded
             print(f"arguments written to {write_config(parser, args)}")
             return 0
-        from library.config import config_from_args
+        from library.config.build import config_from_args
 
         cfg = config_from_args(args)
-        from library.trainer import train
+        from library.train.trainer import train
 
         result = train(cfg)
     except RunStopped as error:

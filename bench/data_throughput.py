@@ -28,11 +28,11 @@ import torch  # noqa: E402
 
 def build(tmp: Path, args) -> tuple:
     """(config, models) for the tiny SDXL and a demo dataset of `args.count` images."""
-    from library.cli import build_parser
-    from library.config import config_from_args
-    from library.models import load_sdxl
-    from library.precision import PrecisionRequest, plan_precision
-    from library.trainer import prepare_base_models
+    from library.config.cli import build_parser
+    from library.config.build import config_from_args
+    from library.model.loading import load_sdxl
+    from library.model.precision import PrecisionRequest, plan_precision
+    from library.train.trainer import prepare_base_models
     from tools.make_demo_dataset import make_demo_dataset
     from tools.make_tiny_sdxl import write_tiny_sdxl
 
@@ -50,9 +50,9 @@ def build(tmp: Path, args) -> tuple:
 
 
 def make_dataset(cfg, models, cached: bool):
-    from library.dataset import TrainDataset, scan_train_data_dir
-    from library.latent_cache import cache_latents
-    from library.trainer import vae_encoder
+    from library.data.dataset import TrainDataset, scan_train_data_dir
+    from library.data.latent_cache import cache_latents
+    from library.train.trainer import vae_encoder
 
     dataset = TrainDataset(scan_train_data_dir(cfg.data), cfg.data)
     seconds = 0.0
@@ -65,7 +65,7 @@ def make_dataset(cfg, models, cached: bool):
 
 
 def loader_for(dataset, cfg, workers: int):
-    from library.trainer import make_loader
+    from library.train.trainer import make_loader
 
     loop = SimpleNamespace(batch_size=cfg.loop.batch_size, seed=0, max_data_loader_n_workers=workers,
                            persistent_data_loader_workers=workers > 0)
@@ -89,9 +89,9 @@ def step_shares(dataset, cfg, models, workers: int, steps: int) -> tuple[float, 
     """(share of step time spent waiting for the batch, seconds per step) over `steps` LoRA steps."""
     from accelerate import Accelerator
 
-    from library.loss import make_noise_scheduler
-    from library.precision import PrecisionRequest, plan_precision
-    from library.trainer import create_lora_network, vae_encoder, batch_loss
+    from library.train.loss import make_noise_scheduler
+    from library.model.precision import PrecisionRequest, plan_precision
+    from library.train.trainer import create_lora_network, vae_encoder, batch_loss
 
     accelerator = Accelerator(mixed_precision="no", cpu=True)
     plan = plan_precision(PrecisionRequest(), "cpu")

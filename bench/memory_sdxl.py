@@ -3,7 +3,7 @@
 
     python bench/memory_sdxl.py [--model sdxl.safetensors] [--work DIR] [--steps 4] [--modes fp32 fp16 fp8]
     python bench/memory_sdxl.py --gpu      # on a CUDA machine: SDXL at 1024^2, dim 4, fp8, checkpointing
-    python bench/memory_sdxl.py --modes fp8 --glibc-default-malloc   # "before" for library/allocator.py
+    python bench/memory_sdxl.py --modes fp8 --glibc-default-malloc   # "before" for library/train/allocator.py
 
 Without --model it writes a random full-size SDXL (tools/make_tiny_sdxl.py --full, 6.9 GB fp16) under --work
 once and reuses it. Each mode is a separate `train_network.py` process (peak RSS cannot be reset), training a
@@ -16,7 +16,7 @@ Modes (CPU targets from issue 5):
 - fp16: --mixed_precision fp16 on a CPU: Linear/Conv weights stored in fp16, computed in fp32 (target <= 11 GB);
 - fp8:  --fp8_base: Linear/Conv weights of UNet and text encoders in float8_e4m3fn, fp32 compute (target <= 6 GB).
 
-`--glibc-default-malloc` runs the trainer without its fixed malloc thresholds (library/allocator.py), i.e. with
+`--glibc-default-malloc` runs the trainer without its fixed malloc thresholds (library/train/allocator.py), i.e. with
 glibc's dynamic mmap threshold, for a before/after comparison. The CPU columns are the process's user and system
 CPU seconds (system time grows with page faults; both are steadier than wall time on a shared machine).
 """
@@ -75,12 +75,12 @@ def children_cpu_seconds() -> tuple[float, float]:
     return usage.ru_utime, usage.ru_stime
 
 
-# train_network.main with library.allocator's set-up replaced by a no-op (glibc's default, dynamic thresholds).
+# train_network.main with library.train.allocator's set-up replaced by a no-op (glibc's default, dynamic thresholds).
 GLIBC_DEFAULT_RUNNER = f"""
 import sys
 sys.path.insert(0, {str(REPO)!r})
-import library.allocator
-library.allocator.set_malloc_thresholds = lambda *args, **kwargs: False
+import library.train.allocator
+library.train.allocator.set_malloc_thresholds = lambda *args, **kwargs: False
 import train_network
 sys.exit(train_network.main(sys.argv[1:]))
 """
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     data = ensure_data(args.work, resolution)
     print(f"model {model} ({model.stat().st_size / GIB:.2f} GiB), {resolution} px, batch 1, {args.steps} steps, "
           f"UNet-only LoRA, cached latents and text-encoder outputs, gradient checkpointing, "
-          f"malloc: {'glibc default (dynamic)' if args.glibc_default_malloc else 'fixed (library/allocator.py)'}")
+          f"malloc: {'glibc default (dynamic)' if args.glibc_default_malloc else 'fixed (library/train/allocator.py)'}")
     header = (f"{'mode':8} {'peak RSS GiB':>12} {'peak CUDA GiB':>13} {'s/step':>8} {'load s':>7} {'wall s':>7} "
               f"{'CPU user s':>10} {'CPU sys s':>9}  target")
     print(header)

@@ -26,7 +26,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from library.finite import group_gradient_norms, non_finite_source  # noqa: E402
+from library.files.finite import group_gradient_norms, non_finite_source  # noqa: E402
 
 
 def guard_seconds(groups: list[dict], repeats: int) -> float:
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=2)
     args = parser.parse_args(argv)
     from bench.step_overhead import bare_steps, prepared_batches, train_argv
-    from library.cli import build_parser
-    from library.config import config_from_args
+    from library.config.cli import build_parser
+    from library.config.build import config_from_args
     from tools.make_demo_dataset import make_demo_dataset
     from tools.make_tiny_sdxl import write_tiny_sdxl
 

@@ -7,7 +7,7 @@ For each model size (the tiny SDXL of tools/make_tiny_sdxl.py, and its mid-size 
 1. bare: the same LoRA network (UNet-only, dim 8, AdamW) on the same batches (cached latents and text-encoder
    outputs produced by the trainer's own data path), stepped by a plain loop: noise, UNet forward, MSE, backward,
    grad-norm clip, optimizer step, zero_grad - nothing else;
-2. trainer: `library.trainer.train` with the same flags; its median step time comes from its own
+2. trainer: `library.train.trainer.train` with the same flags; its median step time comes from its own
    `<name>_report.json` (data loading included, saving excluded);
 3. bare again, so drift of this machine's speed shows up (the bare figure is the median over both).
 Prints the median step times and the ratio trainer / bare (target <= 1.05).
@@ -29,7 +29,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from library import allocator  # noqa: E402
+from library.train import allocator  # noqa: E402
 
 TARGET = 1.05
 
@@ -47,11 +47,11 @@ def prepared_batches(cfg) -> tuple[object, object, list[dict]]:
     """(models, network, batches): the trainer's own data path, cached, materialised once for the bare loop."""
     from accelerate import Accelerator
 
-    from library.dataset import TrainDataset, scan_train_data_dir
-    from library.latent_cache import cache_latents
-    from library.models import load_sdxl
-    from library.precision import plan_precision
-    from library.trainer import (cache_text_conditioning, create_lora_network, make_loader, prepare_base_models,
+    from library.data.dataset import TrainDataset, scan_train_data_dir
+    from library.data.latent_cache import cache_latents
+    from library.model.loading import load_sdxl
+    from library.model.precision import plan_precision
+    from library.train.trainer import (cache_text_conditioning, create_lora_network, make_loader, prepare_base_models,
                                  vae_encoder)
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -71,8 +71,8 @@ def prepared_batches(cfg) -> tuple[object, object, list[dict]]:
 
 def bare_steps(models, network, batches: list[dict], steps: int, lr: float = 1e-4) -> list[float]:
     """Plain PyTorch: forward, loss, backward, clip, step; returns each step's wall time."""
-    from library.loss import SDXL_VAE_SCALE, make_noise_scheduler
-    from library.text_encoding import time_ids
+    from library.train.loss import SDXL_VAE_SCALE, make_noise_scheduler
+    from library.model.text_encoding import time_ids
 
     unet, scheduler = models.unet, make_noise_scheduler()
     params = network.get_trainable_params()
@@ -99,9 +99,9 @@ def bare_steps(models, network, batches: list[dict], steps: int, lr: float = 1e-
 
 
 def trainer_median(argv: list[str]) -> float:
-    from library.cli import build_parser
-    from library.config import config_from_args
-    from library.trainer import train
+    from library.config.cli import build_parser
+    from library.config.build import config_from_args
+    from library.train.trainer import train
 
     result = train(config_from_args(build_parser().parse_args(argv)))
     return json.loads(result.report_path.read_text())["step_time_s"]["median"]
@@ -116,8 +116,8 @@ def write_model(size: str, folder: Path) -> Path:
 
 
 def measure(size: str, tmp: Path, args) -> tuple[float, float]:
-    from library.cli import build_parser
-    from library.config import config_from_args
+    from library.config.cli import build_parser
+    from library.config.build import config_from_args
     from tools.make_demo_dataset import make_demo_dataset
 
     model = write_model(size, tmp / f"model_{size}")

@@ -1,0 +1,16 @@
+"""Everything behind `train_network.py` but the LoRA network itself (that is `networks/`, where sd-scripts users
+look for it), in wings that follow one run from the command line to the files it writes:
+
+    config/  the command line, --config_file TOML, and the typed frozen config built from them (the entry layer)
+    data/    images, captions, buckets, the dataset TOML, and the latent / text-encoder caches
+    model/   loading SDXL offline, weight storage and precision (fp8), text encoding, preparing the frozen base
+    train/   the run: recipe and loop, loss, optimizers and schedules, state and resume, EMA, validation,
+             samples, checkpoints and their metadata, the run report, trackers, signals
+    files/   file formats and safe writing: atomic writes, safetensors/checkpoint reading, LoRA files and merging,
+             TOML, the output lock, output-folder checks, stale temporaries, finite checks
+
+Imports go down this list and never up: `config` may import every wing; `train` imports `data`, `model`,
+`files` and `networks` (and `config.build` for the config dataclasses only); `data` and `model` import `files`;
+`files` imports only `library.errors` and `networks.sdxl_keys`. `errors.py` (one-line errors and exit codes) and
+`sdscripts_options.py` (the sd-scripts options we lack, with their defaults) are leaves any wing may import.
+"""

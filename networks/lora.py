@@ -271,13 +271,13 @@ class LoRANetwork(nn.Module):
     def save_weights(self, file: str | os.PathLike, dtype: torch.dtype | None, metadata: Mapping[str, str] | None) -> None:
         """Write the adapters (every tensor, alpha included, cast to `dtype`) atomically as safetensors; refused
         (NonFiniteError) when a tensor holds a NaN or infinity as stored, so a broken file never replaces a good one."""
-        from library.lora_io import save_lora_file
+        from library.files.lora_io import save_lora_file
 
         save_lora_file(self.state_dict(), file, dtype, metadata)
 
     def load_weights(self, file: str | os.PathLike) -> dict:
         """Load a LoRA file (ours or sd-scripts') into these adapters; returns load_state_dict's report."""
-        from library.lora_io import load_lora_file
+        from library.files.lora_io import load_lora_file
 
         from library.errors import UserInputError
 
@@ -377,7 +377,7 @@ def create_network_from_weights(
     Of `kwargs` (network_args strings) only the block lr weights apply: a block of weight 0 keeps the file's
     modules but they are not trained.
     """
-    from library.lora_io import load_lora_file
+    from library.files.lora_io import load_lora_file
 
     if weights_sd is None:
         weights_sd, _ = load_lora_file(file)

@@ -2,7 +2,7 @@
 
 The trainer must know the size of its first save before the model loads (is there room on the disk?). Building
 the network needs the model; this reads the same answer off the names and shapes in the checkpoint's header
-(`library.model_files`), with the selection rules of `networks.lora_targets` restated on tensor names:
+(`library.model.model_files`), with the selection rules of `networks.lora_targets` restated on tensor names:
 
 - text encoders: the q, k, v, out projections and fc1, fc2 of every layer (TE2's single-file `in_proj_weight`
   holds q, k and v stacked, so it counts as three);

@@ -323,7 +323,7 @@ def sdxl_to_single_file(
 
 
 # --- Per-tensor sources: where one diffusers/transformers tensor lives in the single file ------------------------
-# The component names used by the loader (the fields of ``library.models.SDXLModels``) and their file sections.
+# The component names used by the loader (the fields of ``library.model.loading.SDXLModels``) and their file sections.
 SECTION_PREFIXES: Mapping[str, str] = MappingProxyType(
     {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder1": TE1_PREFIX, "text_encoder2": TE2_PREFIX}
 )

@@ -3,7 +3,7 @@
 - ``tiny_sdxl``: paths of the tiny model (``.single_file``: original-layout ``tiny_sdxl.safetensors``;
   ``.diffusers_dir``: the same weights as a diffusers folder beside it, also the single file's config folder).
 - ``no_network``: any socket resolve or connect fails the test (offline loading checks).
-- ``tiny_models``: ``library.models.SDXLModels`` loaded from the single file in fp32 (shared: tests that change
+- ``tiny_models``: ``library.model.loading.SDXLModels`` loaded from the single file in fp32 (shared: tests that change
   the models must work on copies).
 """
 
@@ -27,7 +27,7 @@ def tiny_models(tiny_sdxl):
     """The tiny SDXL loaded from its single file with ``load_sdxl`` (fp32, eval mode, CPU)."""
     import torch
 
-    from library.models import load_sdxl
+    from library.model.loading import load_sdxl
 
     return load_sdxl(tiny_sdxl.single_file, dtype=torch.float32)
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import train_network
-from library.config import planned_group_lrs
+from library.config.build import planned_group_lrs
 from library.errors import UserInputError
-from library.optim import build_optimizer, per_group_lr_problem
-from library.optimizer_names import ADAPTIVE_OPTIMIZER_TYPES
+from library.train.optim import build_optimizer, per_group_lr_problem
+from library.train.optimizer_names import ADAPTIVE_OPTIMIZER_TYPES
 from networks.network_args import LoRAPlusRatios
 
 ADAPTIVE = list(ADAPTIVE_OPTIMIZER_TYPES)
@@ -112,16 +112,16 @@ def test_non_adaptive_optimizers_take_any_rates():
     ],
 )
 def test_cli_refuses_before_any_model_loads(tmp_path, capsys, monkeypatch, extra):
-    import library.models
+    import library.model.loading
 
     def fail(*_args, **_kwargs):
         raise AssertionError("the model must not load")
 
-    monkeypatch.setattr(library.models, "load_sdxl", fail)
+    monkeypatch.setattr(library.model.loading, "load_sdxl", fail)
     (tmp_path / "data" / "1_x").mkdir(parents=True)
     argv = ["--pretrained_model_name_or_path", str(tmp_path / "data"), "--train_data_dir", str(tmp_path / "data"),
             "--output_dir", str(tmp_path / "out"), "--optimizer_type", "Prodigy", "--learning_rate", "1.0", *extra]
-    monkeypatch.setattr("library.models.check_model_path", lambda path: None)
+    monkeypatch.setattr("library.model.loading.check_model_path", lambda path: None)
     assert train_network.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --optimizer_type Prodigy estimates one step size") and len(err.splitlines()) == 1

@@ -1,4 +1,4 @@
-"""library.allocator: fixed glibc malloc thresholds, a no-op elsewhere or when the user chose them."""
+"""library.train.allocator: fixed glibc malloc thresholds, a no-op elsewhere or when the user chose them."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import train_network
-from library import allocator
+from library.train import allocator
 
 REPO = Path(__file__).resolve().parents[1]
 ON_GLIBC = sys.platform.startswith("linux") and (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
@@ -83,7 +83,7 @@ def test_a_failing_mallopt_reports_false():
 PROBE = r"""
 import ctypes, sys
 sys.path.insert(0, sys.argv[1])
-from library.allocator import set_malloc_thresholds
+from library.train.allocator import set_malloc_thresholds
 fixed = set_malloc_thresholds() if sys.argv[2] == "fix" else False
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p

@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from library.atomic import atomic_path, write_text_atomic
-from library.lora_io import load_lora_file, save_lora_file
+from library.files.atomic import atomic_path, write_text_atomic
+from library.files.lora_io import load_lora_file, save_lora_file
 
 
 def test_failed_write_keeps_the_old_file(tmp_path):
@@ -46,7 +46,7 @@ def test_lora_file_round_trip_casts_every_tensor(tmp_path):
 def test_unwritable_cache_folder_is_one_line(tmp_path):
     import numpy as np
 
-    from library.atomic import write_npz_atomic
+    from library.files.atomic import write_npz_atomic
     from library.errors import UserInputError
 
     blocker = tmp_path / "not_a_folder"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from library.base_models import prepare_base_models, release_model
-from library.config import PrecisionConfig
-from library.models import load_sdxl
-from library.precision import PrecisionRequest, plan_precision
+from library.model.base_models import prepare_base_models, release_model
+from library.model.precision import PrecisionConfig
+from library.model.loading import load_sdxl
+from library.model.precision import PrecisionRequest, plan_precision
 
 
 def test_checkpointing_reaches_unet_and_trained_text_encoders_and_sliced_attention_is_set(tiny_sdxl):

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from library.buckets import (
+from library.data.buckets import (
     crop_offsets,
     make_bucket_resolutions,
     no_upscale_bucket,

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from library.captions import CaptionOptions, process_caption, read_caption
+from library.data.captions import CaptionOptions, process_caption, read_caption
 from library.errors import UserInputError
 
 CAPTION = "toy, red, blue, green, square, simple background"

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 import train_network
-from library.cli import build_parser
-from library.config_file import config_path, config_toml, parse_args
+from library.config.cli import build_parser
+from library.config.config_file import config_path, config_toml, parse_args
 from library.errors import UserInputError
-from library.toml_io import tomllib
+from library.files.toml_io import tomllib
 from tests.cli_args import tiny_train_argv
 
 FLAT = """

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 import train_network
-from library.atomic import parse_temp_name, temp_affixes
+from library.files.atomic import parse_temp_name, temp_affixes
 from tests.cli_args import tiny_train_argv
 from tools.make_demo_dataset import make_demo_dataset
 
@@ -78,12 +78,12 @@ def _fails_with_one_line(argv: list[str], capsys, *names: Path, after_progress_b
 @pytest.fixture
 def no_model_load(monkeypatch):
     """The check must stop the run before the model loads: loading it fails the test."""
-    import library.trainer
+    import library.train.trainer
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded: the damaged file was not found at start-up")
 
-    monkeypatch.setattr(library.trainer, "load_sdxl", refuse)
+    monkeypatch.setattr(library.train.trainer, "load_sdxl", refuse)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def model_variants(tiny_sdxl, tmp_path_factory) -> dict[str, Path]:
 
 
 def test_the_variants_are_intact(tiny_sdxl, model_variants):
-    from library.model_files import check_model_files
+    from library.model.model_files import check_model_files
 
     for path in [tiny_sdxl.single_file, *model_variants.values()]:
         shapes = check_model_files(path)
@@ -272,10 +272,10 @@ def test_missing_state_file(tiny_sdxl, state_folder, data, tmp_path, capsys, no_
 def test_state_damaged_after_the_start_up_check_is_not_called_a_flag_mismatch(tiny_sdxl, state_folder, data,
                                                                               tmp_path):
     """A file damaged between the check and the load (a flaky network drive) is still named as damaged."""
-    from library.cli import build_parser
-    from library.config import config_from_args
+    from library.config.cli import build_parser
+    from library.config.build import config_from_args
     from library.errors import UserInputError
-    from library.trainer import train
+    from library.train.trainer import train
 
     state = tmp_path / "run-state"
     shutil.copytree(state_folder, state)
@@ -292,8 +292,8 @@ def test_state_damaged_after_the_start_up_check_is_not_called_a_flag_mismatch(ti
 def test_damaged_caches_are_recomputed_and_stale_temporaries_removed(tiny_sdxl, tmp_path, caplog):
     """Each image's latent and text-encoder caches damaged another way: the run trains, warns once per file and
     rewrites them. It also removes the temporaries a killed run left in the output and beside the images."""
-    from library.latent_cache import npz_cache_path
-    from library.text_encoder_cache import te_cache_path
+    from library.data.latent_cache import npz_cache_path
+    from library.data.text_encoder_cache import te_cache_path
 
     data = tmp_path / "data"
     make_demo_dataset(data, count=4, min_side=64, max_side=64, repeats=1, name="toy", seed=8)
@@ -332,7 +332,7 @@ def test_damaged_caches_are_recomputed_and_stale_temporaries_removed(tiny_sdxl, 
 
 
 def test_a_folder_in_the_way_of_a_cache_is_one_line(tiny_sdxl, tmp_path, capsys):
-    from library.latent_cache import npz_cache_path
+    from library.data.latent_cache import npz_cache_path
 
     data = tmp_path / "data"
     make_demo_dataset(data, count=2, min_side=64, max_side=64, repeats=1, name="toy", seed=9)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from library.dataset import (
+from library.data.dataset import (
     BucketBatchSampler,
     DatasetConfig,
     TrainDataset,
@@ -296,7 +296,7 @@ def test_demo_dataset_scans(tmp_path):
 
 # -- regularisation images, flip_aug, --skip_bad_images (issue 4) ---------------------------------------------
 
-from library.dataset import balance_reg_repeats, flip_chosen  # noqa: E402
+from library.data.dataset import balance_reg_repeats, flip_chosen  # noqa: E402
 
 
 @pytest.mark.parametrize("train, reg, expected", [
@@ -387,7 +387,7 @@ def test_skip_bad_images_warns_once_and_goes_on(tree, caplog):
 
 
 def test_flipped_crop_is_the_mirrored_window(tree):
-    from library.dataset import flipped_crop_left_top
+    from library.data.dataset import flipped_crop_left_top
 
     records = scan_train_data_dir(small_config(tree))
     c = records[3]  # 100x150 -> resized 107x160, bucket 96x160, centre crop left 5

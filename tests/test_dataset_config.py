@@ -6,10 +6,10 @@ import json
 import pytest
 from PIL import Image
 
-from library.cli import build_parser
-from library.config import dataset_config_from_args, parse_resolution
-from library.dataset import BucketBatchSampler, DatasetConfig, TrainDataset, collate_examples, scan_train_data_dir
-from library.dataset_config import load_dataset_config
+from library.config.cli import build_parser
+from library.config.build import dataset_config_from_args, parse_resolution
+from library.data.dataset import BucketBatchSampler, DatasetConfig, TrainDataset, collate_examples, scan_train_data_dir
+from library.data.dataset_config import load_dataset_config
 from library.errors import UserInputError
 
 
@@ -234,17 +234,17 @@ batch_size = 2
 def test_missing_caption_without_class_tokens_warns(tmp_path, caplog):
     import logging
 
-    from library.dataset import DatasetConfig, scan_train_data_dir
+    from library.data.dataset import DatasetConfig, scan_train_data_dir
 
     write_image(tmp_path / "1_" / "a.png", (64, 64))
-    with caplog.at_level(logging.WARNING, logger="library.dataset"):
+    with caplog.at_level(logging.WARNING, logger="library.data.dataset"):
         records = scan_train_data_dir(DatasetConfig(tmp_path, caption_extension=".txt", resolution=(64, 64)))
     assert records[0].caption == ""
     assert "no caption for" in caplog.text and "a.png" in caplog.text
 
 
 def test_shipped_example_config_parses():
-    from library.dataset_config import load_dataset_config
+    from library.data.dataset_config import load_dataset_config
 
     example = Path(__file__).resolve().parents[1] / "configs" / "examples" / "dataset.toml"
     group = load_dataset_config(example, {})

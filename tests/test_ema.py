@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from library.ema import (
+from library.train.ema import (
     LoRAEMA,
     add_ema_arguments,
     ema_config_from_args,

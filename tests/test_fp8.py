@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from library.fp8 import FP8_DTYPE, store_weights_in_fp8
+from library.model.fp8 import FP8_DTYPE, store_weights_in_fp8
 
 
 def _dequantized(weight: torch.Tensor, dtype=torch.float32) -> torch.Tensor:

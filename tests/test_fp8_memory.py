@@ -5,7 +5,7 @@ Each variant runs in its own process (peak RSS cannot be reset): a stack of 12 f
 an input that needs a gradient (as LoRA training needs through the frozen base). Naive fp8 (weights up-cast in
 a plain forward) keeps every up-cast copy alive for backward and peaks above fp32; ours stays near the fp8 size.
 
-Each process first sets malloc up as train_network.main does (library/allocator.py), then frees an untouched
+Each process first sets malloc up as train_network.main does (library/train/allocator.py), then frees an untouched
 24 MiB tensor: under glibc's default dynamic mmap threshold that raises the threshold above the 16 MiB up-casts,
 which then stay resident in the heap (fp8 peaks at ~260 MiB instead of ~80 MiB). Whatever the allocator's
 history, the measurement thus runs in the state a long real run reaches, and only the product's set-up keeps
@@ -29,11 +29,11 @@ MB = 2**20
 SCRIPT = r"""
 import json, sys
 sys.path.insert(0, sys.argv[2])
-from library.allocator import set_malloc_thresholds
+from library.train.allocator import set_malloc_thresholds
 set_malloc_thresholds()  # what train_network.main does first
 import torch
 from torch import nn
-from library.fp8 import FP8_DTYPE, store_weights
+from library.model.fp8 import FP8_DTYPE, store_weights
 
 variant, layers, width = sys.argv[1], int(sys.argv[3]), int(sys.argv[4])
 torch.manual_seed(0)

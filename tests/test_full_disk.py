@@ -1,6 +1,6 @@
 """A full disk during any write is one line naming the file; the file that was there before is byte-identical and
 no temporary file or folder is left. The failure is made where the bytes go: every atomic writer writes through
-`library.atomic._open_for_writing`, accelerate's state through `torch.save`; a real full tmpfs is tried too when
+`library.files.atomic._open_for_writing`, accelerate's state through `torch.save`; a real full tmpfs is tried too when
 this runs as root."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-import library.atomic as atomic
+import library.files.atomic as atomic
 import train_network
-from library.atomic import parse_temp_name
+from library.files.atomic import parse_temp_name
 from library.errors import UserInputError
 from tests.cli_args import tiny_train_argv
 from tools.make_demo_dataset import make_demo_dataset
@@ -81,7 +81,7 @@ def _expect_full(call, path: Path, what: str, folder: Path) -> None:
 
 # --- Each kind of file ---------------------------------------------------------------------------------------------
 def test_lora_file(tmp_path, full_disk_for):
-    from library.lora_io import save_lora_file
+    from library.files.lora_io import save_lora_file
 
     path = tmp_path / "run.safetensors"
     state = {"m.lora_down.weight": torch.randn(4, 64), "m.lora_up.weight": torch.randn(64, 4),
@@ -94,7 +94,7 @@ def test_lora_file(tmp_path, full_disk_for):
 
 @pytest.mark.parametrize("code, reason", [(errno.EDQUOT, "Disk quota exceeded"), (errno.EFBIG, "File too large")])
 def test_quota_and_file_size_limits_read_as_a_full_disk(tmp_path, full_disk_for, code, reason):
-    from library.lora_io import save_lora_file
+    from library.files.lora_io import save_lora_file
 
     path = tmp_path / "run.safetensors"
     full_disk_for(r"run\.safetensors", code)
@@ -104,7 +104,7 @@ def test_quota_and_file_size_limits_read_as_a_full_disk(tmp_path, full_disk_for,
 
 
 def test_ema_file(tmp_path, full_disk_for):
-    from library.ema import LoRAEMA, save_ema_weights
+    from library.train.ema import LoRAEMA, save_ema_weights
 
     network = torch.nn.Linear(16, 16)
     ema = LoRAEMA(network, 0.9)
@@ -116,8 +116,8 @@ def test_ema_file(tmp_path, full_disk_for):
 
 
 def test_latent_cache(tmp_path, full_disk_for):
-    from library.dataset import ImageRecord
-    from library.latent_cache import save_cached_latents
+    from library.data.dataset import ImageRecord
+    from library.data.latent_cache import save_cached_latents
 
     record = ImageRecord(path=tmp_path / "a.png", subset="1_a", class_tokens="a", num_repeats=1, caption="",
                          original_size=(64, 64), bucket=(64, 64), resized_size=(64, 64), crop_left_top=(0, 0))
@@ -128,7 +128,7 @@ def test_latent_cache(tmp_path, full_disk_for):
 
 
 def test_text_encoder_cache(tmp_path, full_disk_for):
-    from library.text_encoder_cache import cache_text_encoder_outputs, te_cache_path
+    from library.data.text_encoder_cache import cache_text_encoder_outputs, te_cache_path
 
     image = tmp_path / "a.png"
 
@@ -145,8 +145,8 @@ def test_text_encoder_cache(tmp_path, full_disk_for):
 
 
 def test_report_and_param_groups_json(tmp_path, full_disk_for):
-    from library.run_report import write_report
-    from library.saving import LoRASaver
+    from library.train.run_report import write_report
+    from library.train.saving import LoRASaver
     from networks.lora import ParamGroupInfo
 
     saver = LoRASaver(tmp_path, "run", torch.float16)
@@ -160,7 +160,7 @@ def test_report_and_param_groups_json(tmp_path, full_disk_for):
 
 
 def test_sample_image(tmp_path, full_disk_for):
-    from library.sampling import _save_png
+    from library.train.sampling import _save_png
 
     path = tmp_path / "run_000001_00_20250101000000_1.png"
     _save_png(np.zeros((8, 8, 3), np.uint8), path)
@@ -191,7 +191,7 @@ def _accelerator_with_state():
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from library.train_state import TrainProgress
+    from library.train.train_state import TrainProgress
 
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(cpu=True)
@@ -208,7 +208,7 @@ def _accelerator_with_state():
 
 def test_state_folder(tmp_path, monkeypatch):
     """torch.save fills the disk writing optimizer.bin: one line naming it; the previous state is intact."""
-    from library.train_state import check_resume_folder, save_state
+    from library.train.train_state import check_resume_folder, save_state
 
     accelerator, progress = _accelerator_with_state()
     folder = tmp_path / "run-state"
@@ -230,7 +230,7 @@ def test_state_folder(tmp_path, monkeypatch):
 
 def test_state_folder_when_torch_hides_the_errno(tmp_path, monkeypatch):
     """torch.save reports a real full disk as "unexpected pos ..." (no errno): the disk itself is asked."""
-    import library.train_state as train_state
+    import library.train.train_state as train_state
 
     accelerator, progress = _accelerator_with_state()
     folder = tmp_path / "run-state"
@@ -270,8 +270,8 @@ def tiny_disk(tmp_path):
 
 
 def test_real_full_disk(tiny_disk):
-    from library.lora_io import save_lora_file
-    from library.train_state import save_state
+    from library.files.lora_io import save_lora_file
+    from library.train.train_state import save_state
 
     lora = tiny_disk / "run.safetensors"
     save_lora_file({"a": torch.zeros(1000)}, lora, None, {})
@@ -297,7 +297,7 @@ def data(tmp_path_factory) -> Path:
 def test_training_stops_with_one_line_when_the_disk_fills(tiny_sdxl, data, tmp_path, monkeypatch, capsys):
     """Checkpoints at steps 1 and 2 with states; the disk fills writing step 2's state: exit 2, one line; step 1's
     files are untouched and resumable, nothing temporary is left."""
-    from library.train_state import check_resume_folder
+    from library.train.train_state import check_resume_folder
 
     real_save, saves = torch.save, []
 

@@ -18,13 +18,13 @@ import pytest
 import torch
 
 import train_network
-from library.cli import resume_command
+from library.config.cli import resume_command
 from library.errors import NonFiniteError, OutputInUseError
-from library.finite import (NonFiniteSteps, check_finite_for_saving, first_non_finite, group_gradient_norms,
+from library.files.finite import (NonFiniteSteps, check_finite_for_saving, first_non_finite, group_gradient_norms,
                             non_finite_source)
-from library.interrupts import Phase, Terminated, TrainingInterrupted, sigterm_interrupts
-from library.run_lock import lock_path, output_lock, read_holder
-from library.train_state import TrainProgress, save_state
+from library.train.interrupts import Phase, Terminated, TrainingInterrupted, sigterm_interrupts
+from library.files.run_lock import lock_path, output_lock, read_holder
+from library.train.train_state import TrainProgress, save_state
 from tests.cli_args import tiny_train_argv
 from tools.make_demo_dataset import make_demo_dataset
 
@@ -81,8 +81,8 @@ def test_non_finite_steps_skip_up_to_the_limit_then_stop():
 
 
 def test_lora_writer_refuses_non_finite_weights_and_keeps_the_old_file(tiny_models, tmp_path):
-    from library.ema import LoRAEMA, save_ema_weights
-    from library.saving import LoRASaver
+    from library.train.ema import LoRAEMA, save_ema_weights
+    from library.train.saving import LoRASaver
     from networks.lora import create_network
 
     network = create_network(1.0, 4, 1.0, None, [tiny_models.text_encoder1, tiny_models.text_encoder2],
@@ -281,8 +281,8 @@ def test_a_run_that_would_train_nothing_is_one_line_before_loading(tiny_sdxl, da
 
 
 def test_some_zero_rates_still_train(tiny_sdxl, data, tmp_path):
-    from library.cli import build_parser
-    from library.config import config_from_args
+    from library.config.cli import build_parser
+    from library.config.build import config_from_args
 
     argv = tiny_train_argv(tiny_sdxl.single_file, data, tmp_path, "--learning_rate", "0", "--unet_lr", "1e-4",
                            "--network_args", "down_lr_weight=zeros", "mid_lr_weight=0,0,0", "up_lr_weight=1,0,0,0,0,0,0,0,0")
@@ -315,7 +315,7 @@ def test_weights_file_without_modules_of_the_trained_part_is_refused(tiny_sdxl, 
 @pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name == "nt", reason="needs POSIX signals")
 @pytest.mark.parametrize("signum, raised", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)])
 def test_signals_in_a_deferred_section_are_raised_after_it(signum, raised):
-    from library.interrupts import interrupts_deferred
+    from library.train.interrupts import interrupts_deferred
 
     done = []
     with pytest.raises(raised) as error, sigterm_interrupts():

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from library.dataset import DatasetConfig, TrainDataset, scan_train_data_dir
+from library.data.dataset import DatasetConfig, TrainDataset, scan_train_data_dir
 from library.errors import UserInputError
-from library.images import image_size, load_image_rgb
+from library.data.images import image_size, load_image_rgb
 
 
 def _exif_rotated(path: Path) -> Path:

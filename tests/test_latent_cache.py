@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from library.buckets import sdscripts_crop_ltrb
-from library.dataset import BucketBatchSampler, DatasetConfig, TrainDataset, collate_examples, scan_train_data_dir
+from library.data.buckets import sdscripts_crop_ltrb
+from library.data.dataset import BucketBatchSampler, DatasetConfig, TrainDataset, collate_examples, scan_train_data_dir
 from library.errors import UserInputError
-from library.latent_cache import cache_latents, npz_cache_path
+from library.data.latent_cache import cache_latents, npz_cache_path
 
 
 class FakeEncoder:
@@ -181,7 +181,7 @@ def test_cached_batches_collate(cfg):
 def test_flip_aug_caches_both_sides_and_picks_one_per_key(cfg):
     from dataclasses import replace
 
-    from library.dataset import flip_chosen
+    from library.data.dataset import flip_chosen
 
     cfg = replace(cfg, flip_aug=True, seed=7)
     dataset = make_dataset(cfg)
@@ -238,8 +238,8 @@ def test_cache_made_by_another_vae_is_recomputed(tmp_path):
     is trusted."""
     import numpy as np
 
-    from library.dataset import DatasetConfig, TrainDataset, scan_train_data_dir
-    from library.latent_cache import VAE_KEY, cache_latents, npz_cache_path
+    from library.data.dataset import DatasetConfig, TrainDataset, scan_train_data_dir
+    from library.data.latent_cache import VAE_KEY, cache_latents, npz_cache_path
     from PIL import Image
 
     folder = tmp_path / "1_x"

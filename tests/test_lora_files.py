@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from library.lora_io import load_lora_file, normalize_lora_key
-from library.text_encoding import encode_prompts, tokenize
+from library.files.lora_io import load_lora_file, normalize_lora_key
+from library.model.text_encoding import encode_prompts, tokenize
 from networks.lora import create_network, create_network_from_weights
 
 CAPTIONS = ["toy, red square, simple background", "a photo of a cat"]

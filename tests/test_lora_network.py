@@ -94,7 +94,7 @@ def test_full_size_sdxl_has_sd_scripts_module_counts():
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from library.models import SHIPPED_CONFIG_DIR
+    from library.model.loading import SHIPPED_CONFIG_DIR
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SHIPPED_CONFIG_DIR / "unet"))

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from library.errors import UserInputError
-from library.loss import (
+from library.train.loss import (
     NoisedBatch, add_noise, diffusion_loss, element_loss, epsilon_mse_loss, huber_threshold, make_noise_scheduler,
     noise_batch, pyramid_noise,
 )
-from library.loss_options import LossOptions, add_loss_arguments, loss_metadata, loss_options_from_args
+from library.train.loss_options import LossOptions, add_loss_arguments, loss_metadata, loss_options_from_args
 
 B, C, H, W = 4, 4, 16, 16
 TIMESTEPS = torch.tensor([0, 100, 500, 999])
@@ -436,5 +436,5 @@ def test_loss_metadata_defaults_match_sd_scripts():
 
 
 def test_loss_options_module_does_not_import_torch():
-    code = "import sys, library.loss_options; sys.exit('torch' in sys.modules)"
+    code = "import sys, library.train.loss_options; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from library.lora_merge import lora_target_table, lora_weight_delta, read_safetensors_header
-from library.models import load_sdxl
+from library.files.lora_merge import lora_target_table, lora_weight_delta, read_safetensors_header
+from library.model.loading import load_sdxl
 from networks import lora
 from tools.merge_lora import main as merge_main
 

@@ -23,9 +23,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from library.checkpoint_reader import TensorReader, find_component_weights
+from library.files.checkpoint_reader import TensorReader, find_component_weights
 from library.errors import UserInputError
-from library.models import load_sdxl
+from library.model.loading import load_sdxl
 from networks.sdxl_keys import TensorSource, single_file_source, te2_source
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -250,8 +250,8 @@ import torch
 import accelerate, diffusers, transformers
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-import library.checkpoint_reader
-from library.models import load_sdxl
+import library.files.checkpoint_reader
+from library.model.loading import load_sdxl
 
 def status_kib(field):
     with open("/proc/self/status") as f:

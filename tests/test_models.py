@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from library.errors import UserInputError
-from library.models import SHIPPED_CONFIG_DIR, check_model_path, load_sdxl, model_hashes, resolve_config_dir
+from library.model.loading import SHIPPED_CONFIG_DIR, check_model_path, load_sdxl, model_hashes, resolve_config_dir
 
 COMPONENTS = [
     ("unet", "unet"),

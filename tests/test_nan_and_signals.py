@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import library.trainer as trainer_module
+import library.train.trainer as trainer_module
 import train_network
-from library.interrupts import TrainingInterrupted
+from library.train.interrupts import TrainingInterrupted
 from tests.cli_args import tiny_train_argv
 from tools.make_demo_dataset import make_demo_dataset
 
@@ -143,7 +143,7 @@ def test_ctrl_c_while_caching_is_one_line_and_propagates(tiny_sdxl, data, tmp_pa
 
 
 def test_a_second_run_on_a_held_output_is_refused_before_loading(tiny_sdxl, data, tmp_path, monkeypatch, capsys):
-    from library.run_lock import output_lock
+    from library.files.run_lock import output_lock
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded")
@@ -228,7 +228,7 @@ def test_real_ctrl_c_stops_a_pytest_session_that_calls_main(tiny_sdxl, data, tmp
 @posix_signals
 def test_sigterm_while_caching_is_one_line_without_traceback(tiny_sdxl, data, tmp_path):
     out = tmp_path / "out"
-    script = ("import sys, time\nimport library.trainer as trainer\n"
+    script = ("import sys, time\nimport library.train.trainer as trainer\n"
               "def slow(*args, **kwargs):\n    print('caching', flush=True)\n    time.sleep(300)\n"
               "trainer.cache_latents = slow\nimport train_network\nsys.exit(train_network.run(sys.argv[1:]))\n")
     proc = _start([sys.executable, "-c", script, *_argv(tiny_sdxl.single_file, data, out)], tmp_path)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from library.errors import UserInputError
-from library.optim import (
+from library.train.optim import (
     build_lr_scheduler,
     build_optimizer,
     decay_steps,
@@ -19,7 +19,7 @@ from library.optim import (
     total_training_steps,
     warmup_steps,
 )
-from library.optimizer_names import OPTIMIZER_TYPES, SCHEDULERS, canonical_optimizer_type, is_adaptive
+from library.train.optimizer_names import OPTIMIZER_TYPES, SCHEDULERS, canonical_optimizer_type, is_adaptive
 
 pytestmark = pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")
 

@@ -12,8 +12,8 @@ import pytest
 
 import train_network
 from library.errors import UserInputError
-from library.model_files import check_model_files
-from library.output_checks import METADATA_BYTES, check_output_folder, estimate_first_save
+from library.model.model_files import check_model_files
+from library.files.output_checks import METADATA_BYTES, check_output_folder, estimate_first_save
 from networks.lora import create_network
 from networks.lora_size import diffusers_lora_layers, lora_parameter_count, single_file_lora_layers
 from tests.cli_args import tiny_train_argv
@@ -92,10 +92,10 @@ def test_estimate_adds_the_state_and_ema(tmp_path):
 def test_estimate_covers_a_real_first_save(tiny_sdxl, data, tmp_path):
     """The estimate of a run's first save (checkpoint + EMA + state) is at least the bytes written, and not
     far above them (the fixed margins aside)."""
-    from library.cli import build_parser
-    from library.config import config_from_args, first_save_estimate
-    from library.model_files import check_model_files as shapes_of
-    from library.trainer import train
+    from library.config.cli import build_parser
+    from library.config.build import config_from_args, first_save_estimate
+    from library.model.model_files import check_model_files as shapes_of
+    from library.train.trainer import train
 
     argv = tiny_train_argv(tiny_sdxl.single_file, data, tmp_path, "--max_train_steps", "1", "--save_state",
                            "--ema_decay", "0.9", "--optimizer_type", "AdamW", "--output_name", "e", "--cache_latents",
@@ -179,7 +179,7 @@ def test_probe_leaves_nothing_behind(tmp_path):
 
 # --- Too little free space ------------------------------------------------------------------------------------------
 def test_too_little_free_space_is_one_line_before_loading(tiny_sdxl, data, tmp_path, capsys, monkeypatch):
-    import library.output_checks as output_checks
+    import library.files.output_checks as output_checks
 
     real = shutil.disk_usage
     asked = []
@@ -189,7 +189,7 @@ def test_too_little_free_space_is_one_line_before_loading(tiny_sdxl, data, tmp_p
         return real(path)._replace(free=10 << 20)
 
     monkeypatch.setattr(output_checks.shutil, "disk_usage", nearly_full)
-    monkeypatch.setattr("library.trainer.load_sdxl", _refuse_to_load)
+    monkeypatch.setattr("library.train.trainer.load_sdxl", _refuse_to_load)
     out = tmp_path / "out"
     argv = tiny_train_argv(tiny_sdxl.single_file, data, out, "--save_state", "--ema_decay", "0.9",
                            "--max_train_steps", "1")

@@ -125,7 +125,7 @@ PY311_APIS = re.compile(
 
 def test_no_python_3_11_only_apis():
     """What compiling under 3.10 cannot catch: standard-library names that appeared in 3.11 or later. `tomllib`
-    is imported in one place only, `library.toml_io`, which falls back to `tomli` on 3.10."""
+    is imported in one place only, `library.files.toml_io`, which falls back to `tomli` on 3.10."""
     problems = [
         f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
         for path in SOURCES if path.name != "toml_io.py" and path != Path(__file__)
@@ -136,12 +136,12 @@ def test_no_python_3_11_only_apis():
 
 _SMOKE_310 = """
 import sys
-from library.cli import build_parser
-from library.config_file import parse_args, config_toml
-from library.dataset_config import load_dataset_config
-from library.dataset_config import DatasetConfig
-from library.sample_prompts import load_sample_prompts
-import library.toml_io as toml_io
+from library.config.cli import build_parser
+from library.config.config_file import parse_args, config_toml
+from library.data.dataset_config import load_dataset_config
+from library.data.dataset_config import DatasetConfig
+from library.train.sample_prompts import load_sample_prompts
+import library.files.toml_io as toml_io
 assert toml_io.tomllib.__name__ == "tomli", toml_io.tomllib
 cfg, ds, prompts = sys.argv[1:4]
 parser = build_parser()

@@ -15,11 +15,11 @@ import pytest
 import torch
 from torch import nn
 
-from library.cli import build_parser
-from library.config import config_from_args
-from library.models import load_sdxl
-from library.precision import FP8_DTYPE, PrecisionRequest, plan_precision
-from library.trainer import prepare_base_models, train
+from library.config.cli import build_parser
+from library.config.build import config_from_args
+from library.model.loading import load_sdxl
+from library.model.precision import FP8_DTYPE, PrecisionRequest, plan_precision
+from library.train.trainer import prepare_base_models, train
 from tests.cli_args import tiny_train_argv
 from tools.make_demo_dataset import make_demo_dataset
 
@@ -106,7 +106,7 @@ def test_loaded_and_prepared_models_really_store_their_weights_narrow(tiny_sdxl,
     plan = plan_precision(flags, "cpu")
     models = load_sdxl(tiny_sdxl.single_file, dtype=plan.weight_dtype, linear_weight_dtypes=plan.storage_dtypes(),
                        vae_dtype=plan.vae_dtype)
-    from library.config import PrecisionConfig
+    from library.model.precision import PrecisionConfig
 
     prepare_base_models(models, plan, PrecisionConfig(request=flags, gradient_checkpointing=False), False,
                         torch.device("cpu"))

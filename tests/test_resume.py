@@ -19,11 +19,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import library.trainer as trainer_module
+import library.train.trainer as trainer_module
 import train_network
-from library.cli import build_parser
-from library.config import config_from_args
-from library.trainer import TrainingInterrupted, train
+from library.config.cli import build_parser
+from library.config.build import config_from_args
+from library.train.trainer import TrainingInterrupted, train
 from tests.cli_args import tiny_train_argv
 from tools.make_demo_dataset import make_demo_dataset
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from library.errors import UserInputError
-from library.sample_prompts import (
+from library.train.sample_prompts import (
     SAMPLERS, SamplePrompt, add_sampling_arguments, load_sample_prompts, make_sampling_config, sample_file_name,
     should_sample,
 )
@@ -162,7 +162,7 @@ def test_sampling_config(tmp_path):
 
 
 def test_prompt_module_is_torch_free():
-    code = "import sys, library.sample_prompts; sys.exit('torch' in sys.modules or 'numpy' in sys.modules)"
+    code = "import sys, library.train.sample_prompts; sys.exit('torch' in sys.modules or 'numpy' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
@@ -185,7 +185,7 @@ EXPECTED_CLASSES = {
 
 @pytest.mark.parametrize("name", SAMPLERS)
 def test_each_sampler_builds_its_scheduler(tiny_models, name):
-    from library.sampling import make_scheduler
+    from library.train.sampling import make_scheduler
 
     base = tiny_models.scheduler.config
     if name.endswith("lms") and importlib.util.find_spec("scipy") is None:
@@ -222,7 +222,7 @@ def _rng_state():
 def sampled(tiny_models, tmp_path_factory):
     """Two runs: the four PROMPTS at step 12 (training-like flags on the models), then prompts 0 and 3 at
     the end of epoch 3. Returns (first paths, second paths, seen, flags and RNG state before/after)."""
-    from library.sampling import sample_images
+    from library.train.sampling import sample_images
 
     models = tiny_models
     network = nn.Sequential(nn.Dropout(0.5))  # stands for the LoRA network: in train mode during training
@@ -250,7 +250,7 @@ def sampled(tiny_models, tmp_path_factory):
 
 
 def test_sample_files_are_named_and_sized(sampled):
-    from library.sampling import images_for_tracker
+    from library.train.sampling import images_for_tracker
 
     first, second, *_ = sampled
     assert all(p.parent.name == "sample" for p in first + second)
@@ -289,8 +289,8 @@ def test_fp8_weights_and_lora_hooks(tiny_models, tmp_path):
     import copy
     import dataclasses
 
-    from library.fp8 import FP8_DTYPE, store_weights
-    from library.sampling import sample_images
+    from library.model.fp8 import FP8_DTYPE, store_weights
+    from library.train.sampling import sample_images
     from networks import lora
 
     unet, te1, te2 = (copy.deepcopy(m) for m in (tiny_models.unet, tiny_models.text_encoder1,

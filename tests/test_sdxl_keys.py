@@ -84,7 +84,7 @@ def test_unet_original_names_without_counterpart_raise():
 def _meta_sdxl_unet():
     from diffusers import UNet2DConditionModel
 
-    from library.models import SHIPPED_CONFIG_DIR
+    from library.model.loading import SHIPPED_CONFIG_DIR
 
     config = UNet2DConditionModel.load_config(SHIPPED_CONFIG_DIR, subfolder="unet")
     with torch.device("meta"):

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from library.atomic import parse_temp_name, temp_affixes
-from library.sample_prompts import sample_file_name
-from library.saving import LoRASaver, output_file_pattern
-from library.stale_files import remove_stale_cache_temps, remove_stale_temp_files
-from library.train_state import old_folder_name, parse_old_folder_name
+from library.files.atomic import parse_temp_name, temp_affixes
+from library.train.sample_prompts import sample_file_name
+from library.train.saving import LoRASaver, output_file_pattern
+from library.files.stale_files import remove_stale_cache_temps, remove_stale_temp_files
+from library.files.atomic import old_folder_name, parse_old_folder_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def _dead_pid() -> int:
 
 
 def _temp_file(folder: Path, target: str, pid: int | None = None) -> Path:
-    """A temporary file exactly as `library.atomic` names it (for another writer's pid when given)."""
+    """A temporary file exactly as `library.files.atomic` names it (for another writer's pid when given)."""
     prefix, suffix = temp_affixes(target)
     if pid is not None:
         suffix = suffix.replace(str(os.getpid()), str(pid))
@@ -103,13 +103,13 @@ def test_only_stale_temporaries_of_this_output_are_removed(tmp_path):
         ]
         for path in keep[4:]:
             path.write_bytes(b"user")
-        removed = remove_stale_temp_files(out, "run")
+        removed = remove_stale_temp_files(out, output_file_pattern("run"))
         live.kill()
     assert sorted(removed) == sorted(stale + [restored])
     assert all(not path.exists() for path in stale) and [p for p in keep if not p.exists()] == []
     assert json.loads((out / "run-state" / "train_state.json").read_text()) == {"step": 3}
-    assert remove_stale_temp_files(out, "run") == [keep[0]]  # its writer is gone now
-    assert remove_stale_temp_files(out, "run") == [] and remove_stale_temp_files(tmp_path / "missing", "run") == []
+    assert remove_stale_temp_files(out, output_file_pattern("run")) == [keep[0]]  # its writer is gone now
+    assert remove_stale_temp_files(out, output_file_pattern("run")) == [] and remove_stale_temp_files(tmp_path / "missing", output_file_pattern("run")) == []
 
 
 def _kill_when_ready(script: str) -> int:
@@ -130,7 +130,7 @@ def test_killed_writer_leaves_a_temporary_that_the_next_run_removes(tmp_path):
     target.write_bytes(b"the previous LoRA")
     pid = _kill_when_ready(f"""
         import time
-        from library.atomic import atomic_file
+        from library.files.atomic import atomic_file
         with atomic_file({str(target)!r}) as handle:
             handle.write(b"x" * 100_000)
             handle.flush()
@@ -140,21 +140,21 @@ def test_killed_writer_leaves_a_temporary_that_the_next_run_removes(tmp_path):
     left = [p for p in tmp_path.iterdir() if p != target]
     assert [parse_temp_name(p.name) for p in left] == [("run.safetensors", pid)]
     assert target.read_bytes() == b"the previous LoRA"
-    assert remove_stale_temp_files(tmp_path, "run") == left
+    assert remove_stale_temp_files(tmp_path, output_file_pattern("run")) == left
     assert os.listdir(tmp_path) == ["run.safetensors"]
 
 
 def test_kill_between_the_two_renames_of_a_state_save_keeps_the_last_state(tmp_path):
     """Killed after the old state stepped aside and before the new one took its place: the next run puts the
     old one back (the new one may be incomplete, so it is removed)."""
-    from library.train_state import check_resume_folder
+    from library.train.train_state import check_resume_folder
 
     folder = tmp_path / "run-state"
     _kill_when_ready(f"""
         import os, time
         import torch
         from accelerate import Accelerator
-        from library.train_state import TrainProgress, save_state
+        from library.train.train_state import TrainProgress, save_state
         accelerator = Accelerator(cpu=True)
         model = torch.nn.Linear(4, 4)
         optimizer = torch.optim.AdamW(model.parameters())
@@ -174,7 +174,7 @@ def test_kill_between_the_two_renames_of_a_state_save_keeps_the_last_state(tmp_p
     """)
     left = sorted(p.name for p in tmp_path.iterdir())
     assert not folder.exists() and len(left) == 2 and any(".old-" in name for name in left)
-    assert len(remove_stale_temp_files(tmp_path, "run")) == 2
+    assert len(remove_stale_temp_files(tmp_path, output_file_pattern("run"))) == 2
     assert os.listdir(tmp_path) == ["run-state"]
     check_resume_folder(folder)
     assert json.loads((folder / "train_state.json").read_text())["step"] == 1
@@ -185,7 +185,7 @@ def test_cache_temporaries_go_once_their_writer_is_dead_and_they_are_old(tmp_pat
     images.mkdir()
     pid = _kill_when_ready(f"""
         import time
-        from library.atomic import atomic_file
+        from library.files.atomic import atomic_file
         with atomic_file({str(images / "img_0064x0064_sdxl.npz")!r}, durable=False) as handle:
             handle.write(b"x" * 1000)
             handle.flush()
@@ -214,5 +214,5 @@ def test_pid_reuse_errs_on_keeping(tmp_path, name):
     """A temporary whose pid now belongs to a running process is kept (removed by a later run instead)."""
     with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as live:
         kept = _temp_file(tmp_path, name, live.pid)
-        assert remove_stale_temp_files(tmp_path, "run") == [] and kept.exists()
+        assert remove_stale_temp_files(tmp_path, output_file_pattern("run")) == [] and kept.exists()
         live.kill()

@@ -65,9 +65,9 @@ def test_bad_text_flags_are_one_line(tiny_sdxl, dataset_dir, tmp_path, capsys, e
 
 def test_cached_text_outputs_train_like_encoding_every_step(tiny_sdxl, dataset_dir, tmp_path):
     """Same seed, fixed captions: the losses with cached outputs equal those of encoding every step."""
-    from library.cli import build_parser
-    from library.config import config_from_args
-    from library.trainer import train
+    from library.config.cli import build_parser
+    from library.config.build import config_from_args
+    from library.train.trainer import train
 
     losses = {}
     for name, extra in (("encoded", []), ("cached", ["--cache_text_encoder_outputs"])):

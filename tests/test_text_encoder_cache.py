@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-import library.dataset
-from library.cli import build_parser
-from library.config import config_from_args
-from library.dataset import TrainDataset, scan_train_data_dir
+import library.data.dataset
+from library.config.cli import build_parser
+from library.config.build import config_from_args
+from library.data.dataset import TrainDataset, scan_train_data_dir
 from library.errors import UserInputError
-from library.latent_cache import cache_latents
-from library.text_encoder_cache import (VARIANT_EPOCH_BASE, CachedTextDataset, cache_text_encoder_outputs,
+from library.data.latent_cache import cache_latents
+from library.data.text_encoder_cache import (VARIANT_EPOCH_BASE, CachedTextDataset, cache_text_encoder_outputs,
                                         pick_variant, te_cache_path)
-from library.text_encoding import encode_captions
-from library.trainer import make_loader
+from library.model.text_encoding import encode_captions
+from library.train.trainer import make_loader
 from tools.make_demo_dataset import make_demo_dataset
 
 WIDTH1 = 3  # TE1's share of the fake context width
@@ -183,13 +183,13 @@ def test_cached_loader_never_decodes_an_image(tmp_path, tiny_sdxl, tiny_models, 
         return vae.encode(images).latent_dist.sample()
 
     decodes = Counter()
-    original = library.dataset.load_image_rgb
+    original = library.data.dataset.load_image_rgb
 
     def counting(path):
         decodes["n"] += 1
         return original(path)
 
-    monkeypatch.setattr(library.dataset, "load_image_rgb", counting)
+    monkeypatch.setattr(library.data.dataset, "load_image_rgb", counting)
     with torch.no_grad():
         cache_latents(dataset, encode, to_disk=False, show_progress=False)
     assert decodes["n"] == len(dataset.records)  # once each, to cache
@@ -199,7 +199,7 @@ def test_cached_loader_never_decodes_an_image(tmp_path, tiny_sdxl, tiny_models, 
     def refuse(path):
         raise AssertionError(f"decoded {path}")
 
-    monkeypatch.setattr(library.dataset, "load_image_rgb", refuse)  # a decode in a worker fails the run
+    monkeypatch.setattr(library.data.dataset, "load_image_rgb", refuse)  # a decode in a worker fails the run
     accelerator = SimpleNamespace(num_processes=1, process_index=0)
     batches = {}
     for workers, persistent in ((0, False), (2, True)):

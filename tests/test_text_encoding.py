@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from library.errors import UserInputError
-from library.text_encoding import check_max_token_length, encode_captions, encode_prompts, stitch_chunks, tokenize
+from library.model.text_encoding import check_max_token_length, encode_captions, encode_prompts, stitch_chunks, tokenize
 
 BOS, EOS = 49406, 49407
 SHORT = ["a photo of a cat", "a red square, blue background"]

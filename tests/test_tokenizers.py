@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import CLIPTokenizer
 
-from library.models import SHIPPED_CONFIG_DIR
+from library.model.loading import SHIPPED_CONFIG_DIR
 from tools.build_clip_tokenizer_files import build, build_vocab, byte_symbols
 
 BOS, EOS = 49406, 49407

@@ -20,7 +20,7 @@ from accelerate.tracking import GeneralTracker
 from accelerate.utils import LoggerType
 
 import train_network
-from library.trackers import log_sample_images, store_run_config
+from library.train.trackers import log_sample_images, store_run_config
 from tests.cli_args import tiny_train_argv
 from tools.make_demo_dataset import make_demo_dataset
 
@@ -80,13 +80,13 @@ def wandb_run(tiny_sdxl, data, tmp_path_factory):
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
-    logging.getLogger("library.base_models").addHandler(handler)
+    logging.getLogger("library.model.base_models").addHandler(handler)
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(sys.modules, "wandb", fake)
         patch.setattr("accelerate.tracking._available_trackers", [LoggerType.WANDB])
-        patch.setattr("library.precision.xformers_problem", lambda device_type: None)  # "imports fine"
+        patch.setattr("library.model.precision.xformers_problem", lambda device_type: None)  # "imports fine"
         code = train_network.main(_argv(tiny_sdxl.single_file, data, out, "--log_with", "wandb", "--xformers"))
-    logging.getLogger("library.base_models").removeHandler(handler)
+    logging.getLogger("library.model.base_models").removeHandler(handler)
     assert code == 0
     return types.SimpleNamespace(out=out, wandb=fake, warnings=[r.getMessage() for r in records])
 

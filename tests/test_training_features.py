@@ -13,10 +13,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from library.cli import build_parser
-from library.config import config_from_args
-from library.optimizer_names import ADAPTIVE_OPTIMIZER_TYPES, OPTIMIZER_TYPES
-from library.trainer import train
+from library.config.cli import build_parser
+from library.config.build import config_from_args
+from library.train.optimizer_names import ADAPTIVE_OPTIMIZER_TYPES, OPTIMIZER_TYPES
+from library.train.trainer import train
 from tests.cli_args import tiny_train_argv
 from tools.make_demo_dataset import make_demo_dataset
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from library.dataset import ImageRecord, scan_train_data_dir
-from library.dataset_config import DatasetConfig, SubsetConfig
+from library.data.dataset import ImageRecord, scan_train_data_dir
+from library.data.dataset_config import DatasetConfig, SubsetConfig
 from library.errors import UserInputError
-from library.loss import make_noise_scheduler, noise_batch
-from library.loss_options import LossOptions
-from library.validation import (
+from library.train.loss import make_noise_scheduler, noise_batch
+from library.train.loss_options import LossOptions
+from library.train.validation import (
     ValidationConfig,
     add_validation_arguments,
     build_validation_set,
@@ -154,7 +154,7 @@ def test_timesteps_match_sd_scripts_linspace():
 
 
 def test_modules_import_without_torch():
-    code = "import sys, library.validation, library.ema; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, library.train.validation, library.train.ema; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
@@ -284,8 +284,8 @@ def test_validation_loss_needs_batches():
 
 
 def test_validation_loss_on_tiny_sdxl_with_a_lora(tiny_models):
-    from library.text_encoding import encode_captions, time_ids
-    from library.loss import diffusion_loss
+    from library.model.text_encoding import encode_captions, time_ids
+    from library.train.loss import diffusion_loss
     from networks.lora import create_network
 
     m = tiny_models

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from library.base_models import set_attention
-from library.precision import PrecisionRequest, plan_precision, xformers_problem
+from library.model.base_models import set_attention
+from library.model.precision import PrecisionRequest, plan_precision, xformers_problem
 
 BROKEN_OPS = 'raise OSError("libcudart.so.11.0: cannot open shared object file: No such file or directory")\n'
 WORKING_OPS = "def memory_efficient_attention(q, k, v, attn_bias=None, op=None):\n    return q\n"
@@ -61,7 +61,7 @@ def test_enabling_xformers_that_raises_falls_back_to_sdpa(tiny_models, monkeypat
         raise RuntimeError("CUDA error: no kernel image is available for execution on the device\nmore detail")
 
     monkeypatch.setattr(unet, "enable_xformers_memory_efficient_attention", no_kernels)
-    with caplog.at_level(logging.WARNING, logger="library.base_models"):
+    with caplog.at_level(logging.WARNING, logger="library.model.base_models"):
         assert set_attention(unet, "xformers") == "sdpa"
     assert [r.getMessage() for r in caplog.records] == [
         "--xformers: xformers cannot run on this machine (RuntimeError: CUDA error: no kernel image is available for "

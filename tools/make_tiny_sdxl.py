@@ -14,7 +14,7 @@ apply. It writes
 
 - ``OUT_DIR/tiny_sdxl.safetensors``: one file in the original (SGM) layout, like a downloaded SDXL checkpoint;
 - ``OUT_DIR/tiny_sdxl_diffusers/``: the same weights as a diffusers pipeline folder, which also serves as the
-  config folder of the single file (``library.models`` finds ``<stem>_diffusers`` beside the file).
+  config folder of the single file (``library.model.loading`` finds ``<stem>_diffusers`` beside the file).
 
 ``--mid`` writes ``OUT_DIR/mid_sdxl.safetensors`` (SDXL's topology at widths that make it ~440 MB in fp16, for
 memory tests that must tell one copy of the weights from two) and its config folder ``OUT_DIR/mid_sdxl_diffusers/``
@@ -309,7 +309,7 @@ def write_full_sdxl(out_dir: str | Path, seed: int = 0, dtype: torch.dtype = tor
 
 # --- Mid size ------------------------------------------------------------------------------------------------------
 MID_SINGLE_FILE = "mid_sdxl.safetensors"
-MID_CONFIG_DIR = "mid_sdxl_diffusers"  # found by library.models beside the file
+MID_CONFIG_DIR = "mid_sdxl_diffusers"  # found by library.model.loading beside the file
 MID_TE1_HIDDEN = 256
 MID_TE2_HIDDEN = 384  # differs from TE1's, as in the tiny model
 

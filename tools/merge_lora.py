@@ -59,7 +59,7 @@ def _dtype(name: str | None):
 
 def _check_inputs(args: argparse.Namespace) -> list[float]:
     """The ratios, after checking the paths; raises UserInputError (one line)."""
-    from library.lora_merge import read_safetensors_header
+    from library.files.lora_merge import read_safetensors_header
 
     base = Path(args.sd_model)
     if not base.is_file():
@@ -87,7 +87,7 @@ def merge_metadata(
     base: Path, models: Sequence[Path], ratios: Sequence[float], precision: str, save_precision: str | None
 ) -> dict[str, str]:
     """The output's metadata: what was merged (modelspec.merged_from as sd-scripts writes it, plus the details)."""
-    from library.lora_merge import read_safetensors_header
+    from library.files.lora_merge import read_safetensors_header
 
     _, base_metadata, _ = read_safetensors_header(base)
     loras = []
@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit_.code or 0)
     try:
         ratios = _check_inputs(args)
-        from library.lora_merge import LoRAToMerge, merge_loras_into_single_file
+        from library.files.lora_merge import LoRAToMerge, merge_loras_into_single_file
 
         models = [Path(m) for m in args.models]
         metadata = None if args.no_metadata else merge_metadata(

@@ -1,0 +1,331 @@
+"""Validation loss: held-out images scored with fixed timesteps, noise and examples, so the curve is deterministic
+and runs with different settings (LoRA+ ratios, learning rates) are comparable point by point.
+
+sd-scripts' flags (`--validation_split`, `--validation_seed`, `--validate_every_n_steps`,
+`--validate_every_n_epochs`, `--max_validation_steps`) and its fixed timesteps (4, evenly inside the training
+range: 200, 400, 600, 800 by default), plus our `--validation_data_dir`. Deliberate differences from sd-scripts:
+- the split never puts an image in both sets (sd-scripts' ceil/round can), is drawn per folder from its own seeded
+  RNG (not Python's global `random`), leaves regularisation images in training and keeps >= 1 image on each side;
+- a validation example is always the same: no flip, centre crop, caption as written (no shuffle or dropout);
+- each (batch, timestep) has its own noise generator, so the value does not depend on what ran before it.
+
+Torch-free at import time: the CLI imports this module to build its parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import math
+import random
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from library.errors import UserInputError
+
+if TYPE_CHECKING:
+    import torch
+
+    from library.data.dataset import ExampleKey, ImageRecord, TrainDataset
+    from library.data.dataset_config import DatasetConfig
+
+NUM_TRAIN_TIMESTEPS = 1000
+VALIDATION_TIMESTEP_COUNT = 4
+"""sd-scripts' NUM_VALIDATION_TIMESTEPS: every validation batch is scored at this many timesteps."""
+
+Batch = Any
+"""Whatever the caller's collate makes (the trainer's batch dict); only `compute_loss` looks inside."""
+LossFn = Callable[[Batch, "torch.Tensor", "torch.Generator"], "torch.Tensor"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Flags and config
+
+
+def add_validation_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """sd-scripts' validation flags (names and defaults), plus `--validation_data_dir`."""
+    add = parser.add_argument
+    add("--validation_split", type=float, default=0.0,
+        help="fraction of the training images (per folder; regularisation images excluded) held out for the "
+             "validation loss, e.g. 0.1")
+    add("--validation_data_dir", type=Path, default=None,
+        help="folder of N_name subfolders (like --train_data_dir) used as validation images instead of a split")
+    add("--validation_seed", type=int, default=None,
+        help="seed of the split, the validation batches and their noise (default: --seed); keep it fixed to "
+             "compare runs")
+    add("--validate_every_n_steps", type=int, default=None,
+        help="also compute the validation loss every N optimizer steps (it always runs at epoch ends, see "
+             "--validate_every_n_epochs)")
+    add("--validate_every_n_epochs", type=int, default=None,
+        help="compute the validation loss at the end of every N-th epoch (default: every epoch)")
+    add("--max_validation_steps", type=int, default=None,
+        help="use at most this many validation batches (default: all)")
+
+
+def validation_timesteps(low: int = 0, high: int = NUM_TRAIN_TIMESTEPS,
+                         count: int = VALIDATION_TIMESTEP_COUNT) -> tuple[int, ...]:
+    """`count` timesteps evenly inside [low, high], ends excluded: sd-scripts' `linspace(low, high, count + 2)[1:-1]`
+    (200, 400, 600, 800 for the full range). Fixed timesteps take the biggest source of noise out of the curve."""
+    return tuple(low + (high - low) * k // (count + 1) for k in range(1, count + 1))
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """Where the validation images come from and when the loss is computed."""
+
+    split: float = 0.0
+    """Fraction of each training folder held out (0: no split)."""
+    data_dir: Path | None = None
+    """`N_name` folder tree of validation images (instead of a split)."""
+    seed: int = 0
+    """Seed of the split, the batch order and the noise (`--validation_seed`, else the training seed)."""
+    every_n_steps: int | None = None
+    """Also validate after every N-th optimizer step."""
+    every_n_epochs: int | None = None
+    """Validate at the end of every N-th epoch (None: every epoch, as sd-scripts)."""
+    max_steps: int | None = None
+    """At most this many validation batches (None: all)."""
+    timesteps: tuple[int, ...] = validation_timesteps()
+    """The fixed timesteps, inside the training range (--min_timestep / --max_timestep)."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether there are validation images at all."""
+        return self.split > 0 or self.data_dir is not None
+
+    def is_due(self, step: int, epoch_end: int | None = None) -> bool:
+        """sd-scripts' rule. Call with `epoch_end` None after each optimizer step (`step` = steps done) and with the
+        1-based epoch number at each epoch's end: steps every `every_n_steps` (if set); epoch ends every
+        `every_n_epochs` (every epoch if unset) - both can fire at the same step, run it once then."""
+        if not self.enabled:
+            return False
+        if epoch_end is None:
+            return self.every_n_steps is not None and step > 0 and step % self.every_n_steps == 0
+        return self.every_n_epochs is None or epoch_end % self.every_n_epochs == 0
+
+
+def _at_least_one(value: int | None, flag: str) -> int | None:
+    if value is not None and value < 1:
+        raise UserInputError(f"{flag} must be at least 1, got {value}: pass a positive number or leave the flag out")
+    return value
+
+
+def validation_config_from_args(args: argparse.Namespace, seed: int) -> ValidationConfig:
+    """The parsed flags -> a checked `ValidationConfig` (`seed`: the training seed). One-line UserInputError
+    for a split outside [0, 1), both sources, a missing folder, or a schedule without validation images."""
+    split = float(args.validation_split or 0.0)
+    data_dir = None if args.validation_data_dir is None else Path(args.validation_data_dir)
+    if not 0.0 <= split < 1.0:
+        raise UserInputError(f"--validation_split must be in [0, 1), got {split}: e.g. 0.1 holds out 10% of the images")
+    if split > 0 and data_dir is not None:
+        raise UserInputError("--validation_split and --validation_data_dir both give validation images: keep one")
+    if data_dir is not None and not data_dir.is_dir():
+        raise UserInputError(f"--validation_data_dir {data_dir} is not a folder: point it at a folder of N_name "
+                             "subfolders")
+    every_steps = _at_least_one(args.validate_every_n_steps, "--validate_every_n_steps")
+    every_epochs = _at_least_one(args.validate_every_n_epochs, "--validate_every_n_epochs")
+    max_steps = _at_least_one(args.max_validation_steps, "--max_validation_steps")
+    if (every_steps or every_epochs) and not (split > 0 or data_dir is not None):
+        flag = "--validate_every_n_steps" if every_steps else "--validate_every_n_epochs"
+        raise UserInputError(f"{flag} needs validation images: add --validation_split 0.1 or --validation_data_dir DIR")
+    low = getattr(args, "min_timestep", None)
+    high = getattr(args, "max_timestep", None)
+    timesteps = validation_timesteps(0 if low is None else low, NUM_TRAIN_TIMESTEPS if high is None else high)
+    return ValidationConfig(
+        split=split, data_dir=data_dir, seed=seed if args.validation_seed is None else args.validation_seed,
+        every_n_steps=every_steps, every_n_epochs=every_epochs, max_steps=max_steps, timesteps=timesteps,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Which images
+
+
+def _seeded_int(*parts: object) -> int:
+    """A 63-bit int from `parts` (sha256 of their repr): the same in every process and run, touching no RNG."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode("utf-8")).digest()[:8], "big") >> 1
+
+
+def split_records(
+    records: Sequence[ImageRecord], fraction: float, seed: int
+) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """(training, validation) records: per image, not per repeat; validation records get 1 repeat.
+
+    Per folder, round(n * fraction) of its images (at most n - 1, so no folder leaves training) are chosen by
+    an RNG seeded from (seed, dataset, folder name) alone - not the folder's full path, so the dataset can move
+    to another machine and keep its split; if that makes none, one image of the largest folder is taken.
+    Regularisation images always stay in training. Deterministic for (records, fraction, seed); the orders of
+    both lists follow `records`. Raises UserInputError when no training image would be left.
+    """
+    if fraction <= 0:
+        return list(records), []
+    folders: dict[tuple[int, str], list[int]] = {}
+    for index, record in enumerate(records):
+        if not record.is_reg:
+            folders.setdefault((record.dataset_index, str(record.path.parent)), []).append(index)
+
+    def shuffled(key: tuple[int, str], members: list[int]) -> list[int]:
+        ordered = sorted(members, key=lambda i: records[i].path.name)
+        rng = random.Random(_seeded_int("validation_split", seed, key[0], Path(key[1]).name))
+        return rng.sample(ordered, len(ordered))
+
+    chosen: set[int] = set()
+    for key, members in sorted(folders.items()):
+        count = min(math.floor(len(members) * fraction + 0.5), len(members) - 1)
+        chosen.update(shuffled(key, members)[:count])
+    if not chosen and folders:
+        key, members = max(sorted(folders.items()), key=lambda item: len(item[1]))
+        chosen.add(shuffled(key, members)[0])
+    train = [record for i, record in enumerate(records) if i not in chosen]
+    if not any(not record.is_reg for record in train):
+        raise UserInputError(f"--validation_split {fraction} leaves no training image ({len(chosen)} images): "
+                             "add images or use --validation_data_dir")
+    validation = [dataclasses.replace(records[i], num_repeats=1) for i in sorted(chosen)]
+    return train, validation
+
+
+def scan_validation_dir(data: DatasetConfig, directory: Path) -> list[ImageRecord]:
+    """The images of a `--validation_data_dir` tree, bucketed like the training images (1 repeat each)."""
+    from library.data.dataset import scan_train_data_dir
+
+    cfg = dataclasses.replace(data, train_data_dir=Path(directory), reg_data_dir=None, dataset_config=None)
+    return [dataclasses.replace(record, num_repeats=1) for record in scan_train_data_dir(cfg)]
+
+
+def _fixed(record: ImageRecord) -> ImageRecord:
+    """The record without random augmentation: no flip or random crop, the caption as written (prefix/suffix kept)."""
+    options = record.options
+    if options is None:
+        return record
+    caption = dataclasses.replace(options.caption, shuffle_caption=False, caption_dropout_rate=0.0,
+                                  caption_dropout_every_n_epochs=0, caption_tag_dropout_rate=0.0)
+    return dataclasses.replace(record, options=dataclasses.replace(options, flip_aug=False, random_crop=False,
+                                                                   caption=caption))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The fixed batches
+
+
+@dataclass(frozen=True)
+class ValidationSet:
+    """The validation examples and their fixed batches. Every example has the key (index, 0, 0), so it is the same
+    example at every evaluation; the batch order is shuffled once by the validation seed (a cap then takes a mix
+    of buckets), then never changes."""
+
+    dataset: TrainDataset
+    """The validation records (augmentation off). Cache its latents / text outputs like the training set's."""
+    batches: tuple[tuple[ExampleKey, ...], ...]
+    """Keys of each batch, in evaluation order."""
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def iter_batches(self, source: Any = None, collate: Callable[[list[dict]], Batch] | None = None
+                     ) -> Iterator[Batch]:
+        """The collated batches in order. `source`: what to index with the keys (default the dataset; e.g. a
+        `CachedTextDataset` of it); `collate`: default `collate_examples`."""
+        from library.data.dataset import collate_examples
+
+        source = self.dataset if source is None else source
+        collate = collate_examples if collate is None else collate
+        for keys in self.batches:
+            yield collate([source[key] for key in keys])
+
+
+def build_validation_set(
+    records: Sequence[ImageRecord], data: DatasetConfig, batch_size: int, seed: int, max_batches: int | None = None
+) -> ValidationSet:
+    """A `ValidationSet` of `records` (from `split_records` or `scan_validation_dir`): bucketed batches of
+    `batch_size` (a `--dataset_config` dataset's own batch size wins), at most `max_batches`."""
+    from library.data.dataset import BucketBatchSampler, TrainDataset
+
+    plain = dataclasses.replace(data, flip_aug=False, random_crop=False, shuffle_caption=False,
+                                caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0,
+                                caption_tag_dropout_rate=0.0)
+    dataset = TrainDataset([_fixed(dataclasses.replace(r, num_repeats=1)) for r in records], plain)
+    sampler = BucketBatchSampler(dataset, batch_size, seed)  # epoch 0, 1 repeat: keys (index, 0, 0)
+    batches = tuple(tuple(keys) for keys in sampler)
+    if max_batches is not None:
+        batches = batches[:max_batches]
+    return ValidationSet(dataset, batches)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loss
+
+
+def _batch_size(batch: Batch) -> int:
+    """Examples in a batch: its `loss_weights` (the trainer's batches), else the first tensor's or list's length."""
+    import torch
+
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, Mapping):
+        if "loss_weights" in batch:
+            return len(batch["loss_weights"])
+        for value in batch.values():
+            if isinstance(value, (torch.Tensor, list, tuple)):
+                return len(value)
+    raise TypeError(f"cannot tell the size of a {type(batch).__name__} batch: give it a loss_weights entry")
+
+
+def validation_loss(
+    batches: Iterable[Batch], compute_loss: LossFn, *, timesteps: Sequence[int], seed: int,
+    device: torch.device | str | None = None,
+) -> float:
+    """Mean of `compute_loss(batch, timesteps (B,) long, generator)` over every batch and every fixed timestep.
+
+    The generator of (batch b, timestep i) is a CPU `torch.Generator` seeded from (seed, b, i) alone; pass it to
+    `noise_batch(..., timesteps=, generator=)` so the noise is the same at every call, on every device. Any draw
+    that still uses the global RNG (VAE posterior sampling, say) happens under a forked and seeded global RNG
+    (CPU and `device`), so it is fixed too and the training RNG stream is left exactly as it was. Runs under
+    `torch.no_grad()`; the caller puts the network in eval mode (dropouts off) and back.
+    """
+    import torch
+
+    devices = []
+    if device is not None and torch.device(device).type == "cuda":
+        index = torch.device(device).index
+        devices = [torch.cuda.current_device() if index is None else index]
+    python_state = random.getstate()
+    total, count = 0.0, 0
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.manual_seed(_seeded_int("validation_global", seed))
+            for b, batch in enumerate(batches):
+                size = _batch_size(batch)
+                for i, timestep in enumerate(timesteps):
+                    generator = torch.Generator("cpu").manual_seed(_seeded_int("validation_noise", seed, b, i))
+                    steps = torch.full((size,), int(timestep), dtype=torch.long)
+                    total += float(compute_loss(batch, steps, generator).detach().float())
+                    count += 1
+    finally:
+        random.setstate(python_state)
+    if count == 0:
+        raise ValueError("no validation batches (or no timesteps) to compute a loss on")
+    return total / count
+
+
+def validation_logs(loss: float, train_average: float | None = None) -> dict[str, float]:
+    """What to log: `loss/validation`, and with the training loss's moving average, the gap
+    `loss/validation_divergence` (sd-scripts' `.../step_divergence`: validation minus training)."""
+    logs = {"loss/validation": loss}
+    if train_average is not None:
+        logs["loss/validation_divergence"] = loss - train_average
+    return logs
+
+
+def validation_metadata(cfg: ValidationConfig) -> dict[str, str]:
+    """The `ss_*` keys sd-scripts writes for its validation flags (str() of the values, "None" when unset). The
+    seed is the one used (sd-scripts writes the flag, "None" when it fell back to --seed)."""
+    return {
+        "ss_validation_seed": str(cfg.seed),
+        "ss_validation_split": str(cfg.split),
+        "ss_max_validation_steps": str(cfg.max_steps),
+        "ss_validate_every_n_epochs": str(cfg.every_n_epochs),
+        "ss_validate_every_n_steps": str(cfg.every_n_steps),
+    }
