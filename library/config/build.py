@@ -33,6 +33,8 @@ from library.data.dataset_config import load_dataset_config
 from library.errors import UserInputError
 from library.model.text_encoding import check_max_token_length
 from networks.block_weights import EMBEDDING_BLOCK, OUT_BLOCK, block_dims_and_alphas, block_index, block_lr_weights
+from networks.block_weights import LR_WEIGHT_KEYS
+from networks.loraplus import LoRAPlusRule, planned_groups
 from networks.network_args import LORAPLUS_KEYS, LoRAPlusRatios, merge_loraplus_flags, parse_network_args
 
 
@@ -177,9 +179,6 @@ def parse_key_values(items: list[str] | None, flag: str) -> dict[str, str]:
     return parsed
 
 
-BLOCK_LR_KEYS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight")
-
-
 def planned_group_lrs(
     learning_rate: float,
     unet_lr: float | None,
@@ -188,19 +187,11 @@ def planned_group_lrs(
     train_unet: bool,
     train_text_encoder: bool,
 ) -> dict[str, float]:
-    """The learning rate of every optimizer group the run will have (before block weights), by name."""
-    groups: dict[str, float] = {}
-    te_lr = text_encoder_lr[0] if text_encoder_lr else learning_rate
-    u_lr = learning_rate if unet_lr is None else unet_lr
-    for component, lr, ratio, trained in (
-        ("textencoder", te_lr, loraplus.text_encoder, train_text_encoder),
-        ("unet", u_lr, loraplus.unet, train_unet),
-    ):
-        if trained and lr != 0:
-            groups[component] = lr
-            if ratio is not None:
-                groups[f"{component} plus"] = lr * ratio
-    return groups
+    """The learning rate of every optimizer group the run will have (before block weights), by name: the LoRA+
+    rule of `networks.loraplus`, for a network with modules in each trained component."""
+    rule = LoRAPlusRule.from_rates(learning_rate, unet_lr, text_encoder_lr, loraplus)
+    groups = planned_groups(rule, train_text_encoder=train_text_encoder, train_unet=train_unet)
+    return {group.description: group.lr for group in groups}
 
 
 def check_run_length(max_train_steps: int, max_train_epochs: int | None) -> None:
@@ -302,7 +293,7 @@ def check_optimizer_fits_groups(
     """Refuse, before any model loads, an optimizer that would crash on (or ignore) per-group rates."""
     problem = per_group_lr_problem(optimizer_type, group_lrs, optimizer_args)
     if problem is None and is_adaptive(optimizer_type):
-        block_keys = [key for key in BLOCK_LR_KEYS if key in network_args]
+        block_keys = [key for key in LR_WEIGHT_KEYS if key in network_args]
         if block_keys:
             problem = (
                 f"--optimizer_type {optimizer_type} estimates one step size for all parameter groups and cannot "
