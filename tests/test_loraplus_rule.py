@@ -37,9 +37,10 @@ def _same_unet(*row):
     return {name: row for name in (UNET5, UNET11, UNET18)}
 
 
-# 5 down weights of 9 for input_blocks 0-8 = blocks 1-9; block 5 (input_blocks_4) weighs 0.5
-BLOCKS = {"down_lr_weight": "1,1,1,1,0.5,1,1,1,1", "mid_lr_weight": "0.25,2,0.25", "up_lr_weight": "1,1,1,1,1,0.05,1,1,1",
-          "block_lr_zero_threshold": "0.1"}  # 0.05 (block 18) is not above the threshold: 0, dropped
+# down: input_blocks 0-8 = blocks 1-9, block 5 (input_blocks_4) weighs 0.5; mid: blocks 10-12, block 11 weighs 2;
+# up: output_blocks 0-8 = blocks 13-21, block 18 weighs 0.05, not above the threshold: 0, dropped
+BLOCKS = {"down_lr_weight": "1,1,1,1,0.5,1,1,1,1", "mid_lr_weight": "0.25,2,0.25",
+          "up_lr_weight": "1,1,1,1,1,0.05,1,1,1", "block_lr_zero_threshold": "0.1"}
 
 CASES = {
     "no ratio: A and B share one group per component": (
