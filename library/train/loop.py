@@ -72,7 +72,8 @@ def _run_steps(cfg: TrainConfig, parts: RunParts, state: LoopState, on_step: OnS
         batches_left = len(parts.sampler) - progress.steps_in_epoch * accumulation
         batches = iter(parts.loader)
         while batches_left > 0 and progress.step < schedule.total_steps:
-            # Forward and backward of `accumulation` batches (fewer at an epoch's end), with the NaN guard.
+            # Forward and backward of `accumulation` batches (fewer at an epoch's end), with the NaN guard; the rates
+            # this step runs with (the scheduler stepped at the end of the previous one).
             size = min(accumulation, batches_left)
             lrs = dict(zip(parts.group_descriptions, map(float, parts.lr_scheduler.get_last_lr())))
             loss, finite = backward_step(parts, params, batches, size, step=progress.step + 1,
@@ -91,7 +92,8 @@ def _run_steps(cfg: TrainConfig, parts: RunParts, state: LoopState, on_step: OnS
                 state.timer.step_done()
                 state.rng_at_step = RngSnapshot.take()
 
-            # Logs: the loss, its running average and each group's learning rate (sd-scripts': after the update).
+            # Logs: the loss, its running average and each group's rate as sd-scripts logs it (after this step's
+            # scheduler step).
             state.losses.append(loss)
             state.lrs.append(lrs)
             average = recent_average(state.losses)
