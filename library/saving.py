@@ -43,7 +43,8 @@ class LoRASaver:
         return self.output_dir / f"{self.output_name}_report.json"
 
     def save_param_groups(self, infos: Sequence, weight_decay: float | None) -> Path:
-        """The optimizer groups (LoRA+ base/plus, lr, sizes) as JSON beside the LoRA files."""
+        """The optimizer groups (LoRA+ base/plus, lr, sizes) as JSON beside the final LoRA file, written with it
+        (every LoRA file also carries them as `ss_lr_param_groups`)."""
         rows = [{**asdict(info), "weight_decay": weight_decay} for info in infos]
         write_text_atomic(self.param_groups_path, json.dumps(rows, indent=2) + "\n", what="parameter groups")
         return self.param_groups_path
