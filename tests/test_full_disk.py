@@ -115,6 +115,37 @@ def test_ema_file(tmp_path, full_disk_for):
     _expect_full(lambda: save_ema_weights(network, ema, path, torch.float32, {}), path, "EMA file", tmp_path)
 
 
+class _Adapters(torch.nn.Module):
+    """What LoRASaver uses of a network: state_dict and save_weights (networks.lora's is save_lora_file too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lora_down = torch.nn.Parameter(torch.randn(4, 16))
+
+    def save_weights(self, file, dtype, metadata) -> None:
+        from library.lora_io import save_lora_file
+
+        save_lora_file(self.state_dict(), file, dtype, metadata)
+
+
+@pytest.mark.parametrize("full", ["run", "run-ema"])
+def test_lora_and_ema_files_are_replaced_together_or_not_at_all(tmp_path, full_disk_for, full):
+    """A full disk on either file of the pair leaves both earlier files: never this run's LoRA beside the EMA of
+    the run before."""
+    from library.ema import LoRAEMA
+    from library.saving import LoRASaver
+
+    network = _Adapters()
+    saver = LoRASaver(tmp_path, "run", torch.float32, ema=LoRAEMA(network, 0.9))
+    saver.save_final(network, {})
+    with torch.no_grad():
+        network.lora_down.add_(1.0)
+    saver.ema.update()
+    full_disk_for(re.escape(f"{full}.safetensors"))
+    _expect_full(lambda: saver.save_final(network, {}), tmp_path / f"{full}.safetensors",
+                 "EMA file" if full == "run-ema" else "LoRA file", tmp_path)
+
+
 def test_latent_cache(tmp_path, full_disk_for):
     from library.dataset import ImageRecord
     from library.latent_cache import save_cached_latents
