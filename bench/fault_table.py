@@ -237,7 +237,8 @@ class Changes:
     removed: list[str]
     new: list[str]
     allowed: list[str]
-    """Changed or removed files the fault says may change (a damaged input being repaired)."""
+    """Changed or removed files the fault says may change (a damaged cache recomputed, files this run finished
+    before the fault)."""
 
     @property
     def ok(self) -> bool:
@@ -252,7 +253,7 @@ class Changes:
         if not parts:
             parts.append("unchanged")
         if self.allowed:
-            parts.append(f"repaired: {summarize(self.allowed)}")
+            parts.append(f"changed as expected: {summarize(self.allowed)}")
         if self.new:
             parts.append(f"new: {summarize(self.new)}")
         return "; ".join(parts)
@@ -592,8 +593,8 @@ def _low_disk(case: Case) -> Action:
 
 # Full disk, per kind of file ---------------------------------------------------------------------------------------
 DISK = "full disk"
-RUN_FILES = ("out/run.safetensors", "out/run-ema.safetensors", "out/run-state/*", "out/run_param_groups.json")
-"""What a run writes, in order, before its state and report: the files a fault after them may have replaced."""
+RUN_FILES = ("out/run.safetensors", "out/run-ema.safetensors", "out/run_param_groups.json", "out/run-state/*")
+"""What a finished run writes, in this order, before its report: the files a fault after them may have replaced."""
 
 
 def full_disk(key: str, title: str, target: str, code: str = "ENOSPC", may_change: tuple[str, ...] = (),
@@ -607,8 +608,9 @@ def full_disk(key: str, title: str, target: str, code: str = "ENOSPC", may_chang
 
 full_disk("disk_lora", "ENOSPC writing the final LoRA", r"run\.safetensors")
 full_disk("disk_ema", "EDQUOT writing the EMA file", r"run-ema\.safetensors", "EDQUOT")
-full_disk("disk_param_groups", "ENOSPC writing run_param_groups.json", r"run_param_groups\.json")
-full_disk("disk_report", "ENOSPC writing run_report.json (after the LoRA, EMA and state: those are this run's)",
+full_disk("disk_param_groups", "ENOSPC writing run_param_groups.json (after the LoRA and EMA: those are this run's)",
+          r"run_param_groups\.json", may_change=RUN_FILES[:2])
+full_disk("disk_report", "ENOSPC writing run_report.json (after the LoRA, EMA, groups and state: this run's)",
           r"run_report\.json", may_change=RUN_FILES)
 full_disk("disk_latent_cache", "EFBIG writing a latent cache (new size, 128 px)", r".*_sdxl\.npz", "EFBIG",
           make_argv=lambda case: case.argv("--resolution", "128", "--min_bucket_reso", "128", "--max_bucket_reso",
@@ -617,8 +619,8 @@ full_disk("disk_te_cache", "ENOSPC rewriting a text-encoder cache (other caption
           make_argv=lambda case: case.argv("--caption_prefix", "other, "))
 
 
-@fault("disk_state", DISK, "ENOSPC writing the state's optimizer.bin (after the LoRA and EMA: those are this run's)",
-       may_change=RUN_FILES[:2] + RUN_FILES[3:])
+@fault("disk_state", DISK, "ENOSPC writing the state's optimizer.bin (after the LoRA, EMA and groups: those are this run's)",
+       may_change=RUN_FILES[:3])
 def _disk_state(case: Case) -> Action:
     return lambda: case.train(case.argv(), {"torch_save_full": "optimizer.bin"})
 

@@ -248,7 +248,7 @@ def _pickle_failure(error: Exception, file: Path) -> str:
     with open(file, "rb") as handle:
         head = handle.read(2)
     if not head.startswith((b"PK", b"\x80")):  # torch's zip format, or its legacy pickle
-        return "not a torch checkpoint: neither a zip archive nor a pickle"
+        return "its bytes are neither a zip archive nor a pickle"
     if "central directory" in text:
         return "truncated, or not a torch file: its zip directory is missing"
     inner = text.partition("WeightsUnpickler error:")[2].strip()

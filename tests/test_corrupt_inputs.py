@@ -140,7 +140,7 @@ def test_damaged_single_file(tiny_sdxl, model_variants, data, tmp_path, capsys, 
     line = _fails_with_one_line(tiny_train_argv(model, data, tmp_path / "out"), capsys, model)
     assert line.startswith("error: --pretrained_model_name_or_path")
     if suffix == ".ckpt" and kind in ("garbage", "jpeg"):  # not unpickling's own words (IndexError, ...)
-        assert "(not a torch checkpoint: neither a zip archive nor a pickle)" in line
+        assert "checkpoint (its bytes are neither a zip archive nor a pickle)" in line
     assert not (tmp_path / "out").exists()
 
 

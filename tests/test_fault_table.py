@@ -76,12 +76,12 @@ def test_the_line_shown_is_the_trainers_last_own_line():
     assert ft.message_line(ft.Outcome(-15, "", "")) == ""
 
 
-def test_changes_allowed_by_the_fault_are_listed_as_repaired():
+def test_changes_the_fault_allows_are_listed_apart():
     before = {"data/a_sdxl.npz": "1", "data/b_sdxl.npz": "2", "out/run.safetensors": "3"}
     after = {"data/a_sdxl.npz": "9", "out/run.safetensors": "3", "out/x/1": "4", "out/x/2": "4", "out/x/3": "4"}
     changes = ft.compare(before, after, ("data/*_sdxl.npz",))
     assert changes.ok and changes.describe() == \
-        "unchanged; repaired: data/a_sdxl.npz, data/b_sdxl.npz; new: out/x/ (3 files)"
+        "unchanged; changed as expected: data/a_sdxl.npz, data/b_sdxl.npz; new: out/x/ (3 files)"
 
 
 def test_every_fault_has_a_unique_key_and_there_are_enough():
