@@ -966,6 +966,9 @@ def run_fault(ws: Workspace, item: Fault, number: int) -> Row:
         before = snapshot(case.root)
         outcome = action()
         changes = compare(before, snapshot(case.root), item.may_change)
+    except Exception as error:  # noqa: BLE001 - the harness's own failure is this row's, the others still run
+        return Row(number, item.key, item.group, item.title, None, item.expect, f"harness error: {error!r}", False,
+                   "-", False, "", round(time.monotonic() - started, 1))
     finally:
         for cleanup in reversed(case.cleanups):
             cleanup()
@@ -999,8 +1002,8 @@ def run_matrix(ws: Workspace, faults: Sequence[Fault], progress: Callable[[Row],
     shared_before = {name: snapshot(path) for name, path in (("model", ws.model.parent), ("data", ws.data),
                                                              ("earlier", ws.out))}
     rows = []
-    for number, item in enumerate(faults, start=1):
-        rows.append(run_fault(ws, item, FAULTS.index(item) + 1))
+    for item in faults:
+        rows.append(run_fault(ws, item, FAULTS.index(item) + 1))  # numbered as in the full table
         progress(rows[-1])
     shared_after = {name: snapshot(path) for name, path in (("model", ws.model.parent), ("data", ws.data),
                                                             ("earlier", ws.out))}

@@ -91,3 +91,11 @@ def test_every_fault_has_a_unique_key_and_there_are_enough():
                                             "damaged model", "damaged --network_weights", "damaged --resume state",
                                             "damaged cache", "damaged TOML", "bad flag", "missing path",
                                             "broken image"}
+
+
+def test_a_fault_the_harness_cannot_set_up_fails_its_row_and_the_others_run(workspace):
+    def broken(case: ft.Case):
+        raise FileNotFoundError("no such fixture")
+
+    row = ft.run_fault(workspace, ft.Fault("broken", "test", "a set-up that fails", broken), 1)
+    assert (row.ok, row.exit, row.line) == (False, None, "harness error: FileNotFoundError('no such fixture')")
