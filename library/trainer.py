@@ -327,6 +327,7 @@ def run_training(cfg: TrainConfig, started_at: float, phase: Phase, run_scope: c
     dataset = TrainDataset(records, cfg.data)
     # One run per output: a second run on the same --output_dir/--output_name stops here.
     run_scope.enter_context(held_output(cfg.output, process_state()))
+    phase.enter("setting up the run")
     sampling = cfg.sampling
     accelerator, plan = make_accelerator(cfg)
     accelerator.print(dataset.bucket_report())
