@@ -1,4 +1,4 @@
-"""bench/fault_table.py keeps its word: a few cheap faults run through its own functions give the rows the table
+"""bench/fault_table.py (its harness and catalogue) keeps its word: a few cheap faults run through its own functions give the rows the table
 would print (exit 2, one error line, no traceback, earlier files unchanged), and a fault that changes an earlier
 file or prints a traceback fails its row."""
 
@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench import fault_table as ft
+from bench import fault_harness as ft
+from bench.fault_catalogue import FAULTS
 from tools.make_demo_dataset import make_demo_dataset
 
 CHEAP = "^(steps0|output_is_file|toml_config_key|missing_resume)$"
@@ -28,7 +29,7 @@ def workspace(tiny_sdxl, tmp_path) -> ft.Workspace:
 
 
 def test_cheap_faults_give_one_error_line_and_keep_every_earlier_file(workspace):
-    faults = ft.select(CHEAP)
+    faults = ft.select(FAULTS, CHEAP)
     assert [f.key for f in faults] == ["steps0", "output_is_file", "toml_config_key", "missing_resume"]
     rows, shared_intact = ft.run_matrix(workspace, faults)
     assert shared_intact
@@ -44,7 +45,7 @@ def test_cheap_faults_give_one_error_line_and_keep_every_earlier_file(workspace)
 
 
 def _fake_fault(act) -> ft.Fault:
-    return ft.Fault("fake", "test", "a fault made up here", lambda case: lambda: act(case))
+    return ft.Fault(1, "fake", "test", "a fault made up here", lambda case: lambda: act(case))
 
 
 def test_a_changed_or_removed_earlier_file_fails_the_row(workspace):
@@ -54,16 +55,16 @@ def test_a_changed_or_removed_earlier_file_fails_the_row(workspace):
         (case.out / "new.json").write_text("{}")
         return ft.Outcome(2, "error: something\n", "")
 
-    row = ft.run_fault(workspace, _fake_fault(act), 1)
+    row = ft.run_fault(workspace, _fake_fault(act))
     assert not row.ok and not row.files_ok
     assert row.files == "CHANGED: out/run.safetensors; REMOVED: out/run-state/optimizer.bin; new: out/new.json"
 
 
 def test_a_traceback_or_another_exit_code_fails_the_row(workspace):
     traceback = ft.Outcome(2, "Traceback (most recent call last):\n  File x\nValueError: y\n", "")
-    row = ft.run_fault(workspace, _fake_fault(lambda case: traceback), 1)
+    row = ft.run_fault(workspace, _fake_fault(lambda case: traceback))
     assert (row.traceback, row.files, row.ok, row.line) == (True, "unchanged", False, "ValueError: y")
-    row = ft.run_fault(workspace, _fake_fault(lambda case: ft.Outcome(0, "", "done\n")), 2)
+    row = ft.run_fault(workspace, _fake_fault(lambda case: ft.Outcome(0, "", "done\n")))
     assert (row.traceback, row.ok) == (False, False) and "**0** (expected 2)" in ft.markdown([row])
 
 
@@ -85,9 +86,10 @@ def test_changes_the_fault_allows_are_listed_apart():
 
 
 def test_every_fault_has_a_unique_key_and_there_are_enough():
-    keys = [f.key for f in ft.FAULTS]
+    keys = [f.key for f in FAULTS]
     assert len(keys) == len(set(keys)) >= 35
-    assert {f.group for f in ft.FAULTS} >= {"NaN/inf", "empty run", "lock", "signal", "output folder", "full disk",
+    assert [f.number for f in FAULTS] == list(range(1, len(FAULTS) + 1))
+    assert {f.group for f in FAULTS} >= {"NaN/inf", "empty run", "lock", "signal", "output folder", "full disk",
                                             "damaged model", "damaged --network_weights", "damaged --resume state",
                                             "damaged cache", "damaged TOML", "bad flag", "missing path",
                                             "broken image"}
@@ -97,5 +99,5 @@ def test_a_fault_the_harness_cannot_set_up_fails_its_row_and_the_others_run(work
     def broken(case: ft.Case):
         raise FileNotFoundError("no such fixture")
 
-    row = ft.run_fault(workspace, ft.Fault("broken", "test", "a set-up that fails", broken), 1)
+    row = ft.run_fault(workspace, ft.Fault(1, "broken", "test", "a set-up that fails", broken))
     assert (row.ok, row.exit, row.line) == (False, None, "harness error: FileNotFoundError('no such fixture')")
