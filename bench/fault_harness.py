@@ -358,6 +358,7 @@ class Row:
     exit: int | None
     expected: int
     line: str
+    """The trainer's last own line (`message_line`), paths inside the case folder made relative to it."""
     traceback: bool
     files: str
     files_ok: bool
@@ -404,9 +405,9 @@ def run_fault(ws: Workspace, item: Fault) -> Row:
             cleanup()
     (root / "result.stdout").write_text(outcome.stdout)
     (root / "result.stderr").write_text(outcome.stderr)
-    return Row(number, item.key, item.group, item.title, outcome.rc, item.expect, message_line(outcome),
-               has_traceback(outcome), changes.describe(), changes.ok, outcome.note,
-               round(time.monotonic() - started, 1))
+    shown = message_line(outcome).replace(f"{case.root}/", "").replace(str(ws.root), "<workdir>")  # short paths
+    return Row(number, item.key, item.group, item.title, outcome.rc, item.expect, shown, has_traceback(outcome),
+               changes.describe(), changes.ok, outcome.note, round(time.monotonic() - started, 1))
 
 
 def markdown(rows: Sequence[Row]) -> str:

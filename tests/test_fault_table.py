@@ -39,7 +39,7 @@ def test_cheap_faults_give_one_error_line_and_keep_every_earlier_file(workspace)
     assert by_key["steps0"].line == "error: --max_train_steps 0 trains nothing: give 1 or more (or --max_train_epochs)"
     assert by_key["output_is_file"].line.endswith("is a file, not a folder: give a folder (it is created when missing)")
     assert by_key["toml_config_key"].line.endswith("unknown key 'learning_rat' (did you mean 'learning_rate'?)")
-    assert by_key["missing_resume"].line.startswith("error: --resume: no such state folder: ")
+    assert by_key["missing_resume"].line == "error: --resume: no such state folder: out/no_such-state"
     table = ft.markdown(rows)
     assert table.count("\n") == 1 + len(rows) and "| 6 | empty run | --max_train_steps 0 | 2 | error:" in table
 
