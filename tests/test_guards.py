@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import train_network
-from library.config.cli import resume_command
+from library.config.build.cli import resume_command
 from library.errors import NonFiniteError, OutputInUseError
 from library.files.finite import (NonFiniteSteps, check_finite_for_saving, first_non_finite, group_gradient_norms,
                             non_finite_source)
@@ -237,6 +237,22 @@ def test_run_turns_interrupts_into_exit_codes(monkeypatch, capsys):
     assert capsys.readouterr().err == "interrupted (SIGINT) before training started: nothing was saved\n"
 
 
+def test_sigterm_while_the_libraries_load_is_one_line_and_143():
+    """A real SIGTERM inside `main` before the trainer starts (where torch and diffusers are imported, seconds):
+    143 and its line, not a silent death by the signal (-15). In a child process, so that the signal's default
+    action, were it back, would not end the test run."""
+    code = ("import os, signal, sys, time, train_network\n"
+            "def main(argv=None):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(5)\n"
+            "train_network.main = main\n"
+            "sys.exit(train_network.run([]))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(train_network.__file__).parent, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 143
+    assert done.stderr == "interrupted (SIGTERM) before training started: nothing was saved\n"
+
+
 # --- Runs that would train nothing, refused before any model loads ----------------------------------------------
 
 
@@ -281,8 +297,8 @@ def test_a_run_that_would_train_nothing_is_one_line_before_loading(tiny_sdxl, da
 
 
 def test_some_zero_rates_still_train(tiny_sdxl, data, tmp_path):
-    from library.config.cli import build_parser
-    from library.config.build import config_from_args
+    from library.config.build.cli import build_parser
+    from library.config.build.build import config_from_args
 
     argv = tiny_train_argv(tiny_sdxl.single_file, data, tmp_path, "--learning_rate", "0", "--unet_lr", "1e-4",
                            "--network_args", "down_lr_weight=zeros", "mid_lr_weight=0,0,0", "up_lr_weight=1,0,0,0,0,0,0,0,0")

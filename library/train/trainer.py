@@ -20,7 +20,7 @@ from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_see
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from library.config.build import LoopConfig, NetworkConfig, OutputConfig, TrainConfig
+from library.config.build.build import LoopConfig, NetworkConfig, OutputConfig, TrainConfig
 from library.data.dataset import BucketBatchSampler, TrainDataset, collate_examples, scan_train_data_dir
 from library.model.base_models import (Encoder, free_memory, prepare_base_models, release_model, vae_encoder,  # noqa: F401
                                  vae_fingerprint)
@@ -327,6 +327,7 @@ def run_training(cfg: TrainConfig, started_at: float, phase: Phase, run_scope: c
     dataset = TrainDataset(records, cfg.data)
     # One run per output: a second run on the same --output_dir/--output_name stops here.
     run_scope.enter_context(held_output(cfg.output, process_state()))
+    phase.enter("setting up the run")
     sampling = cfg.sampling
     accelerator, plan = make_accelerator(cfg)
     accelerator.print(dataset.bucket_report())
@@ -415,8 +416,6 @@ def run_training(cfg: TrainConfig, started_at: float, phase: Phase, run_scope: c
         base_metadata.update(validation_metadata(cfg.validation))
         base_metadata["ss_num_validation_images"] = str(len(validation.dataset))
     saver = LoRASaver(cfg.output.output_dir, cfg.output.output_name, save_dtype(cfg.output.save_precision), ema=ema)
-    if accelerator.is_main_process:
-        saver.save_param_groups(group_infos, inner.param_groups[0].get("weight_decay"))
     if cfg.output.log_with:  # trackers, with the run's settings so runs can be compared
         accelerator.init_trackers(cfg.output.log_tracker_name or "network_train")
         hparams = run_hparams(cfg.network, opt, cfg.loop, plan.summary(), total_steps=schedule.total_steps,
@@ -453,6 +452,8 @@ def run_training(cfg: TrainConfig, started_at: float, phase: Phase, run_scope: c
     if accelerator.is_main_process:
         final_path = saver.save_final(network, final_metadata)
     phase.enter("writing the final files", f"the final LoRA was written to {final_path}")
+    if accelerator.is_main_process:  # it describes the final file: a run that stops before it leaves the earlier one
+        saver.save_param_groups(group_infos, inner.param_groups[0].get("weight_decay"))
     if cfg.output.save_state or cfg.output.save_state_on_train_end:
         accelerator.print(f"saved {save_run_state(parts, saver.state_path(saver.final_path), progress)}")
     if parts.non_finite.skipped:
