@@ -16,8 +16,8 @@ import sys
 from collections.abc import Sequence
 
 from library.train import allocator
-from library.config.build.cli import build_parser, resume_command
-from library.config.build.config_file import parse_args, write_config
+from library.config.cli import build_parser, resume_command
+from library.config.config_file import parse_args, write_config
 from library.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, RunStopped
 from library.train.interrupts import TrainingInterrupted, sigterm_interrupts, signal_name
 
@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.output_config:  # write the effective arguments and stop: nothing is loaded
             print(f"arguments written to {write_config(parser, args)}")
             return 0
-        from library.config.build.build import config_from_args
+        from library.config.build import config_from_args
 
         cfg = config_from_args(args)
         from library.train.trainer import train

@@ -274,8 +274,8 @@ def test_missing_state_file(tiny_sdxl, state_folder, data, tmp_path, capsys, no_
 def test_state_damaged_after_the_start_up_check_is_not_called_a_flag_mismatch(tiny_sdxl, state_folder, data,
                                                                               tmp_path):
     """A file damaged between the check and the load (a flaky network drive) is still named as damaged."""
-    from library.config.build.cli import build_parser
-    from library.config.build.build import config_from_args
+    from library.config.cli import build_parser
+    from library.config.build import config_from_args
     from library.errors import UserInputError
     from library.train.trainer import train
 

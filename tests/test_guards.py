@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import train_network
-from library.config.build.cli import resume_command
+from library.config.cli import resume_command
 from library.errors import NonFiniteError, OutputInUseError
 from library.files.finite import (NonFiniteSteps, check_finite_for_saving, first_non_finite, group_gradient_norms,
                             non_finite_source)
@@ -297,8 +297,8 @@ def test_a_run_that_would_train_nothing_is_one_line_before_loading(tiny_sdxl, da
 
 
 def test_some_zero_rates_still_train(tiny_sdxl, data, tmp_path):
-    from library.config.build.cli import build_parser
-    from library.config.build.build import config_from_args
+    from library.config.cli import build_parser
+    from library.config.build import config_from_args
 
     argv = tiny_train_argv(tiny_sdxl.single_file, data, tmp_path, "--learning_rate", "0", "--unet_lr", "1e-4",
                            "--network_args", "down_lr_weight=zeros", "mid_lr_weight=0,0,0", "up_lr_weight=1,0,0,0,0,0,0,0,0")
