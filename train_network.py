@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from library.train import allocator
 from library.config.cli import build_parser, resume_command
 from library.config.config_file import parse_args, write_config
-from library.errors import EXIT_INTERRUPTED, RunStopped
-from library.train.interrupts import TrainingInterrupted
+from library.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, RunStopped
+from library.train.interrupts import TrainingInterrupted, sigterm_interrupts, signal_name
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,15 +63,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(argv: Sequence[str] | None = None) -> int:
     """The script's exit code: `main`'s, or for an interrupt 130 (Ctrl-C) / 143 (SIGTERM) without a traceback
-    (what was saved is already printed)."""
-    try:
-        return main(argv)
-    except KeyboardInterrupt as interrupt:
-        code = getattr(interrupt, "exit_code", None)
-        if code is None:  # before the trainer started (imports, parsing): nothing to save
-            print("interrupted (SIGINT) before training started: nothing was saved", file=sys.stderr)
-            return EXIT_INTERRUPTED
-        return code
+    (what was saved is already printed). SIGTERM takes Ctrl-C's path from here on, so one that arrives while the
+    libraries load still prints its line instead of killing the process silently."""
+    with sigterm_interrupts():
+        try:
+            return main(argv)
+        except KeyboardInterrupt as interrupt:
+            code = getattr(interrupt, "exit_code", None)
+            if code is None:  # before the trainer started (imports, parsing): nothing to save
+                name = signal_name(interrupt)
+                print(f"interrupted ({name}) before training started: nothing was saved", file=sys.stderr)
+                return EXIT_TERMINATED if name == "SIGTERM" else EXIT_INTERRUPTED
+            return code
 
 
 def _report(error: RunStopped) -> int:

@@ -115,6 +115,37 @@ def test_ema_file(tmp_path, full_disk_for):
     _expect_full(lambda: save_ema_weights(network, ema, path, torch.float32, {}), path, "EMA file", tmp_path)
 
 
+class _Adapters(torch.nn.Module):
+    """What LoRASaver uses of a network: state_dict and save_weights (networks.lora's is save_lora_file too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lora_down = torch.nn.Parameter(torch.randn(4, 16))
+
+    def save_weights(self, file, dtype, metadata) -> None:
+        from library.files.lora_io import save_lora_file
+
+        save_lora_file(self.state_dict(), file, dtype, metadata)
+
+
+@pytest.mark.parametrize("full", ["run", "run-ema"])
+def test_lora_and_ema_files_are_replaced_together_or_not_at_all(tmp_path, full_disk_for, full):
+    """A full disk on either file of the pair leaves both earlier files: never this run's LoRA beside the EMA of
+    the run before."""
+    from library.train.ema import LoRAEMA
+    from library.train.saving import LoRASaver
+
+    network = _Adapters()
+    saver = LoRASaver(tmp_path, "run", torch.float32, ema=LoRAEMA(network, 0.9))
+    saver.save_final(network, {})
+    with torch.no_grad():
+        network.lora_down.add_(1.0)
+    saver.ema.update()
+    full_disk_for(re.escape(f"{full}.safetensors"))
+    _expect_full(lambda: saver.save_final(network, {}), tmp_path / f"{full}.safetensors",
+                 "EMA file" if full == "run-ema" else "LoRA file", tmp_path)
+
+
 def test_latent_cache(tmp_path, full_disk_for):
     from library.data.dataset import ImageRecord
     from library.data.latent_cache import save_cached_latents
@@ -319,6 +350,6 @@ def test_training_stops_with_one_line_when_the_disk_fills(tiny_sdxl, data, tmp_p
     failed = out / "run-step00000002-state" / "optimizer.bin"
     assert errors == [f"error: the disk is full: cannot write state file {failed} {FULL}"] and "Traceback" not in err
     assert sorted(p.name for p in out.iterdir()) == ["run-step00000001-state", "run-step00000001.safetensors",
-                                                     "run-step00000002.safetensors", "run_param_groups.json"]
+                                                     "run-step00000002.safetensors"]  # no final file: no groups JSON
     check_resume_folder(out / "run-step00000001-state")
     assert _temporaries(out, data) == []

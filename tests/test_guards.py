@@ -237,6 +237,22 @@ def test_run_turns_interrupts_into_exit_codes(monkeypatch, capsys):
     assert capsys.readouterr().err == "interrupted (SIGINT) before training started: nothing was saved\n"
 
 
+def test_sigterm_while_the_libraries_load_is_one_line_and_143():
+    """A real SIGTERM inside `main` before the trainer starts (where torch and diffusers are imported, seconds):
+    143 and its line, not a silent death by the signal (-15). In a child process, so that the signal's default
+    action, were it back, would not end the test run."""
+    code = ("import os, signal, sys, time, train_network\n"
+            "def main(argv=None):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(5)\n"
+            "train_network.main = main\n"
+            "sys.exit(train_network.run([]))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(train_network.__file__).parent, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 143
+    assert done.stderr == "interrupted (SIGTERM) before training started: nothing was saved\n"
+
+
 # --- Runs that would train nothing, refused before any model loads ----------------------------------------------
 
 

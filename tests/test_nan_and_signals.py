@@ -58,7 +58,8 @@ def test_nan_loss_stops_the_run_and_keeps_every_earlier_file(tiny_sdxl, data, tm
     out = tmp_path / "out"
     out.mkdir()
     earlier = {out / "run.safetensors": b"the final file of an earlier run",
-               out / "run-step00000002.safetensors": b"a step file of an earlier run"}
+               out / "run-step00000002.safetensors": b"a step file of an earlier run",
+               out / "run_param_groups.json": b"the groups of the earlier run's final file"}
     for path, content in earlier.items():
         path.write_bytes(content)
     _nan_loss_on_calls(monkeypatch, {2})

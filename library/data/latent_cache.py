@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from library.files.atomic import DAMAGED, NPZ_READ_ERRORS, write_npz_atomic
+from library.files.atomic import DAMAGED, NPZ_READ_ERRORS, npz_damage, write_npz_atomic
 from library.data.buckets import sdscripts_crop_ltrb
 from library.data.dataset import ImageRecord, TrainDataset
 from library.errors import UserInputError
@@ -99,7 +99,7 @@ def load_cached_latents(
                 flipped = npz["latents_flipped"]
             stored_vae = str(npz[VAE_KEY]) if VAE_KEY in npz.files else None
     except NPZ_READ_ERRORS as error:
-        return None, f"{DAMAGED} ({type(error).__name__}: {str(error)[:120]})"
+        return None, npz_damage(error)
     if vae_fingerprint is not None and stored_vae is not None and stored_vae != vae_fingerprint:
         return None, f"it was made by another VAE ({stored_vae}, this one is {vae_fingerprint})"
     expected = expected_latent_shape(record.bucket)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from library.files.atomic import DAMAGED, NPZ_READ_ERRORS, write_npz_atomic
+from library.files.atomic import DAMAGED, NPZ_READ_ERRORS, npz_damage, write_npz_atomic
 from library.errors import UserInputError
 from library.files.stale_files import remove_stale_cache_temps
 
@@ -110,7 +110,7 @@ def _load(npz_path: Path, captions: list[str], model: str, length: int, te1_widt
                 context = torch.from_numpy(np.concatenate([h1, h2], axis=-1).astype(np.float32))
                 outputs.append((context, torch.from_numpy(pool.astype(np.float32))))
     except NPZ_READ_ERRORS as error:
-        return None, f"{DAMAGED} ({type(error).__name__}: {str(error)[:120]})"
+        return None, npz_damage(error)
     return outputs, ""
 
 

@@ -275,3 +275,18 @@ def replace_folder(new: Path, target: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def npz_damage(error: BaseException) -> str:
+    """`DAMAGED` and why, in a few words, for one of `NPZ_READ_ERRORS`: numpy's own message for a file that is not
+    an .npz speaks of pickles and `allow_pickle`, advice that does not fit a damaged cache."""
+    text = str(error)
+    if isinstance(error, EOFError):
+        why = "the file is empty"
+    elif isinstance(error, ValueError) and "pickle" in text:
+        why = "not an .npz file"
+    elif isinstance(error, (zipfile.BadZipFile, zlib.error)):
+        why = f"not a complete .npz file: {text[:80]}"
+    else:
+        why = f"{type(error).__name__}: {text[:80]}"
+    return f"{DAMAGED} ({why})"

@@ -245,6 +245,10 @@ def _pickle_failure(error: Exception, file: Path) -> str:
         return "a folder, not a file"
     if file.stat().st_size == 0:
         return "empty"
+    with open(file, "rb") as handle:
+        head = handle.read(2)
+    if not head.startswith((b"PK", b"\x80")):  # torch's zip format, or its legacy pickle
+        return "its bytes are neither a zip archive nor a pickle"
     if "central directory" in text:
         return "truncated, or not a torch file: its zip directory is missing"
     inner = text.partition("WeightsUnpickler error:")[2].strip()

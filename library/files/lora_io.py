@@ -46,6 +46,12 @@ def save_lora_file(
 
     Serialised in memory (the hashes need the bytes anyway) and written by Python, so a full disk is an OSError
     with its errno, reported as one line by `library.files.atomic`."""
+    write_bytes_atomic(file, lora_file_bytes(state_dict, file, dtype, metadata), what=what)
+
+
+def lora_file_bytes(state_dict: Mapping[str, torch.Tensor], file: str | os.PathLike, dtype: torch.dtype | None,
+                    metadata: Mapping[str, str] | None) -> bytes:
+    """The bytes `save_lora_file` writes to `file` (named in the refusal when a tensor is not finite)."""
     check_finite_for_saving(state_dict, dtype, file)
     tensors = {}
     for key, value in state_dict.items():
@@ -56,7 +62,7 @@ def save_lora_file(
     metadata = dict(metadata or {})
     if metadata:
         metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = addnet_hashes(tensors, metadata)
-    write_bytes_atomic(file, save(tensors, metadata or None), what=what)
+    return save(tensors, metadata or None)
 
 
 def normalize_lora_key(key: str) -> str:

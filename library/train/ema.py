@@ -168,3 +168,12 @@ def save_ema_weights(network: nn.Module, ema: LoRAEMA, path: str | os.PathLike, 
 
     save_lora_file(ema_state_dict(network, ema), path, dtype, ema_metadata(metadata, ema), what="EMA file")
     return Path(path)
+
+
+def ema_file_bytes(network: nn.Module, ema: LoRAEMA, path: str | os.PathLike, dtype: torch.dtype | None,
+                   metadata: Mapping[str, str] | None) -> bytes:
+    """The bytes `save_ema_weights` writes to `path`, for a caller that writes them together with the LoRA
+    file (refused like it when a tensor is not finite)."""
+    from library.files.lora_io import lora_file_bytes
+
+    return lora_file_bytes(ema_state_dict(network, ema), path, dtype, ema_metadata(metadata, ema))

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 
-from library.files.atomic import write_text_atomic
-from library.train.ema import ema_path, ema_state_dict, save_ema_weights
-from library.files.finite import check_finite_for_saving
+from library.files.atomic import atomic_file, write_text_atomic
+from library.train.ema import ema_file_bytes, ema_path
 
 
 class LoRASaver:
@@ -43,7 +42,8 @@ class LoRASaver:
         return self.output_dir / f"{self.output_name}_report.json"
 
     def save_param_groups(self, infos: Sequence, weight_decay: float | None) -> Path:
-        """The optimizer groups (LoRA+ base/plus, lr, sizes) as JSON beside the LoRA files."""
+        """The optimizer groups (LoRA+ base/plus, lr, sizes) as JSON beside the final LoRA file, written with it
+        (every LoRA file also carries them as `ss_lr_param_groups`)."""
         rows = [{**asdict(info), "weight_decay": weight_decay} for info in infos]
         write_text_atomic(self.param_groups_path, json.dumps(rows, indent=2) + "\n", what="parameter groups")
         return self.param_groups_path
@@ -105,13 +105,19 @@ class LoRASaver:
         return self._save(network, metadata, self.step_path(step))
 
     def _save(self, network, metadata: Mapping[str, str], path: Path) -> Path:
-        if self.ema is not None:  # both files or neither: a NaN in the average stops before the LoRA is written
-            check_finite_for_saving(ema_state_dict(network, self.ema), self.dtype, self.ema_path(path))
-        network.save_weights(path, self.dtype, metadata)
-        self.saved.append(path)
-        if self.ema is not None:
-            save_ema_weights(network, self.ema, self.ema_path(path), self.dtype, metadata)
-            self.saved.append(self.ema_path(path))
+        if self.ema is None:
+            network.save_weights(path, self.dtype, metadata)
+            self.saved.append(path)
+            return path
+        # Both files or neither. The EMA file is made first (a NaN in the average stops here) and written to its
+        # temporary file, which is renamed over the earlier EMA file only once the LoRA file is in place: a full
+        # disk on either file leaves both earlier files as they were.
+        twin = self.ema_path(path)
+        ema_bytes = ema_file_bytes(network, self.ema, twin, self.dtype, metadata)
+        with atomic_file(twin, what="EMA file") as handle:
+            handle.write(ema_bytes)
+            network.save_weights(path, self.dtype, metadata)
+        self.saved += [path, twin]
         return path
 
 

@@ -176,6 +176,7 @@ def set_up(cfg: TrainConfig, started_at: float, phase: Phase,
     dataset = TrainDataset(records, cfg.data)
     # One run per output: a second run on the same --output_dir/--output_name stops here.
     run_scope.enter_context(held_output(cfg.output, process_state()))
+    phase.enter("setting up the run")
     accelerator, plan = make_accelerator(cfg)
     accelerator.print(dataset.bucket_report())
     set_seed(cfg.loop.seed)
@@ -211,14 +212,12 @@ def set_up(cfg: TrainConfig, started_at: float, phase: Phase,
     if plan.lora_dtype == torch.float16:
         allow_fp16_gradients(accelerator)
 
-    # What every saved file says about this run; the groups beside the files; trackers with the run's settings.
+    # What every saved file says about this run; trackers with the run's settings.
     inner = getattr(optimizer, "optimizer", optimizer)
     base_metadata = run_metadata(cfg, dataset=dataset, validation=validation, hashes=hashes, groups=groups,
                                  schedule=schedule, plan=plan, started_at=started_at,
                                  optimizer_name=f"{type(inner).__module__}.{type(inner).__name__}")
     saver = LoRASaver(cfg.output.output_dir, cfg.output.output_name, save_dtype(cfg.output.save_precision), ema=ema)
-    if accelerator.is_main_process:
-        saver.save_param_groups(groups, inner.param_groups[0].get("weight_decay"))
     start_trackers(cfg, accelerator, plan=plan, schedule=schedule, num_train_images=dataset.num_train_images,
                    validating=validation is not None)
 
@@ -249,6 +248,8 @@ def finish(cfg: TrainConfig, parts: RunParts, state: LoopState, phase: Phase, *,
     if accelerator.is_main_process:
         final_path = saver.save_final(parts.network, final_metadata)
     phase.enter("writing the final files", f"the final LoRA was written to {final_path}")
+    if accelerator.is_main_process:  # it describes the final file: a run that stops before it leaves the earlier one
+        saver.save_param_groups(parts.groups, parts.optimizer.param_groups[0].get("weight_decay"))
     if cfg.output.save_state or cfg.output.save_state_on_train_end:
         accelerator.print(f"saved {save_run_state(parts, saver.state_path(saver.final_path), progress)}")
     skipped = state.non_finite.skipped
