@@ -10,8 +10,7 @@ import torch
 import train_network
 from library.config.build import planned_group_lrs
 from library.errors import UserInputError
-from library.train.optim import build_optimizer, per_group_lr_problem
-from library.train.optimizer_names import ADAPTIVE_OPTIMIZER_TYPES
+from library.train.optim import ADAPTIVE_OPTIMIZER_TYPES, build_optimizer, per_group_lr_problem
 from networks.network_args import LoRAPlusRatios
 
 ADAPTIVE = list(ADAPTIVE_OPTIMIZER_TYPES)

@@ -19,7 +19,7 @@ from library.train.loss import (
     NoisedBatch, add_noise, diffusion_loss, element_loss, epsilon_mse_loss, huber_threshold, make_noise_scheduler,
     noise_batch, pyramid_noise,
 )
-from library.train.loss_options import LossOptions, add_loss_arguments, loss_metadata, loss_options_from_args
+from library.train.loss import LossOptions, add_loss_arguments, loss_metadata, loss_options_from_args
 
 B, C, H, W = 4, 4, 16, 16
 TIMESTEPS = torch.tensor([0, 100, 500, 999])
@@ -436,5 +436,5 @@ def test_loss_metadata_defaults_match_sd_scripts():
 
 
 def test_loss_options_module_does_not_import_torch():
-    code = "import sys, library.train.loss_options; sys.exit('torch' in sys.modules)"
+    code = "import sys, library.train.loss; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -19,7 +19,7 @@ from library.config.cli import build_parser
 from library.config.config_file import parse_args
 from library.data.dataset_config import CLI_FALLBACK_KEYS, DatasetConfig, load_dataset_config
 from library.errors import UserInputError
-from library.train.sample_prompts import load_sample_prompts
+from library.train.sampling import load_sample_prompts
 from library.sdscripts_options import UNIMPLEMENTED_DATASET_KEYS, UNIMPLEMENTED_FLAGS
 
 CLI = DatasetConfig().cli_values()

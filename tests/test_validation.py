@@ -14,8 +14,7 @@ import torch
 from library.data.dataset import ImageRecord, scan_train_data_dir
 from library.data.dataset_config import DatasetConfig, SubsetConfig
 from library.errors import UserInputError
-from library.train.loss import make_noise_scheduler, noise_batch
-from library.train.loss_options import LossOptions
+from library.train.loss import LossOptions, make_noise_scheduler, noise_batch
 from library.train.validation import (
     ValidationConfig,
     add_validation_arguments,

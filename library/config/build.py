@@ -14,15 +14,15 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from library.train.optim import optimizer_class, per_group_lr_problem, schedule_problem, scheduler_class
-from library.train.optimizer_names import canonical_optimizer_type, canonical_scheduler, is_adaptive
-from library.train.loss_options import LossOptions, loss_options_from_args
+from library.train.optim import (canonical_optimizer_type, canonical_scheduler, is_adaptive, optimizer_class,
+                                 per_group_lr_problem, schedule_problem, scheduler_class)
+from library.train.loss import LossOptions, loss_options_from_args
 from library.model.precision import PrecisionConfig, PrecisionRequest, check_precision_flags, save_dtype
-from library.train.sample_prompts import SamplingConfig, make_sampling_config
+from library.train.sampling import SamplingConfig, make_sampling_config
 from library.train.train_state import check_resume_folder, saved_progress
 from library.train.ema import EMAConfig, ema_config_from_args
 from library.train.validation import ValidationConfig, validation_config_from_args
-from library.files.safetensors_header import read_safetensors_header
+from library.files.weight_files import read_safetensors_header
 from library.files.lora_io import check_lora_file
 from library.model.model_files import ModelShapes, check_model_files
 from library.files.output_checks import FirstSave, check_free_space, check_output_folder, estimate_first_save

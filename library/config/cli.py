@@ -14,10 +14,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from library.train.loss_options import add_loss_arguments
-from library.train.optimizer_names import OPTIMIZER_TYPES, SCHEDULERS
+from library.train.loss import add_loss_arguments
+from library.train.optim import OPTIMIZER_TYPES, SCHEDULERS
 from library.train.ema import add_ema_arguments
-from library.train.sample_prompts import add_sampling_arguments
+from library.train.sampling import add_sampling_arguments
 from library.train.validation import add_validation_arguments
 
 class _OneLineErrorParser(argparse.ArgumentParser):

@@ -27,7 +27,7 @@ import torch
 from library.files.atomic import current_umask, error_number, full_disk_errno, replace_folder, temp_affixes, write_failure
 from library.errors import NonFiniteError, UserInputError
 from library.files.finite import first_non_finite
-from library.files.safetensors_header import read_safetensors_header
+from library.files.weight_files import read_safetensors_header
 
 TRAIN_STATE_FILE = "train_state.json"
 

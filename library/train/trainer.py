@@ -25,8 +25,8 @@ from library.data.dataset import BucketBatchSampler, TrainDataset, collate_examp
 from library.model.base_models import (Encoder, free_memory, prepare_base_models, release_model, vae_encoder,  # noqa: F401
                                  vae_fingerprint)
 from library.data.latent_cache import cache_latents
-from library.train.loss import SDXL_VAE_SCALE, diffusion_loss, make_noise_scheduler, noise_batch
-from library.train.loss_options import LossOptions, loss_option_warnings
+from library.train.loss import (SDXL_VAE_SCALE, LossOptions, diffusion_loss, loss_option_warnings, make_noise_scheduler,
+                                noise_batch)
 from library.train.metadata import DatasetSummary, progress_metadata, training_metadata
 from library.model.loading import SDXLModels, load_sdxl, model_hashes
 from library.train.optim import build_lr_scheduler, build_optimizer, decay_steps, total_training_steps, warmup_steps
