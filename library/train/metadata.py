@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
-from library.config.build import TrainConfig
+from library.train.run_config import TrainConfig
 from library.train.loss import loss_metadata
 from networks.lora import ParamGroupInfo
 

@@ -20,7 +20,7 @@ from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_see
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from library.config.build import LoopConfig, NetworkConfig, OutputConfig, TrainConfig
+from library.train.run_config import LoopConfig, NetworkConfig, OutputConfig, TrainConfig
 from library.data.dataset import BucketBatchSampler, TrainDataset, collate_examples, scan_train_data_dir
 from library.model.base_models import (Encoder, free_memory, prepare_base_models, release_model, vae_encoder,  # noqa: F401
                                  vae_fingerprint)
