@@ -10,12 +10,12 @@ from safetensors import safe_open
 
 from library.train.ema import (
     LoRAEMA,
-    add_ema_arguments,
-    ema_config_from_args,
     ema_path,
     ema_state_dict,
     save_ema_weights,
 )
+from library.config.build import ema_config_from_args
+from library.config.cli import add_ema_arguments
 from library.errors import UserInputError
 
 

@@ -14,12 +14,14 @@ from dataclasses import replace
 import pytest
 import torch
 
+from library.config.build import loss_options_from_args
+from library.config.cli import add_loss_arguments
 from library.errors import UserInputError
 from library.train.loss import (
     NoisedBatch, add_noise, diffusion_loss, element_loss, epsilon_mse_loss, huber_threshold, make_noise_scheduler,
     noise_batch, pyramid_noise,
 )
-from library.train.loss import LossOptions, add_loss_arguments, loss_metadata, loss_options_from_args
+from library.train.loss import LossOptions, loss_metadata
 
 B, C, H, W = 4, 4, 16, 16
 TIMESTEPS = torch.tensor([0, 100, 500, 999])

@@ -15,9 +15,10 @@ import pytest
 import torch
 from torch import nn
 
+from library.config.cli import add_sampling_arguments
 from library.errors import UserInputError
 from library.train.sampling import (
-    SAMPLERS, SamplePrompt, add_sampling_arguments, load_sample_prompts, make_sampling_config, sample_file_name,
+    SAMPLERS, SamplePrompt, load_sample_prompts, make_sampling_config, sample_file_name,
     should_sample,
 )
 

@@ -11,17 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from library.config.build import validation_config_from_args
+from library.config.cli import add_validation_arguments
 from library.data.dataset import ImageRecord, scan_train_data_dir
 from library.data.dataset_config import DatasetConfig, SubsetConfig
 from library.errors import UserInputError
 from library.train.loss import LossOptions, make_noise_scheduler, noise_batch
 from library.train.validation import (
     ValidationConfig,
-    add_validation_arguments,
     build_validation_set,
     scan_validation_dir,
     split_records,
-    validation_config_from_args,
     validation_logs,
     validation_metadata,
     validation_loss,

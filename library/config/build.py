@@ -18,12 +18,12 @@ from library.train.run_config import (LoopConfig, ModelConfig, NetworkConfig, Op
                                       TrainConfig)
 from library.train.optim import (canonical_optimizer_type, canonical_scheduler, is_adaptive, optimizer_class,
                                  per_group_lr_problem, schedule_problem, scheduler_class)
-from library.train.loss import LossOptions, loss_options_from_args
+from library.train.loss import HUBER_SCHEDULES, LOSS_TYPES, NUM_TRAIN_TIMESTEPS, LossOptions
 from library.model.precision import PrecisionConfig, PrecisionRequest, check_precision_flags, save_dtype
 from library.train.sampling import SamplingConfig, make_sampling_config
 from library.train.train_state import check_resume_folder, saved_progress
-from library.train.ema import EMAConfig, ema_config_from_args
-from library.train.validation import ValidationConfig, validation_config_from_args
+from library.train.ema import EMAConfig
+from library.train.validation import ValidationConfig, validation_timesteps
 from library.files.weight_files import read_safetensors_header
 from library.files.lora_io import check_lora_file
 from library.model.model_files import ModelShapes, check_model_files
@@ -317,6 +317,114 @@ def first_save_estimate(
                                ema=args.ema_decay is not None,
                                save_state=bool(args.save_state or args.save_state_on_train_end),
                                optimizer_type=optimizer_type)
+
+
+def _off_if_zero(value: float | int | None, flag: str) -> float | int | None:
+    """sd-scripts treats 0 as "off" for these flags (GUIs pass 0); a negative value is a mistake."""
+    if value is None or value == 0:
+        return None
+    if value < 0:
+        raise UserInputError(f"{flag} must be positive, got {value}: pass a value > 0 or leave the flag out")
+    return value
+
+def _check_timesteps(low: int | None, high: int | None) -> None:
+    lo = 0 if low is None else low
+    hi = NUM_TRAIN_TIMESTEPS if high is None else high
+    if not 0 <= lo < hi <= NUM_TRAIN_TIMESTEPS:
+        raise UserInputError(
+            f"timesteps: need 0 <= --min_timestep < --max_timestep <= {NUM_TRAIN_TIMESTEPS}, got {lo} and {hi}: "
+            "fix the two values")
+
+def _check_huber(loss_type: str, c: float, scale: float) -> None:
+    if loss_type not in LOSS_TYPES:
+        raise UserInputError(f"--loss_type {loss_type!r} is unknown: use one of {', '.join(LOSS_TYPES)}")
+    if not c > 0:
+        raise UserInputError(f"--huber_c must be > 0, got {c}: 0.1 is the default")
+    if not scale > 0:
+        raise UserInputError(f"--huber_scale must be > 0, got {scale}: 1.0 is the default")
+
+def loss_options_from_args(args: argparse.Namespace) -> LossOptions:
+    """The parsed flags -> validated `LossOptions`. Raises `UserInputError` (one line) on a bad combination."""
+    noise_offset = _off_if_zero(args.noise_offset, "--noise_offset")
+    if args.adaptive_noise_scale is not None and noise_offset is None:
+        raise UserInputError("--adaptive_noise_scale adds to the noise offset: also pass --noise_offset (e.g. 0.05)")
+    multires = _off_if_zero(args.multires_noise_iterations, "--multires_noise_iterations")
+    if args.multires_noise_discount < 0:
+        raise UserInputError(
+            f"--multires_noise_discount must be >= 0, got {args.multires_noise_discount}: 0.3 is the default")
+    if args.scale_v_pred_loss_like_noise_pred and not args.v_parameterization:
+        raise UserInputError(
+            "--scale_v_pred_loss_like_noise_pred applies to v-prediction only: add --v_parameterization or drop it")
+    _check_timesteps(args.min_timestep, args.max_timestep)
+    _check_huber(args.loss_type, args.huber_c, args.huber_scale)
+    if args.huber_schedule not in HUBER_SCHEDULES:
+        raise UserInputError(
+            f"--huber_schedule {args.huber_schedule!r} is unknown: use one of {', '.join(HUBER_SCHEDULES)}")
+    return LossOptions(
+        noise_offset=noise_offset,
+        noise_offset_random_strength=bool(args.noise_offset_random_strength),
+        adaptive_noise_scale=args.adaptive_noise_scale,
+        multires_noise_iterations=multires,
+        multires_noise_discount=args.multires_noise_discount,
+        min_snr_gamma=_off_if_zero(args.min_snr_gamma, "--min_snr_gamma"),
+        v_parameterization=bool(args.v_parameterization),
+        scale_v_pred_loss_like_noise_pred=bool(args.scale_v_pred_loss_like_noise_pred),
+        debiased_estimation_loss=bool(args.debiased_estimation_loss),
+        loss_type=args.loss_type,
+        huber_c=args.huber_c,
+        huber_schedule=args.huber_schedule,
+        huber_scale=args.huber_scale,
+        zero_terminal_snr=bool(args.zero_terminal_snr),
+        ip_noise_gamma=_off_if_zero(args.ip_noise_gamma, "--ip_noise_gamma"),
+        ip_noise_gamma_random_strength=bool(args.ip_noise_gamma_random_strength),
+        min_timestep=args.min_timestep,
+        max_timestep=args.max_timestep,
+    )
+
+def _at_least_one(value: int | None, flag: str) -> int | None:
+    if value is not None and value < 1:
+        raise UserInputError(f"{flag} must be at least 1, got {value}: pass a positive number or leave the flag out")
+    return value
+
+def validation_config_from_args(args: argparse.Namespace, seed: int) -> ValidationConfig:
+    """The parsed flags -> a checked `ValidationConfig` (`seed`: the training seed). One-line UserInputError
+    for a split outside [0, 1), both sources, a missing folder, or a schedule without validation images."""
+    split = float(args.validation_split or 0.0)
+    data_dir = None if args.validation_data_dir is None else Path(args.validation_data_dir)
+    if not 0.0 <= split < 1.0:
+        raise UserInputError(f"--validation_split must be in [0, 1), got {split}: e.g. 0.1 holds out 10% of the images")
+    if split > 0 and data_dir is not None:
+        raise UserInputError("--validation_split and --validation_data_dir both give validation images: keep one")
+    if data_dir is not None and not data_dir.is_dir():
+        raise UserInputError(f"--validation_data_dir {data_dir} is not a folder: point it at a folder of N_name "
+                             "subfolders")
+    every_steps = _at_least_one(args.validate_every_n_steps, "--validate_every_n_steps")
+    every_epochs = _at_least_one(args.validate_every_n_epochs, "--validate_every_n_epochs")
+    max_steps = _at_least_one(args.max_validation_steps, "--max_validation_steps")
+    if (every_steps or every_epochs) and not (split > 0 or data_dir is not None):
+        flag = "--validate_every_n_steps" if every_steps else "--validate_every_n_epochs"
+        raise UserInputError(f"{flag} needs validation images: add --validation_split 0.1 or --validation_data_dir DIR")
+    low = getattr(args, "min_timestep", None)
+    high = getattr(args, "max_timestep", None)
+    timesteps = validation_timesteps(0 if low is None else low, NUM_TRAIN_TIMESTEPS if high is None else high)
+    return ValidationConfig(
+        split=split, data_dir=data_dir, seed=seed if args.validation_seed is None else args.validation_seed,
+        every_n_steps=every_steps, every_n_epochs=every_epochs, max_steps=max_steps, timesteps=timesteps,
+    )
+
+def ema_config_from_args(args: argparse.Namespace) -> EMAConfig | None:
+    """The parsed flags -> `EMAConfig`, or None without `--ema_decay`. One-line UserInputError on bad values."""
+    if args.ema_decay is None:
+        if args.ema_warmup or args.ema_update_after_step:
+            flag = "--ema_warmup" if args.ema_warmup else "--ema_update_after_step"
+            raise UserInputError(f"{flag} does nothing without --ema_decay: add --ema_decay 0.999 or drop it")
+        return None
+    if not 0.0 < args.ema_decay < 1.0:
+        raise UserInputError(f"--ema_decay must be between 0 and 1 (exclusive), got {args.ema_decay}: e.g. 0.999")
+    if args.ema_update_after_step < 0:
+        raise UserInputError(f"--ema_update_after_step must be 0 or more, got {args.ema_update_after_step}")
+    return EMAConfig(float(args.ema_decay), int(args.ema_update_after_step), bool(args.ema_warmup))
+
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

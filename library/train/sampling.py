@@ -36,7 +36,6 @@ prompt file at start-up loads none of them.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import difflib
 import importlib.util
@@ -264,28 +263,7 @@ def _text(value: object, what: str) -> str:
     return value.strip()
 
 
-# --- Flags and when to sample --------------------------------------------------------------------------------------
-def _off_or_positive(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (off) or more, not {value}")
-    return value
-
-
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    """sd-scripts' sampling flags, names and defaults unchanged, in their own help group."""
-    group = parser.add_argument_group("sample images during training")
-    group.add_argument("--sample_prompts", default=None,
-                       help="prompt file (.txt, .toml or .json, sd-scripts' format); images go to <output_dir>/sample")
-    group.add_argument("--sample_every_n_steps", type=_off_or_positive, default=None,
-                       help="sample every N optimizer steps (ignored when --sample_every_n_epochs is given)")
-    group.add_argument("--sample_every_n_epochs", type=_off_or_positive, default=None,
-                       help="sample at the end of every N-th epoch (overrides --sample_every_n_steps)")
-    group.add_argument("--sample_at_first", action="store_true", help="also sample before the first step")
-    group.add_argument("--sample_sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS,
-                       help="sampler (diffusers scheduler) of the sample images; a prompt's --ss overrides it")
-
-
+# --- When to sample --------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SamplingConfig:
     """What to sample and when (None in place of this object: no sampling)."""
