@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train_network
-from library.config.build import planned_group_lrs
+from library.config.checks import planned_group_lrs
 from library.errors import UserInputError
 from library.train.optim import ADAPTIVE_OPTIMIZER_TYPES, build_optimizer, per_group_lr_problem
 from networks.network_args import LoRAPlusRatios

@@ -14,7 +14,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from library.config.build import loss_options_from_args
+from library.config.build import loss_config
 from library.config.cli import add_loss_arguments
 from library.errors import UserInputError
 from library.train.loss import (
@@ -374,11 +374,11 @@ def test_huber_loss_through_the_entry_points():
 # --- Flags and validation.
 
 def test_flag_defaults_give_the_default_options():
-    assert loss_options_from_args(_parse()) == LossOptions()
+    assert loss_config(_parse()) == LossOptions()
 
 
 def test_flags_map_to_options():
-    options = loss_options_from_args(_parse(
+    options = loss_config(_parse(
         "--noise_offset", "0.05", "--noise_offset_random_strength", "--adaptive_noise_scale", "0.01",
         "--multires_noise_iterations", "6", "--multires_noise_discount", "0.4", "--min_snr_gamma", "5",
         "--v_parameterization", "--scale_v_pred_loss_like_noise_pred", "--debiased_estimation_loss",
@@ -395,7 +395,7 @@ def test_flags_map_to_options():
 
 
 def test_zero_means_off_as_in_sd_scripts():
-    options = loss_options_from_args(_parse("--noise_offset", "0", "--min_snr_gamma", "0",
+    options = loss_config(_parse("--noise_offset", "0", "--min_snr_gamma", "0",
                                             "--multires_noise_iterations", "0", "--ip_noise_gamma", "0"))
     assert options == LossOptions()
 
@@ -417,7 +417,7 @@ def test_zero_means_off_as_in_sd_scripts():
 ])
 def test_bad_values_are_one_line_errors_naming_the_flag(argv, flag):
     with pytest.raises(UserInputError) as error:
-        loss_options_from_args(_parse(*argv))
+        loss_config(_parse(*argv))
     message = str(error.value)
     assert "\n" not in message and flag in message
 
