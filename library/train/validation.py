@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from library.errors import UserInputError
+from library.train.loss import NUM_TRAIN_TIMESTEPS
 
 if TYPE_CHECKING:
     import torch
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
     from library.data.dataset import ExampleKey, ImageRecord, TrainDataset
     from library.data.dataset_config import DatasetConfig
 
-NUM_TRAIN_TIMESTEPS = 1000
 VALIDATION_TIMESTEP_COUNT = 4
 """sd-scripts' NUM_VALIDATION_TIMESTEPS: every validation batch is scored at this many timesteps."""
 
