@@ -134,25 +134,6 @@ def make_noise_scheduler(zero_terminal_snr: bool = False) -> DDPMScheduler:
     )
 
 
-def add_noise(
-    scheduler: DDPMScheduler, latents: torch.Tensor, min_timestep: int = 0, max_timestep: int = 1000
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(noisy latents, noise, timesteps) with timesteps uniform in [min, max)."""
-    import torch
-
-    noise = torch.randn_like(latents)
-    timesteps = torch.randint(min_timestep, max_timestep, (latents.shape[0],), device=latents.device).long()
-    return scheduler.add_noise(latents, noise, timesteps), noise, timesteps
-
-
-def epsilon_mse_loss(prediction: torch.Tensor, noise: torch.Tensor, loss_weights: torch.Tensor) -> torch.Tensor:
-    """MSE per element, mean over C,H,W per sample, times per-sample weights, mean over the batch."""
-    import torch
-
-    per_sample = torch.nn.functional.mse_loss(prediction.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_sample * loss_weights.to(per_sample.device)).mean()
-
-
 # --- Random draws: on the generator's device when one is given (reproducible anywhere), else beside `like`.
 
 def _randn(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -399,7 +380,8 @@ def diffusion_loss(
     options: LossOptions,
 ) -> torch.Tensor:
     """The scalar training loss: per-element loss (fp32), mean over C,H,W, times the per-sample loss weights and
-    timestep weights (min-SNR, v-pred scaling, debiased), mean over the batch. Defaults == `epsilon_mse_loss`."""
+    timestep weights (min-SNR, v-pred scaling, debiased), mean over the batch. With default options: the plain
+    epsilon MSE."""
     per_element = element_loss(prediction.float(), batch.target.float(), options.loss_type, batch.huber_c)
     per_sample = per_element.mean(dim=(1, 2, 3)) * loss_weights.to(per_element.device)
     weights = timestep_weights(scheduler, batch.timesteps, options)
