@@ -110,17 +110,14 @@ def test_non_adaptive_optimizers_take_any_rates():
         ["--unet_lr", "1.0", "--text_encoder_lr", "0.5"],
     ],
 )
-def test_cli_refuses_before_any_model_loads(tmp_path, capsys, monkeypatch, extra):
-    import library.model.loading
-
+def test_cli_refuses_before_any_model_loads(tiny_sdxl, tmp_path, capsys, monkeypatch, extra):
     def fail(*_args, **_kwargs):
         raise AssertionError("the model must not load")
 
-    monkeypatch.setattr(library.model.loading, "load_sdxl", fail)
+    monkeypatch.setattr("library.train.trainer.load_sdxl", fail)
     (tmp_path / "data" / "1_x").mkdir(parents=True)
-    argv = ["--pretrained_model_name_or_path", str(tmp_path / "data"), "--train_data_dir", str(tmp_path / "data"),
+    argv = ["--pretrained_model_name_or_path", str(tiny_sdxl.single_file), "--train_data_dir", str(tmp_path / "data"),
             "--output_dir", str(tmp_path / "out"), "--optimizer_type", "Prodigy", "--learning_rate", "1.0", *extra]
-    monkeypatch.setattr("library.model.loading.check_model_path", lambda path: None)
     assert train_network.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --optimizer_type Prodigy estimates one step size") and len(err.splitlines()) == 1

@@ -59,9 +59,7 @@ TRUNCATED = {
 }
 
 
-def _argv(tmp_path: Path, kind: str, path: Path) -> list[str]:
-    model = tmp_path / "model.ckpt"
-    model.write_bytes(b"")
+def _argv(tmp_path: Path, kind: str, path: Path, model: Path) -> list[str]:
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)
     argv = ["--pretrained_model_name_or_path", str(model), "--output_dir", str(tmp_path / "out")]
@@ -76,7 +74,8 @@ def _argv(tmp_path: Path, kind: str, path: Path) -> list[str]:
     (kind, corruption) for kind in GOOD for corruption in CORRUPT
     if (kind, corruption) != ("prompts.txt", "truncated")  # half a prompt line is still a prompt
 ])
-def test_broken_file_is_one_line_naming_it(tmp_path, capsys, kind, corruption):
+def test_broken_file_is_one_line_naming_it(tiny_sdxl, tmp_path, capsys, kind, corruption):
+    """The model is a real one (the start-up check refuses a damaged model before any of these files)."""
     data, expected = CORRUPT[corruption]
     if corruption == "truncated":
         data, expected = GOOD[kind].encode()[: len(GOOD[kind]) // 2], TRUNCATED[kind]
@@ -86,7 +85,7 @@ def test_broken_file_is_one_line_naming_it(tmp_path, capsys, kind, corruption):
         expected = EMPTY[kind]
     path = tmp_path / (f"file.{kind.split('.')[-1]}" if "." in kind else "file.toml")
     path.write_bytes(data)
-    assert train_network.main(_argv(tmp_path, kind, path)) == 2
+    assert train_network.main(_argv(tmp_path, kind, path, tiny_sdxl.single_file)) == 2
     captured = capsys.readouterr()
     err = captured.err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
