@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from library.config.build import OutputConfig
+from library.train.run_config import OutputConfig
 from library.train.metadata import progress_metadata
 from library.train.parts import RunParts
 from library.train.run_report import StepTimer

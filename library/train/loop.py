@@ -10,12 +10,12 @@ from types import MappingProxyType
 
 from tqdm.auto import tqdm
 
-from library.config.build import LoopConfig, OutputConfig, TrainConfig
+from library.train.run_config import LoopConfig, OutputConfig, TrainConfig
 from library.train.checkpoints import save_epoch_checkpoint, save_step_checkpoint
 from library.train.interrupts import interrupts_deferred
 from library.train.parts import LoopState, RunParts
 from library.train.run_report import StepTimer
-from library.train.sample_prompts import SamplingConfig
+from library.train.sampling import SamplingConfig
 from library.train.step import apply_update, backward_step, batch_loss
 from library.train.trackers import log_sample_images
 from library.train.train_state import RngSnapshot

@@ -21,7 +21,7 @@ from library.model.base_models import Encoder
 from library.model.loading import SDXLModels
 from library.model.precision import PrecisionPlan
 from library.train.ema import LoRAEMA
-from library.train.loss_options import LossOptions
+from library.train.loss import LossOptions
 from library.train.run_report import StepTimer
 from library.train.saving import LoRASaver
 from library.train.train_state import RngSnapshot, TrainProgress

@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from library.config.build import LoopConfig, ModelConfig, NetworkConfig, OptimizerConfig, TrainConfig
+from library.train.run_config import LoopConfig, ModelConfig, NetworkConfig, OptimizerConfig, TrainConfig
 from library.data.dataset import (BucketBatchSampler, DatasetConfig, TrainDataset, collate_examples,
                                   scan_train_data_dir)
 from library.data.latent_cache import cache_latents

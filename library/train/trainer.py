@@ -25,10 +25,9 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_seed
 
-from library.config.build import OutputConfig, TrainConfig
+from library.train.run_config import OutputConfig, TrainConfig
 from library.data.dataset import TrainDataset
 from library.errors import OutputInUseError
 from library.files.finite import NonFiniteSteps
@@ -39,8 +38,8 @@ from library.model.precision import PrecisionPlan, plan_precision, save_dtype
 from library.train.checkpoints import save_interrupted, save_run_state
 from library.train.interrupts import Phase, TrainingInterrupted, signal_name, sigterm_interrupts
 from library.train.loop import OnStep, StepInfo, run_loop
-from library.train.loss import make_noise_scheduler
-from library.train.loss_options import loss_option_warnings
+from library.train.accelerate_compat import allow_fp16_gradients, reset_accelerator_state
+from library.train.loss import loss_option_warnings, make_noise_scheduler
 from library.train.metadata import progress_metadata
 from library.train.parts import LoopState, LossParts, RunParts
 from library.train.run_report import build_report, peak_memory, write_report
@@ -88,9 +87,7 @@ def make_accelerator(cfg: TrainConfig) -> tuple[Accelerator, PrecisionPlan]:
     run_dir = None
     if out.logging_dir is not None:
         run_dir = out.logging_dir / f"{out.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}"
-    # accelerate keeps one process-wide state that refuses a second mixed-precision setting; each run in this
-    # process (tests, sweeps calling `train` in turn) sets its own. The distributed part (PartialState) is kept.
-    AcceleratorState._reset_state(reset_partial_state=False)
+    reset_accelerator_state()  # each run in this process (tests, sweeps) sets its own mixed precision
     # Gradient accumulation is run by the loop (groups never span epochs, so a resumed run lines up exactly).
     accelerator = Accelerator(
         mixed_precision=plan.mixed_precision,
@@ -287,14 +284,3 @@ def run_report(cfg: TrainConfig, parts: RunParts, state: LoopState, *, steps: in
         "total_seconds": round(total_seconds, 3),
     }
     return build_report(state.timer, samples_per_step, peak_memory(accelerator.device), plan.summary(), extra)
-
-
-def allow_fp16_gradients(accelerator: Accelerator) -> None:
-    """--full_fp16 on a GPU: the LoRA weights (so their gradients) are fp16, which torch's GradScaler refuses to
-    unscale unless told that fp16 gradients are expected (sd-scripts makes the same change)."""
-    scaler = getattr(accelerator, "scaler", None)
-    if scaler is None:
-        return
-    unscale = scaler._unscale_grads_
-    scaler._unscale_grads_ = lambda optimizer, inv_scale, found_inf, allow_fp16: unscale(
-        optimizer, inv_scale, found_inf, True)
