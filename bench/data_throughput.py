@@ -92,7 +92,7 @@ def step_shares(dataset, cfg, models, workers: int, steps: int) -> tuple[float, 
     from library.train.loss import make_noise_scheduler
     from library.model.precision import PrecisionRequest, plan_precision
     from library.model.base_models import vae_encoder
-    from library.train.loss_options import LossOptions
+    from library.train.loss import LossOptions
     from library.train.parts import LossParts
     from library.train.setup_parts import create_lora_network
     from library.train.step import batch_loss
