@@ -32,7 +32,7 @@ def build(tmp: Path, args) -> tuple:
     from library.config.build import config_from_args
     from library.model.loading import load_sdxl
     from library.model.precision import PrecisionRequest, plan_precision
-    from library.train.trainer import prepare_base_models
+    from library.model.base_models import prepare_base_models
     from tools.make_demo_dataset import make_demo_dataset
     from tools.make_tiny_sdxl import write_tiny_sdxl
 
@@ -52,7 +52,7 @@ def build(tmp: Path, args) -> tuple:
 def make_dataset(cfg, models, cached: bool):
     from library.data.dataset import TrainDataset, scan_train_data_dir
     from library.data.latent_cache import cache_latents
-    from library.train.trainer import vae_encoder
+    from library.model.base_models import vae_encoder
 
     dataset = TrainDataset(scan_train_data_dir(cfg.data), cfg.data)
     seconds = 0.0
@@ -65,7 +65,7 @@ def make_dataset(cfg, models, cached: bool):
 
 
 def loader_for(dataset, cfg, workers: int):
-    from library.train.trainer import make_loader
+    from library.train.setup_parts import make_loader
 
     loop = SimpleNamespace(batch_size=cfg.loop.batch_size, seed=0, max_data_loader_n_workers=workers,
                            persistent_data_loader_workers=workers > 0)
@@ -91,7 +91,11 @@ def step_shares(dataset, cfg, models, workers: int, steps: int) -> tuple[float, 
 
     from library.train.loss import make_noise_scheduler
     from library.model.precision import PrecisionRequest, plan_precision
-    from library.train.trainer import create_lora_network, vae_encoder, batch_loss
+    from library.model.base_models import vae_encoder
+    from library.train.loss import LossOptions
+    from library.train.parts import LossParts
+    from library.train.setup_parts import create_lora_network
+    from library.train.step import batch_loss
 
     accelerator = Accelerator(mixed_precision="no", cpu=True)
     plan = plan_precision(PrecisionRequest(), "cpu")
@@ -100,6 +104,7 @@ def step_shares(dataset, cfg, models, workers: int, steps: int) -> tuple[float, 
     encode = None if dataset.all_latents_cached else vae_encoder(models.vae, torch.device("cpu"))
     scheduler = make_noise_scheduler()
     loader, sampler = loader_for(dataset, cfg, workers)
+    loss_parts = LossParts(models, encode, scheduler, plan, accelerator, max_token_length=75, options=LossOptions())
     wait = total = 0.0
     done, epoch = 0, 0
     try:
@@ -113,7 +118,7 @@ def step_shares(dataset, cfg, models, workers: int, steps: int) -> tuple[float, 
                 if batch is None:
                     break
                 t1 = time.perf_counter()
-                loss = batch_loss(batch, models, encode, scheduler, plan, False, accelerator)
+                loss = batch_loss(batch, loss_parts)
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

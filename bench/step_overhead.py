@@ -51,8 +51,8 @@ def prepared_batches(cfg) -> tuple[object, object, list[dict]]:
     from library.data.latent_cache import cache_latents
     from library.model.loading import load_sdxl
     from library.model.precision import plan_precision
-    from library.train.trainer import (cache_text_conditioning, create_lora_network, make_loader, prepare_base_models,
-                                 vae_encoder)
+    from library.model.base_models import prepare_base_models, vae_encoder
+    from library.train.setup_parts import cache_text_conditioning, create_lora_network, make_loader
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     plan = plan_precision(cfg.precision.request, accelerator.device.type)

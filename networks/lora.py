@@ -4,8 +4,9 @@ API (as sd-scripts): `create_network(...)`, `create_network_from_weights(...)`, 
 `apply_to`, `prepare_optimizer_params`, `save_weights`, `load_weights`, `state_dict()` whose keys are
 the file's keys (`lora_unet_..._to_q.lora_down.weight`, `...alpha`).
 
-LoRA+ rule: a parameter is in the "plus" group iff it is a B matrix (`lora_up`); its learning rate is its
-component's learning rate x that component's ratio. `lora_down` (A) keeps the component's rate.
+LoRA+ rule (`networks.loraplus`, the one place it is written): a parameter is in the "plus" group iff it is a B
+matrix (`lora_up`); its learning rate is its component's learning rate x that component's ratio. `lora_down` (A)
+keeps the component's rate.
 
 Block-wise network_args (`down_lr_weight`, `block_dims`, ... see `networks.block_weights`): per-block ranks
 and alphas for the UNet, and with lr weights one UNet group per block ("unet_block5", "unet_block5 plus"),
@@ -32,6 +33,7 @@ from networks.block_weights import (
 )
 from networks.lora_module import LoRAModule
 from networks.lora_targets import TEXT_ENCODER_PREFIXES, LoRATarget, text_encoder_targets, unet_targets
+from networks.loraplus import LoRAPlusRule, grouped
 from networks.network_args import LoRAPlusRatios, parse_network_args
 
 
@@ -200,55 +202,18 @@ class LoRANetwork(nn.Module):
     def _param_groups(
         self, text_encoder_lr: float | Sequence[float] | None, unet_lr: float | None, default_lr: float
     ) -> tuple[list[dict], list[ParamGroupInfo]]:
-        if isinstance(text_encoder_lr, Sequence) and not isinstance(text_encoder_lr, str):
-            text_encoder_lr = text_encoder_lr[0] if len(text_encoder_lr) else None
-        te_lr = default_lr if text_encoder_lr is None else float(text_encoder_lr)
-        u_lr = default_lr if unet_lr is None else float(unet_lr)
-
+        """The optimizer groups by `networks.loraplus` (the one grouping rule), described."""
+        rule = LoRAPlusRule.from_rates(default_lr, unet_lr, text_encoder_lr, self.loraplus, self.block_lr_weight)
+        named = ((lora.lora_name, name, param) for lora in self.text_encoder_loras + self.unet_loras
+                 for name, param in lora.named_parameters())
         groups: list[dict] = []
         infos: list[ParamGroupInfo] = []
-
-        def add(
-            component: str, loras: list[LoRAModule], lr: float, ratio: float | None, block: int | None = None
-        ) -> None:
-            """The component's (or block's) A group at `lr` and, with LoRA+, its B group at `lr` x ratio."""
-            if not loras or lr == 0:
-                return
-            split: dict[bool, list[nn.Parameter]] = {False: [], True: []}
-            for lora in loras:
-                for name, param in lora.named_parameters():
-                    split[ratio is not None and name.startswith("lora_up.")].append(param)
-            name = component if block is None else f"{component}_block{block}"
-            for plus, params in split.items():
-                if not params:
-                    continue
-                group_lr = lr * ratio if plus else lr
-                groups.append({"params": params, "lr": group_lr})
-                infos.append(
-                    ParamGroupInfo(
-                        description=f"{name} plus" if plus else name,
-                        component=component,
-                        plus=plus,
-                        lr=group_lr,
-                        tensors=len(params),
-                        parameters=sum(p.numel() for p in params),
-                        block=block,
-                    )
-                )
-
-        add("textencoder", self.text_encoder_loras, te_lr, self.loraplus.text_encoder)
-        if self.block_lr_weight is None:
-            add("unet", self.unet_loras, u_lr, self.loraplus.unet)
-        else:
-            for block, loras in sorted(self._unet_loras_by_block().items()):
-                add("unet", loras, u_lr * self.block_lr_weight[block], self.loraplus.unet, block)
+        for group, params in grouped(rule, named):
+            groups.append({"params": params, "lr": group.lr})
+            infos.append(ParamGroupInfo(description=group.description, component=group.component, plus=group.plus,
+                                        lr=group.lr, tensors=len(params), parameters=sum(p.numel() for p in params),
+                                        block=group.block))
         return groups, infos
-
-    def _unet_loras_by_block(self) -> dict[int, list[LoRAModule]]:
-        by_block: dict[int, list[LoRAModule]] = {}
-        for lora in self.unet_loras:
-            by_block.setdefault(block_index(lora.lora_name), []).append(lora)
-        return by_block
 
     def _freeze_zero_weight_blocks(self) -> None:
         """Modules in blocks of lr weight 0 (only a network read from a file has any) train not at all."""

@@ -114,7 +114,7 @@ def test_cli_refuses_before_any_model_loads(tiny_sdxl, tmp_path, capsys, monkeyp
     def fail(*_args, **_kwargs):
         raise AssertionError("the model must not load")
 
-    monkeypatch.setattr("library.train.trainer.load_sdxl", fail)
+    monkeypatch.setattr("library.train.setup_parts.load_sdxl", fail)
     (tmp_path / "data" / "1_x").mkdir(parents=True)
     argv = ["--pretrained_model_name_or_path", str(tiny_sdxl.single_file), "--train_data_dir", str(tmp_path / "data"),
             "--output_dir", str(tmp_path / "out"), "--optimizer_type", "Prodigy", "--learning_rate", "1.0", *extra]

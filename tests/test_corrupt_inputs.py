@@ -78,12 +78,12 @@ def _fails_with_one_line(argv: list[str], capsys, *names: Path, after_progress_b
 @pytest.fixture
 def no_model_load(monkeypatch):
     """The check must stop the run before the model loads: loading it fails the test."""
-    import library.train.trainer
+    import library.train.setup_parts
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded: the damaged file was not found at start-up")
 
-    monkeypatch.setattr(library.train.trainer, "load_sdxl", refuse)
+    monkeypatch.setattr(library.train.setup_parts, "load_sdxl", refuse)
 
 
 @pytest.fixture(scope="module")

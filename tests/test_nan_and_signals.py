@@ -16,7 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import library.train.trainer as trainer_module
+import library.train.loop as loop_module
+import library.train.setup_parts as setup_parts
+import library.train.step as step_module
 import train_network
 from library.train.interrupts import TrainingInterrupted
 from tests.cli_args import tiny_train_argv
@@ -41,14 +43,14 @@ def _argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
 
 def _nan_loss_on_calls(monkeypatch, calls: set[int]) -> list[int]:
     """batch_loss returns NaN on these (1-based) calls; returns the call counter."""
-    real, count = trainer_module.batch_loss, []
+    real, count = step_module.batch_loss, []
 
     def batch_loss(*args, **kwargs):
         count.append(1)
         loss = real(*args, **kwargs)
         return loss * NAN if len(count) in calls else loss
 
-    monkeypatch.setattr(trainer_module, "batch_loss", batch_loss)
+    monkeypatch.setattr(step_module, "batch_loss", batch_loss)
     return count
 
 
@@ -76,7 +78,7 @@ def test_max_nan_steps_skips_updates_keeps_the_schedule_and_counts(tiny_sdxl, da
     """Step 2: NaN gradients in the UNet's B matrices only (the loss is finite) -> named group 'unet plus';
     step 3: NaN loss. Both skipped (--max_nan_steps 2): no update, the linear schedule still advances."""
     calls = _nan_loss_on_calls(monkeypatch, {3})
-    real_network, real_step, lrs = trainer_module.create_lora_network, trainer_module.backward_step, []
+    real_network, real_step, lrs = setup_parts.create_lora_network, loop_module.backward_step, []
 
     def network_with_nan_gradients_at_step_2(net_cfg, models):
         network = real_network(net_cfg, models)
@@ -89,8 +91,8 @@ def test_max_nan_steps_skips_updates_keeps_the_schedule_and_counts(tiny_sdxl, da
         lrs.append(parts.lr_scheduler.get_last_lr()[0])  # before this step's scheduler step
         return result
 
-    monkeypatch.setattr(trainer_module, "create_lora_network", network_with_nan_gradients_at_step_2)
-    monkeypatch.setattr(trainer_module, "backward_step", recording_step)
+    monkeypatch.setattr(setup_parts, "create_lora_network", network_with_nan_gradients_at_step_2)
+    monkeypatch.setattr(loop_module, "backward_step", recording_step)
     out = tmp_path / "out"
     assert train_network.main(_argv(tiny_sdxl.single_file, data, out, "--max_train_steps", "4", "--save_every_n_steps",
                                     "1", "--loraplus_lr_ratio", "4", "--max_nan_steps", "2", "--lr_scheduler",
@@ -110,14 +112,14 @@ def test_max_nan_steps_skips_updates_keeps_the_schedule_and_counts(tiny_sdxl, da
 
 
 def test_a_state_holding_nan_is_refused_and_the_earlier_state_kept(tiny_sdxl, data, tmp_path, monkeypatch, capsys):
-    real_save = trainer_module.save_step_checkpoint
+    real_save = loop_module.save_step_checkpoint
 
-    def poisoned_at_step_2(parts, cfg, base_metadata, progress):
+    def poisoned_at_step_2(out, parts, progress, timer):
         if progress.step == 2:  # the weights stay finite; only the optimizer's moment estimate breaks
             next(iter(parts.optimizer.state.values()))["exp_avg"].fill_(NAN)
-        return real_save(parts, cfg, base_metadata, progress)
+        return real_save(out, parts, progress, timer)
 
-    monkeypatch.setattr(trainer_module, "save_step_checkpoint", poisoned_at_step_2)
+    monkeypatch.setattr(loop_module, "save_step_checkpoint", poisoned_at_step_2)
     out = tmp_path / "out"
     assert train_network.main(_argv(tiny_sdxl.single_file, data, out, "--max_train_steps", "3", "--save_every_n_steps",
                                     "1", "--save_state")) == 3
@@ -132,7 +134,7 @@ def test_ctrl_c_while_caching_is_one_line_and_propagates(tiny_sdxl, data, tmp_pa
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer_module, "cache_latents", interrupted)
+    monkeypatch.setattr(setup_parts, "cache_latents", interrupted)
     out = tmp_path / "out"
     with pytest.raises(TrainingInterrupted) as stop:
         train_network.main(_argv(tiny_sdxl.single_file, data, out, "--cache_latents_to_disk"))
@@ -149,7 +151,7 @@ def test_a_second_run_on_a_held_output_is_refused_before_loading(tiny_sdxl, data
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(trainer_module, "load_sdxl", no_loading)
+    monkeypatch.setattr(setup_parts, "load_sdxl", no_loading)
     with output_lock(tmp_path, "run"):  # held by a live process (this one)
         assert train_network.main(_argv(tiny_sdxl.single_file, data, tmp_path)) == 75
     err = capsys.readouterr().err
@@ -229,9 +231,9 @@ def test_real_ctrl_c_stops_a_pytest_session_that_calls_main(tiny_sdxl, data, tmp
 @posix_signals
 def test_sigterm_while_caching_is_one_line_without_traceback(tiny_sdxl, data, tmp_path):
     out = tmp_path / "out"
-    script = ("import sys, time\nimport library.train.trainer as trainer\n"
+    script = ("import sys, time\nimport library.train.setup_parts as setup\n"
               "def slow(*args, **kwargs):\n    print('caching', flush=True)\n    time.sleep(300)\n"
-              "trainer.cache_latents = slow\nimport train_network\nsys.exit(train_network.run(sys.argv[1:]))\n")
+              "setup.cache_latents = slow\nimport train_network\nsys.exit(train_network.run(sys.argv[1:]))\n")
     proc = _start([sys.executable, "-c", script, *_argv(tiny_sdxl.single_file, data, out)], tmp_path)
     _wait_for(lambda: "caching" in (tmp_path / "stdout").read_text(), proc, tmp_path)
     proc.send_signal(signal.SIGTERM)

@@ -190,7 +190,7 @@ def test_too_little_free_space_is_one_line_before_loading(tiny_sdxl, data, tmp_p
         return real(path)._replace(free=10 << 20)
 
     monkeypatch.setattr(output_checks.shutil, "disk_usage", nearly_full)
-    monkeypatch.setattr("library.train.trainer.load_sdxl", _refuse_to_load)
+    monkeypatch.setattr("library.train.setup_parts.load_sdxl", _refuse_to_load)
     out = tmp_path / "out"
     argv = tiny_train_argv(tiny_sdxl.single_file, data, out, "--save_state", "--ema_decay", "0.9",
                            "--max_train_steps", "1")

@@ -19,7 +19,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import library.train.trainer as trainer_module
+import library.train.loop as loop_module
+import library.train.step as step_module
 import train_network
 from library.config.cli import build_parser
 from library.config.build import config_from_args
@@ -87,7 +88,7 @@ def test_resumed_twice_ends_with_identical_weights(uninterrupted, tiny_sdxl, dat
 
 def test_ctrl_c_saves_lora_and_state_and_resume_is_exact(uninterrupted, tiny_sdxl, data, tmp_path, monkeypatch):
     _, reference = uninterrupted
-    real_step, calls = trainer_module.backward_step, []
+    real_step, calls = loop_module.backward_step, []
 
     def interrupted_on_the_fourth_step(*args, **kwargs):
         calls.append(1)
@@ -95,13 +96,13 @@ def test_ctrl_c_saves_lora_and_state_and_resume_is_exact(uninterrupted, tiny_sdx
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "backward_step", interrupted_on_the_fourth_step)
+    monkeypatch.setattr(loop_module, "backward_step", interrupted_on_the_fourth_step)
     with pytest.raises(TrainingInterrupted) as stop:
         _train(_argv(tiny_sdxl.single_file, data, tmp_path / "c"))
     assert stop.value.step == 3
     assert stop.value.lora_path == tmp_path / "c" / "run-step00000003.safetensors" and stop.value.lora_path.is_file()
     assert stop.value.state_path == tmp_path / "c" / "run-step00000003-state"
-    monkeypatch.setattr(trainer_module, "backward_step", real_step)
+    monkeypatch.setattr(loop_module, "backward_step", real_step)
     resumed = _train(_argv(tiny_sdxl.single_file, data, tmp_path / "c2", "--resume", str(stop.value.state_path)))
     assert resumed.losses == reference.losses[3:]
     want, got = load_file(str(reference.final_path)), load_file(str(resumed.final_path))
@@ -116,7 +117,8 @@ def test_sigterm_at_any_point_of_a_step_resumes_exactly(uninterrupted, tiny_sdxl
     dropped and the RNG put back: state of step 3), or in its optimizer update (the update and the step's
     bookkeeping finish first: state of step 4). Either way the resumed run ends where the uninterrupted one did."""
     _, reference = uninterrupted
-    real, calls = getattr(trainer_module, where), []
+    module = {"batch_loss": step_module, "apply_update": loop_module}[where]  # where each is called from
+    real, calls = getattr(module, where), []
     signal_at = {"batch_loss": 7, "apply_update": 4}[where]  # 2 batches per step: batch 7 starts step 4
 
     def signalled(*args, **kwargs):
@@ -126,11 +128,11 @@ def test_sigterm_at_any_point_of_a_step_resumes_exactly(uninterrupted, tiny_sdxl
             os.kill(os.getpid(), signal.SIGTERM)
         return result
 
-    monkeypatch.setattr(trainer_module, where, signalled)
+    monkeypatch.setattr(module, where, signalled)
     with pytest.raises(TrainingInterrupted) as stop:
         _train(_argv(tiny_sdxl.single_file, data, tmp_path / "t"))
     assert (stop.value.signal_name, stop.value.exit_code, stop.value.step) == ("SIGTERM", 143, saved_step)
-    monkeypatch.setattr(trainer_module, where, real)
+    monkeypatch.setattr(module, where, real)
     resumed = _train(_argv(tiny_sdxl.single_file, data, tmp_path / "t2", "--resume", str(stop.value.state_path)))
     assert resumed.losses == reference.losses[saved_step:]
     want, got = load_file(str(reference.final_path)), load_file(str(resumed.final_path))
@@ -141,7 +143,7 @@ def test_ctrl_c_through_main_says_how_to_resume_and_propagates(tiny_sdxl, data, 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer_module, "backward_step", interrupt)
+    monkeypatch.setattr(loop_module, "backward_step", interrupt)
     argv = _argv(tiny_sdxl.single_file, data, tmp_path)
     # main() re-raises, so an in-process caller (this test session) stops as it would on Ctrl-C; the script
     # entry `run` turns it into exit code 130 (tests/test_guards.py)

@@ -19,7 +19,7 @@ from library.data.latent_cache import cache_latents
 from library.data.text_encoder_cache import (VARIANT_EPOCH_BASE, CachedTextDataset, cache_text_encoder_outputs,
                                         pick_variant, te_cache_path)
 from library.model.text_encoding import encode_captions
-from library.train.trainer import make_loader
+from library.train.setup_parts import make_loader
 from tools.make_demo_dataset import make_demo_dataset
 
 WIDTH1 = 3  # TE1's share of the fake context width

@@ -21,6 +21,7 @@ from library.train.run_config import LoopConfig, NetworkConfig, OptimizerConfig,
 from library.train.train_state import check_resume_folder, saved_progress
 from networks.block_weights import (EMBEDDING_BLOCK, LR_WEIGHT_KEYS, OUT_BLOCK, block_dims_and_alphas, block_index,
                                     block_lr_weights)
+from networks.loraplus import LoRAPlusRule, planned_groups
 from networks.lora_size import diffusers_lora_layers, lora_parameter_count, single_file_lora_layers
 from networks.network_args import LoRAPlusRatios
 
@@ -107,19 +108,11 @@ def planned_group_lrs(
     train_unet: bool,
     train_text_encoder: bool,
 ) -> dict[str, float]:
-    """The learning rate of every optimizer group the run will have (before block weights), by name."""
-    groups: dict[str, float] = {}
-    te_lr = text_encoder_lr[0] if text_encoder_lr else learning_rate
-    u_lr = learning_rate if unet_lr is None else unet_lr
-    for component, lr, ratio, trained in (
-        ("textencoder", te_lr, loraplus.text_encoder, train_text_encoder),
-        ("unet", u_lr, loraplus.unet, train_unet),
-    ):
-        if trained and lr != 0:
-            groups[component] = lr
-            if ratio is not None:
-                groups[f"{component} plus"] = lr * ratio
-    return groups
+    """The learning rate of every optimizer group the run will have (before block weights), by name: the LoRA+
+    rule of `networks.loraplus`, for a network with modules in each trained component."""
+    rule = LoRAPlusRule.from_rates(learning_rate, unet_lr, text_encoder_lr, loraplus)
+    groups = planned_groups(rule, train_text_encoder=train_text_encoder, train_unet=train_unet)
+    return {group.description: group.lr for group in groups}
 
 
 def check_optimizer_fits_groups(

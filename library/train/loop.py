@@ -1,0 +1,182 @@
+"""The training loop: epochs of optimizer steps, and what follows each step (logs, validation, checkpoints,
+samples, the caller's `on_step`). It reads the fixed `RunParts` and changes only the `LoopState`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from tqdm.auto import tqdm
+
+from library.train.run_config import LoopConfig, OutputConfig, TrainConfig
+from library.train.checkpoints import save_epoch_checkpoint, save_step_checkpoint
+from library.train.interrupts import interrupts_deferred
+from library.train.parts import LoopState, RunParts
+from library.train.run_report import StepTimer
+from library.train.sampling import SamplingConfig
+from library.train.step import apply_update, backward_step, batch_loss
+from library.train.trackers import log_sample_images
+from library.train.train_state import RngSnapshot
+from library.train.validation import ValidationConfig, validation_logs, validation_loss
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """One finished optimizer step, as `train(cfg, on_step=...)` hands it to the caller."""
+
+    step: int
+    """Optimizer steps done (this step's number, 1-based)."""
+    epoch: int
+    """The epoch this step belongs to (1-based)."""
+    loss: float
+    """Mean loss over the step's batches and processes (NaN/inf for a step skipped under --max_nan_steps)."""
+    lrs: Mapping[str, float]
+    """The learning rate each optimizer group ran this step with, by sd-scripts' description ("unet plus", ...)."""
+    validation_loss: float | None = None
+    """`loss/validation` when it was computed after this step (or at the end of its epoch), else None."""
+    skipped: bool = False
+    """A non-finite step skipped under --max_nan_steps: no update was applied."""
+
+
+OnStep = Callable[[StepInfo], None]
+
+
+def run_loop(cfg: TrainConfig, parts: RunParts, state: LoopState, on_step: OnStep | None = None) -> None:
+    """Epochs of optimizer steps from `state.progress` on (0, or where a resumed state stood); each step's loss
+    and learning rates go to `state`. The progress bar is closed however the loop ends, so an error line starts a
+    line of its own."""
+    progress_bar = tqdm(total=parts.schedule.total_steps, initial=state.progress.step, desc="steps",
+                        disable=not parts.accelerator.is_local_main_process)
+    try:
+        _run_steps(cfg, parts, state, on_step, progress_bar)
+    finally:
+        progress_bar.close()
+
+
+def _run_steps(cfg: TrainConfig, parts: RunParts, state: LoopState, on_step: OnStep | None, progress_bar: tqdm) -> None:
+    accelerator, progress, schedule = parts.accelerator, state.progress, parts.schedule
+    accumulation = cfg.loop.gradient_accumulation_steps
+    params = parts.network.get_trainable_params()
+    # Samples before the first step (--sample_at_first), then the clock and the RNG snapshot start.
+    if progress.step == 0:
+        maybe_sample(cfg.sampling, cfg.output, cfg.loop, parts, state.timer, step=0, epoch=0)
+    state.timer.restart()
+    state.rng_at_step = RngSnapshot.take()
+    while progress.step < schedule.total_steps:
+        # An epoch: the sampler skips the batches a resumed state already consumed.
+        epoch = progress.epoch
+        parts.sampler.set_epoch(epoch, skip_batches=progress.steps_in_epoch * accumulation)
+        parts.network.on_epoch_start(None, None)
+        batches_left = len(parts.sampler) - progress.steps_in_epoch * accumulation
+        batches = iter(parts.loader)
+        while batches_left > 0 and progress.step < schedule.total_steps:
+            # Forward and backward of `accumulation` batches (fewer at an epoch's end), with the NaN guard; the rates
+            # this step runs with (the scheduler stepped at the end of the previous one).
+            size = min(accumulation, batches_left)
+            lrs = dict(zip(parts.group_descriptions, map(float, parts.lr_scheduler.get_last_lr())))
+            loss, finite = backward_step(parts, params, batches, size, step=progress.step + 1,
+                                         train_text_encoder=cfg.network.train_text_encoder,
+                                         non_finite=state.non_finite)
+            # The update and the step's bookkeeping happen together or not at all: a Ctrl-C or SIGTERM arriving
+            # here is raised after them, so the saved state never has the weights of one step and the position,
+            # schedule or RNG of another.
+            with interrupts_deferred():
+                apply_update(parts, params, finite=finite, max_grad_norm=cfg.optimizer.max_grad_norm)
+                batches_left -= size
+                progress.step += 1
+                progress.steps_in_epoch += 1
+                if batches_left == 0:  # the epoch is done: a state saved now resumes at the next one
+                    progress.epoch, progress.steps_in_epoch = epoch + 1, 0
+                state.timer.step_done()
+                state.rng_at_step = RngSnapshot.take()
+
+            # Logs: the loss, its running average and each group's rate as sd-scripts logs it (after this step's
+            # scheduler step).
+            state.losses.append(loss)
+            state.lrs.append(lrs)
+            average = recent_average(state.losses)
+            progress_bar.update(1)
+            progress_bar.set_postfix(avr_loss=f"{average:.4f}")
+            logs = {"loss": loss, "loss/average": average}
+            logs.update({f"lr/{d}": float(lr) for d, lr in zip(parts.group_descriptions,
+                                                                  parts.lr_scheduler.get_last_lr())})
+            accelerator.log(logs, step=progress.step)
+            # Validation, checkpoint and samples when due (and at an epoch's end those of the epoch), then the caller.
+            validation = after_step(cfg, parts, state, train_average=average,
+                                    epoch_end=epoch if batches_left == 0 else None)
+            if on_step is not None:
+                on_step(StepInfo(progress.step, epoch, loss, MappingProxyType(lrs), validation, skipped=not finite))
+                state.timer.restart()  # the caller's time is not a step's
+    accelerator.wait_for_everyone()
+
+
+def after_step(cfg: TrainConfig, parts: RunParts, state: LoopState, *, train_average: float,
+               epoch_end: int | None) -> float | None:
+    """What follows an optimizer step, in this order: validation, step checkpoint, samples; after the last step
+    of epoch `epoch_end` the same for the epoch. Returns the validation loss when one was computed."""
+    step, timer = state.progress.step, state.timer
+    validation = maybe_validate(cfg.validation, parts, state, step=step, epoch_end=None, train_average=train_average)
+    save_step_checkpoint(cfg.output, parts, state.progress, timer)
+    maybe_sample(cfg.sampling, cfg.output, cfg.loop, parts, timer, step=step, epoch=None)
+    if epoch_end is not None:
+        at_epoch_end = maybe_validate(cfg.validation, parts, state, step=step, epoch_end=epoch_end,
+                                      train_average=train_average)
+        save_epoch_checkpoint(cfg.output, parts, state.progress, timer, epoch=epoch_end)
+        maybe_sample(cfg.sampling, cfg.output, cfg.loop, parts, timer, step=step, epoch=epoch_end)
+        validation = at_epoch_end if at_epoch_end is not None else validation
+    return validation
+
+
+def recent_average(losses: list[float]) -> float:
+    """The mean of the last 100 finite step losses (a skipped NaN step does not poison the average)."""
+    finite = [loss for loss in losses[-100:] if math.isfinite(loss)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def maybe_validate(val_cfg: ValidationConfig | None, parts: RunParts, state: LoopState, *, step: int,
+                   epoch_end: int | None, train_average: float) -> float | None:
+    """The validation loss when due (fixed timesteps, noise and seeds: the same weights give the same number in
+    any run), logged as `loss/validation` and kept in `state.validation_losses`; every process computes it, so no
+    reduce is needed. Its time is not a step's."""
+    if parts.validation is None or val_cfg is None or not val_cfg.is_due(step, epoch_end) or state.validated_at(step):
+        return None
+
+    def compute(batch, timesteps, generator):
+        return batch_loss(batch, parts.loss, timesteps=timesteps, generator=generator)
+
+    was_training = parts.network.training
+    parts.network.eval()  # no LoRA dropout
+    try:
+        loss = validation_loss(parts.validation.batches(), compute, timesteps=val_cfg.timesteps, seed=val_cfg.seed,
+                               device=parts.accelerator.device)
+    finally:
+        parts.network.train(was_training)
+    state.validation_losses.append((step, loss))
+    parts.accelerator.log(validation_logs(loss, train_average), step=step)
+    state.timer.restart()  # validating is not a step
+    return loss
+
+
+def maybe_sample(sampling: SamplingConfig | None, out: OutputConfig, loop: LoopConfig, parts: RunParts,
+                 timer: StepTimer, *, step: int, epoch: int | None) -> None:
+    """Render the sample prompts when they are due (main process) into `out.output_dir`, log them to every tracker
+    that takes images, and keep the time out of the step timings. Sampling restores every RNG state, so it never
+    changes the run."""
+    accelerator = parts.accelerator
+    if sampling is None or not sampling.due(step, epoch):
+        return
+    if accelerator.is_main_process:
+        from library.train.sampling import images_for_tracker, sample_images
+
+        paths = sample_images(parts.models, sampling.prompts, sampler_name=sampling.sampler,
+                              device=accelerator.device, compute_dtype=parts.plan.compute_dtype,
+                              output_dir=out.output_dir, output_name=out.output_name, step=step, epoch=epoch,
+                              max_token_length=loop.max_token_length, seed_base=loop.seed, network=parts.network)
+        if accelerator.trackers:
+            images = [(f"sample_{p.index}", image) for p, image in zip(sampling.prompts, images_for_tracker(paths))]
+            for problem in log_sample_images(accelerator.trackers, images, step):
+                accelerator.print(f"warning: {problem}")
+    accelerator.wait_for_everyone()
+    timer.restart()
