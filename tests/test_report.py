@@ -132,7 +132,8 @@ def test_sorting_by_a_setting_no_run_has_is_one_line(three_runs):
 
 def test_validation_at_equal_steps_and_the_step_reaching_plain_lora(three_runs):
     comparison = compare_runs(three_runs, sort="loraplus_lr_ratio")
-    rows = validation_rows(comparison)
+    header, rows = validation_rows(comparison)
+    assert header == ["step", "loraplus_lr_ratio=1", "loraplus_lr_ratio=4", "loraplus_lr_ratio=16"]
     assert [row[0] for row in rows] == ["10", "20", "30", "40", "50", "60"]
     plain_final = comparison.runs[0].history.validation.values[-1]
     assert rows[-1][1] == f"{plain_final:.5f}"
@@ -157,6 +158,7 @@ def test_runs_missing_parts_still_compare_and_say_what_is_missing(tmp_path, thre
     assert {"no validation loss" in n for n in notes["bare"]} == {True, False}
     assert any("no sample images" in note for note in notes["bare"])
     assert any("no LoRA diagnostics" in note for note in notes["bare"])
+    assert validation_rows(comparison)[0] == ["step", *comparison.labels[:3]]  # only runs with a validation loss
     page = write_comparison(comparison, tmp_path / "out").read_text()
     assert "no training history" in page and "Runs without samples: " in page
 
@@ -251,3 +253,16 @@ def test_comparison_escapes_setting_names_and_values(tmp_path):
     text = write_comparison(compare_runs(runs), tmp_path / "out").read_text()
     assert "<u>" not in text and "<i>" not in text
     assert "differ: loraplus_lr_ratio, &lt;u&gt;odd&lt;/u&gt;." in text
+
+
+def test_the_report_wing_imports_no_torch():
+    """Pages build in any Python with matplotlib, fast: the wing imports only `files` and `errors`."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import library.report.compare, library.report.run_page; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'networks') "
+            "or m.startswith(('library.train', 'library.model', 'library.data', 'library.config'))))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.stdout.strip() == "[]"

@@ -106,14 +106,16 @@ def reach(comparison: Comparison) -> Reach | None:
     return Reach(target, plain_label, steps)
 
 
-def validation_rows(comparison: Comparison) -> list[list[str]]:
-    """One row per evaluated step (any run), one column per run: the validation loss there, or blank."""
-    steps = sorted({s for run in comparison.runs for s in run.history.validation.steps})
+def validation_rows(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): one row per evaluated step (any run), one column per run that has a validation loss: the
+    loss there, or blank."""
+    runs = [(run, label) for run, label in zip(comparison.runs, comparison.labels) if run.history.validation]
+    steps = sorted({s for run, _ in runs for s in run.history.validation.steps})
     rows = []
     for step in steps:
-        cells = [run.history.validation.at(step) for run in comparison.runs]
+        cells = [run.history.validation.at(step) for run, _ in runs]
         rows.append([str(step), *("" if v is None else f"{v:.5f}" for v in cells)])
-    return rows
+    return ["step", *(label for _, label in runs)], rows
 
 
 def sample_points(runs: Sequence[RunRecord]) -> list[SamplePoint]:
@@ -160,12 +162,12 @@ def build_comparison_page(comparison: Comparison, pngs: dict[str, bytes]) -> str
         [(label, str(run.source) if run.name == run.source.name else f"{run.source} ({run.name})",
           _steps(run), _final_loss(run), _final_validation(run), "; ".join(run.notes) or "-")
          for run, label in zip(runs, labels)])
-    validation = validation_rows(comparison)
+    header, validation = validation_rows(comparison)
     sections = [
         ("Runs", html.paragraph(_labels_note(comparison)) + overview),
         ("Loss", _figure(pngs, "loss.png", "training loss (smoothed) and validation loss of each run")),
         ("Validation loss at equal steps",
-         html.table(("step", *labels), validation, numeric=range(1, len(labels) + 1)) if validation
+         html.table(header, validation, numeric=range(1, len(header))) if validation
          else html.paragraph("No run has a validation loss.")),
         ("Reaching the plain-LoRA validation loss", _reach_section(comparison)),
         ("Learning rate", _figure(pngs, "learning_rate.png", "learning rate of every group of each run")),

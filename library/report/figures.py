@@ -99,7 +99,7 @@ def lr_figure(runs: Runs) -> bytes | None:
     axes.set_ylabel("learning rate")
     axes.set_title("Learning rate per parameter group (dashed: LoRA+ B groups)")
     if not single:
-        _run_legend(axes, runs, {"base (A) groups": "-", "plus (B) groups": "--"})
+        _run_legend(axes, runs, lambda h: any(h.lr.values()), {"base (A) groups": "-", "plus (B) groups": "--"})
     return _finish(figure, axes)
 
 
@@ -138,16 +138,18 @@ def diagnostics_figure(runs: Runs) -> bytes | None:
     if not single:
         shown = sorted({c for _, h in runs for c in components(h) if c in _COMPONENT_STYLES},
                        key=list(_COMPONENT_STYLES).index)
-        _run_legend(panels[0], runs, {c: _COMPONENT_STYLES[c] for c in shown}, figure=figure)
+        _run_legend(panels[0], runs, lambda h: bool(h.diagnostics), {c: _COMPONENT_STYLES[c] for c in shown},
+                    figure=figure)
     return _png(figure)
 
 
-def _run_legend(axes, runs: Runs, styles: dict[str, str], figure: Figure | None = None) -> None:
-    """One legend entry per run (its colour) and one per line style (black), instead of runs x styles."""
+def _run_legend(axes, runs: Runs, present, styles: dict[str, str], figure: Figure | None = None) -> None:
+    """One legend entry per run drawn (`present(history)`; its colour) and one per line style (black), instead of
+    runs x styles."""
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=colour, linewidth=2, label=label)
-               for colour, (label, _) in zip(colours(len(runs)), runs)]
+               for colour, (label, history) in zip(colours(len(runs)), runs) if present(history)]
     handles += [Line2D([], [], color="#333", linestyle=style, label=name) for name, style in styles.items()]
     if figure is not None:
         figure.legend(handles=handles, loc="outside right upper", fontsize=8)
