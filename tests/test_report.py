@@ -31,6 +31,11 @@ def test_history_round_trips_with_nan_as_null():
     assert history.validation.steps == (2,) and history.diagnostics["lora/unet/norm_B"].values == (0.1,)
 
 
+def test_values_are_kept_to_seven_significant_digits():
+    section = history_section(first_step=0, losses=[0.123456789123], lrs={"unet": [1.23456789e-4]})
+    assert json.dumps(section["history"]["loss"]) == "[0.1234568]" and section["history"]["lr"]["unet"] == [1.234568e-4]
+
+
 def test_lr_of_another_length_than_the_losses_is_refused():
     with pytest.raises(HistoryError, match="'unet' has 2 values for 3 steps"):
         history_section(first_step=0, losses=[1.0, 1.0, 1.0], lrs={"unet": [1.0, 1.0]})
@@ -228,10 +233,13 @@ def test_run_report_is_self_contained_and_escaped(tmp_path):
     text = page.read_text()
     sources = re.findall(r'<img [^>]*src="([^"]*)"', text)
     assert len(sources) == 3 + 2 * 4  # loss, lr, diagnostics; 2 prompts x 4 points
-    assert all(src.startswith("data:image/png;base64,") for src in sources)
+    assert all(src.startswith("data:image/png;base64,") for src in sources[:3])  # figures
+    assert all(src.startswith("data:image/jpeg;base64,") for src in sources[3:])  # sample thumbnails
     assert "<script" not in text and "&lt;script&gt;alert(1)&lt;/script&gt; &amp; more" in text
     assert "<b>" not in text and "&lt;b&gt;conv_dim=4&lt;/b&gt;" in text
     assert not re.search(r"(?:src|href)=\"(?:https?:)?//", text)  # nothing fetched from a network
+    assert re.findall(r'<a href="([^"]*)"', text)[0] == (tmp_path / "sample").resolve().as_uri() + \
+        "/lora_e000000_00_20250101120000_42.png"  # each thumbnail links to its full-size file
     for heading in ("Loss", "Learning rate", "LoRA diagnostics", "Samples", "Parameter groups", "Settings", "Cost"):
         assert f"<h2>{heading}</h2>" in text
     assert "50.0 ms over 60 steps" in text and "3.00 GiB of 16.0 GiB" in text
@@ -266,3 +274,15 @@ def test_the_report_wing_imports_no_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=Path(__file__).resolve().parents[1])
     assert result.stdout.strip() == "[]"
+
+
+def test_large_samples_are_embedded_as_small_thumbnails(tmp_path):
+    from PIL import Image
+
+    make_run(tmp_path, "lora", sample_every=None)
+    (tmp_path / "sample").mkdir()
+    noise = Image.effect_noise((1024, 1024), 80).convert("RGB")  # incompressible, like a real 1024 px sample
+    noise.save(tmp_path / "sample" / "lora_000010_00_20250101120000_1.png")
+    assert (tmp_path / "sample" / "lora_000010_00_20250101120000_1.png").stat().st_size > 1_000_000
+    text = write_run_report(tmp_path, "lora").read_text()
+    assert len(text) < 400_000

@@ -52,12 +52,12 @@ def decoded_images(page: Path, tmp: Path) -> tuple[int, int]:
 
 
 def assert_images_decode_fully(page: Path) -> None:
-    """Every inline image decodes to its last row in Pillow (a browser shows a truncated PNG in part, with a
+    """Every inline image decodes to its last row in Pillow (a browser shows a truncated image in part, with a
     naturalWidth, so the DOM count alone would pass it)."""
     import base64
     import io
 
-    for index, payload in enumerate(re.findall(r'src="data:image/png;base64,([^"]*)"', page.read_text())):
+    for index, payload in enumerate(re.findall(r'src="data:image/(?:png|jpeg);base64,([^"]*)"', page.read_text())):
         with Image.open(io.BytesIO(base64.b64decode(payload, validate=True))) as image:
             try:
                 image.load()

@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from library.report.history import RunHistory, Series  # noqa: E402
+from library.report.samples import thumbnail  # noqa: E402
 
 Runs = Sequence[tuple[str, RunHistory]]
 DPI = 100
@@ -197,7 +198,7 @@ def sample_grid_figure(rows: Sequence[tuple[str, Sequence[Path | None]]], column
             axes.set_xticks([])
             axes.set_yticks([])
             if path is not None:
-                axes.imshow(matplotlib.image.imread(path))
+                axes.imshow(thumbnail(path))
             else:
                 axes.text(0.5, 0.5, "no sample", ha="center", va="center", fontsize=8, color="#888")
             if r == 0:

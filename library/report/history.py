@@ -154,11 +154,12 @@ def _prepend_earlier(earlier: Mapping[str, Any], section: dict[str, Any], first_
 
 
 def _json_float(value: float | None) -> float | None:
-    """JSON has no NaN or infinity: a value that is not finite is written as null."""
+    """JSON has no NaN or infinity: a value that is not finite is written as null. Seven significant digits (what
+    a float32 holds) keep the file about half the size of Python's shortest repr of a double."""
     if value is None:
         return None
     value = float(value)
-    return value if math.isfinite(value) else None
+    return float(f"{value:.7g}") if math.isfinite(value) else None
 
 
 # --- Reader side ----------------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ import html
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from library.report.samples import thumbnail_jpeg
+
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px auto; max-width: 1200px;
        padding: 0 16px; color: #222; background: #fff; }
@@ -32,10 +34,8 @@ def png_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
-def image_file_uri(path: Path) -> str:
-    """A PNG (or other image) file inline; its type from its suffix."""
-    kind = {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(path.suffix.lower(), "png")
-    return f"data:image/{kind};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+def jpeg_uri(data: bytes) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
 
 
 def figure(png: bytes, alt: str) -> str:
@@ -53,12 +53,14 @@ def table(header: Sequence[object], rows: Iterable[Sequence[object]], numeric: S
 
 
 def image_grid(rows: Sequence[tuple[str, Sequence[Path | None]]], columns: Sequence[str]) -> str:
-    """Sample images as a table: a header row of `columns`, then one row per (label, paths)."""
+    """Sample images as a table: a header row of `columns`, then one row per (label, paths). Each image is an
+    inline thumbnail linked to its file (the link works while the file is where it was)."""
     head = "<th></th>" + "".join(f"<th>{escape(c)}</th>" for c in columns)
     body = []
     for label, paths in rows:
         cells = "".join(
-            f'<td><img alt="{escape(label)}, {escape(column)}" src="{image_file_uri(path)}"></td>' if path
+            f'<td><a href="{escape(path.resolve().as_uri())}"><img alt="{escape(label)}, {escape(column)}" '
+            f'src="{jpeg_uri(thumbnail_jpeg(path))}"></a></td>' if path
             else '<td class="missing">no sample</td>' for path, column in zip(paths, columns))
         body.append(f'<tr><th class="row">{escape(label)}</th>{cells}</tr>')
     return f'<table class="grid"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'

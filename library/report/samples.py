@@ -9,9 +9,16 @@ sampled twice (a rerun into the same folder) the newest image wins.
 
 from __future__ import annotations
 
+import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from PIL import Image
+
+THUMBNAIL_SIDE = 256
+"""Longest side of a sample in a grid: a 1024 px SDXL sample (about 1.5 MB) becomes about 20 kB, so a page with
+a hundred samples stays a few megabytes and builds in seconds."""
 
 _NAME = re.compile(r"^(?:(?P<name>.*)_)?(?P<point>e\d{6,}|\d{6,})_(?P<prompt>\d{2,})_(?P<time>\d{14})_(?P<seed>\d+)\.png$")
 
@@ -99,3 +106,18 @@ def output_names_with_samples(output_dir: Path) -> list[str]:
     names = {sample.output_name for path in folder.glob("*.png") if (sample := parse_sample_name(path)) is not None} \
         if folder.is_dir() else set()
     return sorted(names)
+
+
+def thumbnail(path: Path, side: int = THUMBNAIL_SIDE) -> Image.Image:
+    """The image at `path` scaled down (never up) to fit `side` x `side`, as RGB."""
+    with Image.open(path) as image:
+        image.draft("RGB", (side, side))  # JPEG decodes at a reduced size directly
+        image = image.convert("RGB")
+    image.thumbnail((side, side), Image.Resampling.LANCZOS)
+    return image
+
+
+def thumbnail_jpeg(path: Path, side: int = THUMBNAIL_SIDE) -> bytes:
+    buffer = io.BytesIO()
+    thumbnail(path, side).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
