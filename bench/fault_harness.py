@@ -156,6 +156,11 @@ class Started:
         if self.proc.poll() is None:
             self.proc.send_signal(signum)
 
+    def kill(self) -> None:
+        """`kill -9` on POSIX, TerminateProcess on Windows: the process gets no chance to clean up."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+
     def finish(self, note: str = "", timeout: float = PROCESS_TIMEOUT) -> Outcome:
         try:
             rc = self.proc.wait(timeout)

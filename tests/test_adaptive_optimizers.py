@@ -8,10 +8,9 @@ import pytest
 import torch
 
 import train_network
-from library.config.build import planned_group_lrs
+from library.config.checks import planned_group_lrs
 from library.errors import UserInputError
-from library.train.optim import build_optimizer, per_group_lr_problem
-from library.train.optimizer_names import ADAPTIVE_OPTIMIZER_TYPES
+from library.train.optim import ADAPTIVE_OPTIMIZER_TYPES, build_optimizer, per_group_lr_problem
 from networks.network_args import LoRAPlusRatios
 
 ADAPTIVE = list(ADAPTIVE_OPTIMIZER_TYPES)
@@ -112,12 +111,10 @@ def test_non_adaptive_optimizers_take_any_rates():
     ],
 )
 def test_cli_refuses_before_any_model_loads(tiny_sdxl, tmp_path, capsys, monkeypatch, extra):
-    import library.model.loading
-
     def fail(*_args, **_kwargs):
         raise AssertionError("the model must not load")
 
-    monkeypatch.setattr(library.model.loading, "load_sdxl", fail)
+    monkeypatch.setattr("library.train.trainer.load_sdxl", fail)
     (tmp_path / "data" / "1_x").mkdir(parents=True)
     argv = ["--pretrained_model_name_or_path", str(tiny_sdxl.single_file), "--train_data_dir", str(tmp_path / "data"),
             "--output_dir", str(tmp_path / "out"), "--optimizer_type", "Prodigy", "--learning_rate", "1.0", *extra]

@@ -7,6 +7,8 @@ that fails while parsing.
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -208,3 +210,16 @@ def test_output_config_never_replaces_an_existing_file(tmp_path, capsys):
 def test_file_values_are_checked_before_anything_loads(tmp_path):
     with pytest.raises(UserInputError, match="argument --network_dim: invalid int value"):
         _parse("--config_file", str(_write(tmp_path, FLAT.replace("network_dim = 16", 'network_dim = "x"'))))
+
+
+def test_the_command_line_loads_no_model_library(tmp_path):
+    """--help and --config_file parsing stay fast: building the parser and reading a config file import neither
+    torch, numpy nor diffusers (the names the flags offer come from the torch-free parts of library.train)."""
+    code = ("import sys; from library.config.cli import build_parser; from library.config.config_file import parse_args; "
+            "parser = build_parser(); parser.format_help(); parse_args(parser, ['--config_file', sys.argv[1]]); "
+            "print(sorted(m for m in ('torch', 'numpy', 'diffusers', 'transformers', 'PIL') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code, str(_write(tmp_path, FLAT))], capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+

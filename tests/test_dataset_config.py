@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from library.config.cli import build_parser
-from library.config.build import dataset_config_from_args, parse_resolution
+from library.config.build import data_config
 from library.data.dataset import BucketBatchSampler, DatasetConfig, TrainDataset, collate_examples, scan_train_data_dir
 from library.data.dataset_config import load_dataset_config
 from library.errors import UserInputError
@@ -168,7 +168,7 @@ def test_dataset_config_from_command_line(tmp_path, caplog):
         "--train_data_dir", str(tmp_path / "missing"), "--caption_extension", ".txt", "--shuffle_caption",
         "--train_batch_size", "4", "--prior_loss_weight", "0.5",
     ])
-    data = dataset_config_from_args(args, Path(args.train_data_dir), None, parse_resolution(args.resolution), 1)
+    data = data_config(args, seed=1)
     assert data.train_data_dir is None and "ignoring --train_data_dir" in caplog.text
     (section,) = data.dataset_config.datasets
     assert section.batch_size == 4 and section.subsets[0].caption.shuffle_caption

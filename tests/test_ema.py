@@ -10,12 +10,12 @@ from safetensors import safe_open
 
 from library.train.ema import (
     LoRAEMA,
-    add_ema_arguments,
-    ema_config_from_args,
     ema_path,
     ema_state_dict,
     save_ema_weights,
 )
+from library.config.build import ema_config
+from library.config.cli import add_ema_arguments
 from library.errors import UserInputError
 
 
@@ -144,8 +144,8 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 def test_ema_flags():
-    assert ema_config_from_args(parse()) is None
-    cfg = ema_config_from_args(parse("--ema_decay", "0.999", "--ema_update_after_step", "10", "--ema_warmup"))
+    assert ema_config(parse()) is None
+    cfg = ema_config(parse("--ema_decay", "0.999", "--ema_update_after_step", "10", "--ema_warmup"))
     assert (cfg.decay, cfg.update_after_step, cfg.warmup) == (0.999, 10, True)
 
 
@@ -158,5 +158,5 @@ def test_ema_flags():
 ])
 def test_ema_flag_errors(argv, message):
     with pytest.raises(UserInputError, match=message) as error:
-        ema_config_from_args(parse(*argv))
+        ema_config(parse(*argv))
     assert "\n" not in str(error.value)

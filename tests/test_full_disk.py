@@ -220,11 +220,11 @@ class _Saver(torch.nn.Module):
 
 def _accelerator_with_state():
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
 
+    from library.train.accelerate_compat import reset_accelerator_state
     from library.train.train_state import TrainProgress
 
-    AcceleratorState._reset_state(reset_partial_state=False)
+    reset_accelerator_state()
     accelerator = Accelerator(cpu=True)
     module = _Saver()
     optimizer = torch.optim.AdamW(module.parameters())

@@ -14,12 +14,14 @@ from dataclasses import replace
 import pytest
 import torch
 
+from library.config.build import loss_config
+from library.config.cli import add_loss_arguments
 from library.errors import UserInputError
 from library.train.loss import (
-    NoisedBatch, add_noise, diffusion_loss, element_loss, epsilon_mse_loss, huber_threshold, make_noise_scheduler,
-    noise_batch, pyramid_noise,
+    NoisedBatch, diffusion_loss, element_loss, huber_threshold, make_noise_scheduler, noise_batch, pyramid_noise,
 )
-from library.train.loss_options import LossOptions, add_loss_arguments, loss_metadata, loss_options_from_args
+from tests.loss_reference import epsilon_mse_loss
+from library.train.loss import LossOptions, loss_metadata
 
 B, C, H, W = 4, 4, 16, 16
 TIMESTEPS = torch.tensor([0, 100, 500, 999])
@@ -68,14 +70,11 @@ def test_default_options_reproduce_epsilon_mse_loss_exactly():
     assert torch.equal(batch.noisy, scheduler.add_noise(latents, batch.noise, batch.timesteps))
 
 
-def test_default_noise_is_standard_normal_and_legacy_add_noise_still_works():
+def test_default_noise_is_standard_normal():
     scheduler = make_noise_scheduler()
     latents = torch.zeros(8, C, 32, 32)
     batch = noise_batch(scheduler, latents, LossOptions(), generator=torch.Generator().manual_seed(0))
     assert abs(batch.noise.mean().item()) < 0.03 and abs(batch.noise.std().item() - 1.0) < 0.03
-    noisy, noise, timesteps = add_noise(scheduler, latents, 10, 20)
-    assert noisy.shape == latents.shape and noise.shape == latents.shape
-    assert ((timesteps >= 10) & (timesteps < 20)).all()
 
 
 def test_a_fixed_generator_gives_the_same_batch_twice():
@@ -372,11 +371,11 @@ def test_huber_loss_through_the_entry_points():
 # --- Flags and validation.
 
 def test_flag_defaults_give_the_default_options():
-    assert loss_options_from_args(_parse()) == LossOptions()
+    assert loss_config(_parse()) == LossOptions()
 
 
 def test_flags_map_to_options():
-    options = loss_options_from_args(_parse(
+    options = loss_config(_parse(
         "--noise_offset", "0.05", "--noise_offset_random_strength", "--adaptive_noise_scale", "0.01",
         "--multires_noise_iterations", "6", "--multires_noise_discount", "0.4", "--min_snr_gamma", "5",
         "--v_parameterization", "--scale_v_pred_loss_like_noise_pred", "--debiased_estimation_loss",
@@ -393,7 +392,7 @@ def test_flags_map_to_options():
 
 
 def test_zero_means_off_as_in_sd_scripts():
-    options = loss_options_from_args(_parse("--noise_offset", "0", "--min_snr_gamma", "0",
+    options = loss_config(_parse("--noise_offset", "0", "--min_snr_gamma", "0",
                                             "--multires_noise_iterations", "0", "--ip_noise_gamma", "0"))
     assert options == LossOptions()
 
@@ -415,7 +414,7 @@ def test_zero_means_off_as_in_sd_scripts():
 ])
 def test_bad_values_are_one_line_errors_naming_the_flag(argv, flag):
     with pytest.raises(UserInputError) as error:
-        loss_options_from_args(_parse(*argv))
+        loss_config(_parse(*argv))
     message = str(error.value)
     assert "\n" not in message and flag in message
 
@@ -435,6 +434,6 @@ def test_loss_metadata_defaults_match_sd_scripts():
     }
 
 
-def test_loss_options_module_does_not_import_torch():
-    code = "import sys, library.train.loss_options; sys.exit('torch' in sys.modules)"
+def test_loss_module_does_not_import_torch_or_diffusers():
+    code = "import sys, library.train.loss; sys.exit('torch' in sys.modules or 'diffusers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

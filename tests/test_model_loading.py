@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from library.files.checkpoint_reader import TensorReader, find_component_weights
+from library.files.weight_files import TensorReader, find_component_weights
 from library.errors import UserInputError
 from library.model.loading import load_sdxl
 from networks.sdxl_keys import TensorSource, single_file_source, te2_source
@@ -250,7 +250,7 @@ import torch
 import accelerate, diffusers, transformers
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-import library.files.checkpoint_reader
+import library.files.weight_files
 from library.model.loading import load_sdxl
 
 def status_kib(field):

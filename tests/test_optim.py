@@ -11,15 +11,18 @@ import torch
 
 from library.errors import UserInputError
 from library.train.optim import (
+    OPTIMIZER_TYPES,
+    SCHEDULERS,
     build_lr_scheduler,
     build_optimizer,
+    canonical_optimizer_type,
     decay_steps,
+    is_adaptive,
     optimizer_kwargs,
     schedule_problem,
     total_training_steps,
     warmup_steps,
 )
-from library.train.optimizer_names import OPTIMIZER_TYPES, SCHEDULERS, canonical_optimizer_type, is_adaptive
 
 pytestmark = pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")
 

@@ -92,17 +92,18 @@ def test_estimate_adds_the_state_and_ema(tmp_path):
 def test_estimate_covers_a_real_first_save(tiny_sdxl, data, tmp_path):
     """The estimate of a run's first save (checkpoint + EMA + state) is at least the bytes written, and not
     far above them (the fixed margins aside)."""
+    from library.config.build import config_from_args
+    from library.config.checks import first_save_estimate
     from library.config.cli import build_parser
-    from library.config.build import config_from_args, first_save_estimate
     from library.model.model_files import check_model_files as shapes_of
     from library.train.trainer import train
 
     argv = tiny_train_argv(tiny_sdxl.single_file, data, tmp_path, "--max_train_steps", "1", "--save_state",
                            "--ema_decay", "0.9", "--optimizer_type", "AdamW", "--output_name", "e", "--cache_latents",
                            "--save_precision", "fp16", "--network_dim", "8")
-    args = build_parser().parse_args(argv)
-    estimate = first_save_estimate(args, shapes_of(tiny_sdxl.single_file), None, {}, True, True, "AdamW")
-    train(config_from_args(args))
+    cfg = config_from_args(build_parser().parse_args(argv))
+    estimate = first_save_estimate(shapes_of(tiny_sdxl.single_file), cfg.network, "AdamW", cfg.output, with_ema=True)
+    train(cfg)
     lora, ema = (tmp_path / "e.safetensors").stat().st_size, (tmp_path / "e-ema.safetensors").stat().st_size
     state = sum(f.stat().st_size for f in (tmp_path / "e-state").iterdir())
     # Never below what was written; without the fixed metadata allowance, close to it.

@@ -140,7 +140,7 @@ from library.config.cli import build_parser
 from library.config.config_file import parse_args, config_toml
 from library.data.dataset_config import load_dataset_config
 from library.data.dataset_config import DatasetConfig
-from library.train.sample_prompts import load_sample_prompts
+from library.train.sampling import load_sample_prompts
 import library.files.toml_io as toml_io
 assert toml_io.tomllib.__name__ == "tomli", toml_io.tomllib
 cfg, ds, prompts = sys.argv[1:4]

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from library.errors import UserInputError
-from library.model.precision import FP8_DTYPE, PrecisionRequest, plan_precision
+from library.model.fp8 import FP8_DTYPE
+from library.model.precision import PrecisionRequest, plan_precision
 
 
 def test_fp32_on_cpu_stores_and_computes_fp32():

@@ -18,7 +18,8 @@ from torch import nn
 from library.config.cli import build_parser
 from library.config.build import config_from_args
 from library.model.loading import load_sdxl
-from library.model.precision import FP8_DTYPE, PrecisionRequest, plan_precision
+from library.model.fp8 import FP8_DTYPE
+from library.model.precision import PrecisionRequest, plan_precision
 from library.train.trainer import prepare_base_models, train
 from tests.cli_args import tiny_train_argv
 from tools.make_demo_dataset import make_demo_dataset

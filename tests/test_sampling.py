@@ -15,9 +15,10 @@ import pytest
 import torch
 from torch import nn
 
+from library.config.cli import add_sampling_arguments
 from library.errors import UserInputError
-from library.train.sample_prompts import (
-    SAMPLERS, SamplePrompt, add_sampling_arguments, load_sample_prompts, make_sampling_config, sample_file_name,
+from library.train.sampling import (
+    SAMPLERS, SamplePrompt, load_sample_prompts, make_sampling_config, sample_file_name,
     should_sample,
 )
 
@@ -162,7 +163,7 @@ def test_sampling_config(tmp_path):
 
 
 def test_prompt_module_is_torch_free():
-    code = "import sys, library.train.sample_prompts; sys.exit('torch' in sys.modules or 'numpy' in sys.modules)"
+    code = "import sys, library.train.sampling; sys.exit('torch' in sys.modules or 'numpy' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 

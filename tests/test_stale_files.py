@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from library.files.atomic import parse_temp_name, temp_affixes
-from library.train.sample_prompts import sample_file_name
+from library.train.sampling import sample_file_name
 from library.train.saving import LoRASaver, output_file_pattern
 from library.files.stale_files import remove_stale_cache_temps, remove_stale_temp_files
 from library.files.atomic import old_folder_name, parse_old_folder_name

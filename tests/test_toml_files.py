@@ -16,10 +16,10 @@ import pytest
 
 import train_network
 from library.config.cli import build_parser
-from library.config.config_file import parse_args
+from library.config.config_file import parse_args, parser_actions
 from library.data.dataset_config import CLI_FALLBACK_KEYS, DatasetConfig, load_dataset_config
 from library.errors import UserInputError
-from library.train.sample_prompts import load_sample_prompts
+from library.train.sampling import load_sample_prompts
 from library.sdscripts_options import UNIMPLEMENTED_DATASET_KEYS, UNIMPLEMENTED_FLAGS
 
 CLI = DatasetConfig().cli_values()
@@ -59,8 +59,7 @@ TRUNCATED = {
 }
 
 
-def _argv(tmp_path: Path, model: Path, kind: str, path: Path) -> list[str]:
-    """A command line whose only fault is `path` (the model is real: damaged models are refused before TOML)."""
+def _argv(tmp_path: Path, kind: str, path: Path, model: Path) -> list[str]:
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)
     argv = ["--pretrained_model_name_or_path", str(model), "--output_dir", str(tmp_path / "out")]
@@ -76,6 +75,7 @@ def _argv(tmp_path: Path, model: Path, kind: str, path: Path) -> list[str]:
     if (kind, corruption) != ("prompts.txt", "truncated")  # half a prompt line is still a prompt
 ])
 def test_broken_file_is_one_line_naming_it(tiny_sdxl, tmp_path, capsys, kind, corruption):
+    """The model is a real one (the start-up check refuses a damaged model before any of these files)."""
     data, expected = CORRUPT[corruption]
     if corruption == "truncated":
         data, expected = GOOD[kind].encode()[: len(GOOD[kind]) // 2], TRUNCATED[kind]
@@ -85,7 +85,7 @@ def test_broken_file_is_one_line_naming_it(tiny_sdxl, tmp_path, capsys, kind, co
         expected = EMPTY[kind]
     path = tmp_path / (f"file.{kind.split('.')[-1]}" if "." in kind else "file.toml")
     path.write_bytes(data)
-    assert train_network.main(_argv(tmp_path, tiny_sdxl.single_file, kind, path)) == 2
+    assert train_network.main(_argv(tmp_path, kind, path, tiny_sdxl.single_file)) == 2
     captured = capsys.readouterr()
     err = captured.err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
@@ -234,7 +234,7 @@ def test_dataset_keys_we_lack_follow_the_same_rule(tmp_path, caplog):
 
 def test_the_tables_name_only_options_we_lack():
     """A flag or dataset key we implement must never be swallowed by the "not implemented" tables."""
-    ours = {action.dest for action in build_parser()._actions}
+    ours = {action.dest for action in parser_actions(build_parser())}
     assert not ours & UNIMPLEMENTED_FLAGS.keys()
     assert not set(CLI_FALLBACK_KEYS) & UNIMPLEMENTED_DATASET_KEYS.keys()
     assert {"image_dir", "is_reg"}.isdisjoint(UNIMPLEMENTED_DATASET_KEYS)

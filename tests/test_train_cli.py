@@ -142,7 +142,8 @@ def test_latents_cached_to_disk_in_sd_scripts_format(loraplus_run, small_dataset
 
 def _fixed_noise_loss(models, network_file: Path | None, latents: torch.Tensor, captions: list[str]) -> float:
     """Loss at fixed timesteps and noise (no randomness), with or without a LoRA file applied."""
-    from library.train.loss import SDXL_VAE_SCALE, epsilon_mse_loss, make_noise_scheduler
+    from library.train.loss import SDXL_VAE_SCALE, make_noise_scheduler
+    from tests.loss_reference import epsilon_mse_loss
     from library.model.text_encoding import encode_prompts, time_ids, tokenize
     from networks.lora import create_network_from_weights
 

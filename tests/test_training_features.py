@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from library.config.cli import build_parser
 from library.config.build import config_from_args
-from library.train.optimizer_names import ADAPTIVE_OPTIMIZER_TYPES, OPTIMIZER_TYPES
+from library.train.optim import ADAPTIVE_OPTIMIZER_TYPES, OPTIMIZER_TYPES
 from library.train.trainer import train
 from tests.cli_args import tiny_train_argv
 from tools.make_demo_dataset import make_demo_dataset

@@ -11,18 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from library.config.build import validation_config
+from library.config.cli import add_validation_arguments
 from library.data.dataset import ImageRecord, scan_train_data_dir
 from library.data.dataset_config import DatasetConfig, SubsetConfig
 from library.errors import UserInputError
-from library.train.loss import make_noise_scheduler, noise_batch
-from library.train.loss_options import LossOptions
+from library.train.loss import LossOptions, make_noise_scheduler, noise_batch
 from library.train.validation import (
     ValidationConfig,
-    add_validation_arguments,
     build_validation_set,
     scan_validation_dir,
     split_records,
-    validation_config_from_args,
     validation_logs,
     validation_metadata,
     validation_loss,
@@ -105,14 +104,14 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 def test_config_defaults_and_values(tmp_path):
-    cfg = validation_config_from_args(parse(), seed=42)
+    cfg = validation_config(parse(), seed=42)
     assert not cfg.enabled and cfg.seed == 42 and cfg.timesteps == (200, 400, 600, 800)
     assert not cfg.is_due(5) and not cfg.is_due(5, epoch_end=1)
-    cfg = validation_config_from_args(parse("--validation_split", "0.1", "--validation_seed", "7",
+    cfg = validation_config(parse("--validation_split", "0.1", "--validation_seed", "7",
                                             "--max_validation_steps", "3", "--min_timestep", "100",
                                             "--max_timestep", "900"), seed=42)
     assert (cfg.split, cfg.seed, cfg.max_steps, cfg.timesteps) == (0.1, 7, 3, (260, 420, 580, 740))
-    cfg = validation_config_from_args(parse("--validation_data_dir", str(tmp_path)), seed=0)
+    cfg = validation_config(parse("--validation_data_dir", str(tmp_path)), seed=0)
     assert cfg.enabled and cfg.data_dir == tmp_path
 
 
@@ -136,13 +135,13 @@ def test_is_due_follows_sd_scripts():
 ])
 def test_config_errors_are_one_line(argv, message):
     with pytest.raises(UserInputError, match=message) as error:
-        validation_config_from_args(parse(*argv), seed=0)
+        validation_config(parse(*argv), seed=0)
     assert "\n" not in str(error.value)
 
 
 def test_config_refuses_both_sources(tmp_path):
     with pytest.raises(UserInputError, match="keep one"):
-        validation_config_from_args(parse("--validation_split", "0.1", "--validation_data_dir", str(tmp_path)), 0)
+        validation_config(parse("--validation_split", "0.1", "--validation_data_dir", str(tmp_path)), 0)
 
 
 def test_timesteps_match_sd_scripts_linspace():

@@ -11,8 +11,9 @@ command-line tokens placed *before* the real command line and parsed once by the
 Keys of sd-scripts options this trainer does not implement (`library.sdscripts_options`), which GUI-written files
 carry, are accepted with one note while they are off and refused by name when they are on.
 
-argparse has no public accessor for a parser's actions and groups, so this module reads `_actions` and
-`_action_groups` (as sd-scripts does); it only reads them, apart from the brief, restored changes in `_lenient`.
+argparse has no public accessor for a parser's actions and groups: `argument_groups` is the one place that reads
+its private lists (as sd-scripts does), only reading them; `_lenient` briefly changes the public `required` of the
+actions and restores it.
 """
 
 from __future__ import annotations
@@ -99,11 +100,25 @@ def config_tokens(parser: argparse.ArgumentParser, path: Path) -> list[str]:
     return [token for key, value in values.items() for token in _tokens(actions[key], key, value, path)]
 
 
+def argument_groups(parser: argparse.ArgumentParser) -> list[tuple[str | None, list[argparse.Action]]]:
+    """(title, actions) of every argument group, in --help order; each action of the parser is in exactly one.
+
+    argparse offers no public way to list a parser's actions, so this reads its private `_action_groups` and each
+    group's `_group_actions` (read only). tests/test_private_apis.py fails, naming argparse, if a Python release
+    changes them."""
+    return [(group.title, list(group._group_actions)) for group in parser._action_groups]
+
+
+def parser_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """Every action of the parser (see `argument_groups`)."""
+    return [action for _, actions in argument_groups(parser) for action in actions]
+
+
 def file_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     """The parser's long flags by key (their dest, as sd-scripts names the keys); --help and the like excluded."""
     return {
         action.dest: action
-        for action in parser._actions
+        for action in parser_actions(parser)
         if action.default is not argparse.SUPPRESS and any(s.startswith("--") for s in action.option_strings)
     }
 
@@ -112,9 +127,9 @@ def config_toml(parser: argparse.ArgumentParser, args: argparse.Namespace) -> st
     """`args` as TOML, one table per argument group (snake-cased title, as sd-scripts' grouped files); None left out."""
     keys = file_actions(parser).keys() - set(COMMAND_LINE_ONLY)
     tables: dict[str, dict[str, Any]] = {}
-    for group in parser._action_groups:
-        name = re.sub(r"\W+", "_", (group.title or "options").lower()).strip("_")
-        for action in group._group_actions:
+    for title, actions in argument_groups(parser):
+        name = re.sub(r"\W+", "_", (title or "options").lower()).strip("_")
+        for action in actions:
             value = getattr(args, action.dest, None)
             if action.dest in keys and value is not None:
                 tables.setdefault(name, {})[action.dest] = value
@@ -209,7 +224,7 @@ def _text(value: Any) -> str:
 def _lenient(parser: argparse.ArgumentParser, where: str | None = None) -> Iterator[None]:
     """Parse one source alone: required flags may come from the other source; with `where`, an argparse error
     is raised as a UserInputError naming that source instead of exiting. Restores the parser afterwards."""
-    required = [action for action in parser._actions if action.required]
+    required = [action for action in parser_actions(parser) if action.required]
     for action in required:
         action.required = False
     if where is not None:

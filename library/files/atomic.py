@@ -209,6 +209,14 @@ def _sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def sync_tree(folder: Path) -> None:
+    """Sync every file of a freshly written folder, and the folder, before it is renamed into place."""
+    for path in Path(folder).iterdir():
+        if path.is_file():
+            _sync_file(path)
+    _sync_folder(Path(folder))
+
+
 def current_umask() -> int:
     current = os.umask(0)
     os.umask(current)

@@ -86,7 +86,7 @@ def check_lora_file(file: str | os.PathLike, flag: str) -> dict:
     """The header entries of an SDXL LoRA file in sd-scripts' format, read before any model loads; one
     UserInputError line naming the file, with advice that fits, for a file that is missing, damaged, truncated,
     not a LoRA, another LoRA format, or a LoRA of another architecture (SD 1.x/2.x)."""
-    from library.files.safetensors_header import read_safetensors_header
+    from library.files.weight_files import read_safetensors_header
 
     file = Path(file)
     if not file.exists():

@@ -28,19 +28,17 @@ from typing import BinaryIO
 
 import torch
 
-from library.files.safetensors_header import TensorEntry, read_safetensors_header
-
-from library.files.atomic import atomic_path
-from library.files.checkpoint_reader import SAFETENSORS_DTYPES
 from library.errors import NonFiniteError, UserInputError
+from library.files.atomic import atomic_path
 from library.files.lora_io import load_lora_file
+from library.files.weight_files import TensorEntry, read_safetensors_header, read_tensor, safetensors_dtypes
 from networks.sdxl_keys import TE1_PREFIX, TE2_PREFIX, UNET_PREFIX
 
 LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 _SHOWN_NAMES = 5  # how many offending names an error message lists
 _DIFFUSERS_UNET_NAMES = ("lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_unet_mid_block_")
 
-_DTYPES: Mapping[str, torch.dtype] = SAFETENSORS_DTYPES  # safetensors dtype codes -> torch dtypes
+_DTYPES: Mapping[str, torch.dtype] = safetensors_dtypes()  # safetensors dtype codes -> torch dtypes
 _CODES: Mapping[torch.dtype, str] = {v: k for k, v in _DTYPES.items()}
 _FLOAT_CODES = frozenset(code for code, dtype in _DTYPES.items() if dtype.is_floating_point)
 
@@ -173,15 +171,12 @@ def lora_modules(tensors: Mapping[str, torch.Tensor], source: str) -> dict[str, 
 
 
 # --- safetensors, one tensor at a time -----------------------------------------------------------------------------
-def _read_tensor(f: BinaryIO, entry: TensorEntry, data_start: int) -> torch.Tensor:
+def _read_tensor(f: BinaryIO, name: str, entry: TensorEntry, data_start: int) -> torch.Tensor:
     """One tensor read from an open safetensors file straight into its own memory (no mmap, no extra copy)."""
     if entry.dtype not in _DTYPES:
         raise UserInputError(f"{f.name}: cannot merge into a tensor of dtype {entry.dtype}")
-    tensor = torch.empty(entry.shape, dtype=_DTYPES[entry.dtype])
-    f.seek(data_start + entry.start)
-    if f.readinto(_tensor_bytes(tensor)) != entry.end - entry.start:
-        raise UserInputError(f"{f.name}: truncated safetensors file")
-    return tensor
+    return read_tensor(f, data_start + entry.start, _DTYPES[entry.dtype], entry.shape, entry.end - entry.start,
+                       key=name)
 
 
 def _copy_bytes(src: BinaryIO, dst: BinaryIO, start: int, size: int, chunk: int = 1 << 26) -> None:
@@ -306,7 +301,7 @@ def merge_loras_into_single_file(
             if name not in plan and code == entry.dtype:
                 _copy_bytes(raw, out, data_start + entry.start, entry.end - entry.start)
                 continue
-            tensor = _read_tensor(raw, entry, data_start)
+            tensor = _read_tensor(raw, name, entry, data_start)
             if name in plan:
                 tensor = _merged_tensor(tensor, plan[name], merge_dtype).to(_DTYPES[code])
                 if not bool(torch.isfinite(tensor).all()):  # the temporary file goes; no broken model is written

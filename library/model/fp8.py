@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 FP8_DTYPE = torch.float8_e4m3fn
+"""The storage dtype of `--fp8_base` / `--fp8_base_unet` (sd-scripts' too)."""
 
 
 class _Fp8Linear(torch.autograd.Function):

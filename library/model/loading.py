@@ -1,7 +1,7 @@
 """Load SDXL offline: an original-layout single file (``.safetensors`` / ``.ckpt``) or a diffusers folder.
 
 Nothing here touches the network. The models are built from diffusers-format configs on the meta device and filled
-one tensor at a time (``library.files.checkpoint_reader``): memory never holds a second copy of the model, in fp32 or
+one tensor at a time (``library.files.weight_files``): memory never holds a second copy of the model, in fp32 or
 in the file's dtype, and fp8 / fp16 weight storage is applied as each tensor arrives. A single file's configs come
 from a local config folder, resolved in this order:
 
@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from library.errors import UserInputError
-from library.files.safetensors_header import read_safetensors_header
+from library.files.weight_files import read_safetensors_header
 from networks.sdxl_keys import VAE_LEVELS, TensorSource, single_file_source, te_name_with_text_model
 
 if TYPE_CHECKING:  # torch is imported only when loading, so the CLI's path check stays cheap
     import torch
 
-    from library.files.checkpoint_reader import TensorReader
+    from library.files.weight_files import TensorReader
 
 SHIPPED_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "sdxl"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -319,7 +319,7 @@ def _assign_parameter(model: torch.nn.Module, name: str, value: torch.Tensor) ->
 
 def _open_readers(source: Path, stack: ExitStack) -> dict[str, TensorReader]:
     """A reader per component: the single file for all four, or each diffusers subfolder's weights file."""
-    from library.files.checkpoint_reader import TensorReader, component_weight_candidates, find_component_weights
+    from library.files.weight_files import TensorReader, component_weight_candidates, find_component_weights
 
     if source.is_file():
         reader = stack.enter_context(TensorReader(source))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from library.errors import UserInputError
 from library.model.loading import COMPONENTS, SUBFOLDERS, check_model_path, resolve_config_dir
-from library.files.safetensors_header import read_safetensors_header
+from library.files.weight_files import read_safetensors_header
 
 Shape = tuple[int, ...]
 
@@ -87,7 +87,7 @@ def _check_text(path: Path) -> None:
 
 
 def _weight_shapes(subfolder: Path) -> dict[str, Shape]:
-    from library.files.checkpoint_reader import component_weight_candidates, find_component_weights
+    from library.files.weight_files import component_weight_candidates, find_component_weights
 
     weights = find_component_weights(subfolder)
     if weights is None:
@@ -105,7 +105,7 @@ def _file_shapes(file: Path) -> dict[str, Shape]:
         if file.name.lower().endswith(".safetensors"):
             entries, _, _ = read_safetensors_header(file)
             return {name: entry.shape for name, entry in entries.items()}
-        from library.files.checkpoint_reader import TensorReader
+        from library.files.weight_files import TensorReader
 
         with TensorReader(file) as reader:
             return {key: reader.shape(key) for key in reader.keys()}

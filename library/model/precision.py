@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from library.errors import UserInputError
+from library.model.fp8 import FP8_DTYPE
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-FP8_DTYPE = torch.float8_e4m3fn
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
-"""The run: the trainer (`trainer`: set-up from config slices, then the loop), loss and noise (`loss`,
-`loss_options`), optimizers and schedules (`optim`, `optimizer_names`), resumable state (`train_state`), EMA
-(`ema`), validation (`validation`), sample prompts and images (`sample_prompts`, `sampling`), checkpoints and
-their `ss_*` metadata (`saving`, `metadata`), the run report (`run_report`), trackers (`trackers`), LoRA+
-diagnostics (`diagnostics`), signals (`interrupts`) and the process's malloc set-up (`allocator`). May import
-`data`, `model`, `report`, `files`, `networks`, and `library.config.build` for the config dataclasses only
-(`config`'s builders import this wing for slices and checks)."""
+"""The run: its typed configuration (`run_config`), the trainer (`trainer`: set-up from config slices, then the
+loop), the loss options and the noise and loss maths (`loss`), optimizers and schedules by sd-scripts' names
+(`optim`), resumable state (`train_state`), EMA (`ema`), validation (`validation`), sample prompts and images
+(`sampling`), checkpoints and their `ss_*` metadata (`saving`, `metadata`), the run report (`run_report`), LoRA+
+diagnostics (`diagnostics`), trackers (`trackers`), signals (`interrupts`), the process's malloc set-up
+(`allocator`) and the only reach into private parts of accelerate and torch (`accelerate_compat`). May import
+`data`, `model`, `report`, `files` and `networks`; never `library.config`, whose builders import this wing for its
+slices and checks."""

@@ -4,19 +4,18 @@ The last weights of a run carry the noise of its last steps; their average over 
 smoother and often better (the usual EMA of diffusion training, here on the adapters only, so it costs one fp32
 copy of the LoRA). sd-scripts has no EMA: `--ema_decay`, `--ema_update_after_step`, `--ema_warmup` are ours.
 
-Torch-free at import time: the CLI imports this module to build its parser.
+Torch-free at import time: torch is imported by the functions that compute, so the config reads `EMAConfig`
+without it.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from library.errors import UserInputError
 
 if TYPE_CHECKING:
     import torch
@@ -33,32 +32,6 @@ class EMAConfig:
     """The average just copies the weights for this many optimizer steps, then starts averaging."""
     warmup: bool = False
     """Use min(decay, (1 + t) / (10 + t)) at the t-th averaging update, so the start (B = 0) fades out quickly."""
-
-
-def add_ema_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """Our EMA flags (sd-scripts has none)."""
-    add = parser.add_argument
-    add("--ema_decay", type=float, default=None,
-        help="also keep an exponential moving average of the LoRA weights with this decay (e.g. 0.999) and save it "
-             "as <output_name>-ema.safetensors beside each LoRA file")
-    add("--ema_update_after_step", type=int, default=0,
-        help="with --ema_decay: the average copies the weights for this many steps before it starts averaging")
-    add("--ema_warmup", action="store_true",
-        help="with --ema_decay: decay min(ema_decay, (1+t)/(10+t)) at the t-th update, for short runs")
-
-
-def ema_config_from_args(args: argparse.Namespace) -> EMAConfig | None:
-    """The parsed flags -> `EMAConfig`, or None without `--ema_decay`. One-line UserInputError on bad values."""
-    if args.ema_decay is None:
-        if args.ema_warmup or args.ema_update_after_step:
-            flag = "--ema_warmup" if args.ema_warmup else "--ema_update_after_step"
-            raise UserInputError(f"{flag} does nothing without --ema_decay: add --ema_decay 0.999 or drop it")
-        return None
-    if not 0.0 < args.ema_decay < 1.0:
-        raise UserInputError(f"--ema_decay must be between 0 and 1 (exclusive), got {args.ema_decay}: e.g. 0.999")
-    if args.ema_update_after_step < 0:
-        raise UserInputError(f"--ema_update_after_step must be 0 or more, got {args.ema_update_after_step}")
-    return EMAConfig(float(args.ema_decay), int(args.ema_update_after_step), bool(args.ema_warmup))
 
 
 class LoRAEMA:

@@ -1,20 +1,119 @@
-"""The diffusion training objective: noise, timesteps, targets and loss weighting (pure functions).
+"""The diffusion training objective: sd-scripts' loss and noise options as one typed frozen slice (`LossOptions`,
+with its warnings and `ss_*` metadata), and the pure functions that noise a batch and weight its loss.
 
-sd-scripts' options (`library.train.loss_options.LossOptions`) each map to one small function here; `noise_batch` and
-`diffusion_loss` are the two entry points the trainer calls. With default options they are the plain
-epsilon-prediction MSE of `add_noise` + `epsilon_mse_loss`, which stay for callers that want just that.
+Each option maps to one small function; `noise_batch` and `diffusion_loss` are the two entry points the trainer
+calls (with default options: the plain epsilon-prediction MSE). torch and diffusers are imported inside the
+functions that compute, so the command line and the config read the options and their names without loading them.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
-import torch
-import torch.nn.functional as F
-from diffusers import DDPMScheduler
 
-from library.train.loss_options import LossOptions
+if TYPE_CHECKING:
+    import torch
+    from diffusers import DDPMScheduler
+
+NUM_TRAIN_TIMESTEPS = 1000
+LOSS_TYPES = ("l1", "l2", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
+
+LossType = Literal["l1", "l2", "huber", "smooth_l1"]
+HuberSchedule = Literal["constant", "exponential", "snr"]
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """How noise is drawn and how the per-sample loss is weighted. The defaults are plain epsilon MSE."""
+
+    noise_offset: float | None = None
+    """Add `offset * N(0,1)` per (sample, channel), constant over H,W: lets the model shift mean brightness."""
+    noise_offset_random_strength: bool = False
+    """Draw the offset uniformly in [0, noise_offset) once per batch instead of using it as is."""
+    adaptive_noise_scale: float | None = None
+    """Add `scale * |mean of the latent channel|` to the offset (clamped at 0); needs noise_offset."""
+    multires_noise_iterations: int | None = None
+    """Pyramid ("multi-resolution") noise: add this many lower-resolution noise layers, then renormalise."""
+    multires_noise_discount: float = 0.3
+    """Weight of pyramid layer i is discount**i."""
+    min_snr_gamma: float | None = None
+    """Min-SNR weighting (arXiv 2303.09556): per-sample weight min(SNR, gamma) / SNR (v-prediction: / (SNR+1))."""
+    v_parameterization: bool = False
+    """The model predicts v = sqrt(a) * noise - sqrt(1-a) * x0 instead of the noise."""
+    scale_v_pred_loss_like_noise_pred: bool = False
+    """Multiply a v-prediction loss by SNR/(SNR+1) so its timestep profile matches epsilon prediction."""
+    debiased_estimation_loss: bool = False
+    """Weight by 1/sqrt(SNR) (v-prediction: 1/(SNR+1)), SNR clamped to 1000 (arXiv 2310.08442)."""
+    loss_type: LossType = "l2"
+    """Per-element loss: l2 (MSE), l1, huber (2c(sqrt(d^2+c^2)-c)) or smooth_l1 (2(sqrt(d^2+c^2)-c))."""
+    huber_c: float = 0.1
+    """The Huber threshold c (only huber and smooth_l1 use it); how it varies over timesteps: huber_schedule."""
+    huber_schedule: HuberSchedule = "snr"
+    """constant: c*scale; exponential: c**(t/1000)*scale; snr: (1-c)/(1+sigma_t)**2 + c (sd-scripts ignores
+    huber_scale here, and so do we)."""
+    huber_scale: float = 1.0
+    """Multiplier of c in the constant and exponential schedules."""
+    zero_terminal_snr: bool = False
+    """Rescale the betas so the last timestep is pure noise (arXiv 2305.08891)."""
+    ip_noise_gamma: float | None = None
+    """Input perturbation (arXiv 2301.11706): the noisy latents get `gamma * N(0,1)` extra noise, the target not."""
+    ip_noise_gamma_random_strength: bool = False
+    """Draw gamma uniformly in [0, ip_noise_gamma) once per batch."""
+    min_timestep: int | None = None
+    """Lowest training timestep (inclusive); None means 0."""
+    max_timestep: int | None = None
+    """Highest training timestep (exclusive); None means 1000."""
+
+    @property
+    def timestep_range(self) -> tuple[int, int]:
+        """[low, high) of the uniform timestep draw, the Nones resolved."""
+        low = 0 if self.min_timestep is None else self.min_timestep
+        high = NUM_TRAIN_TIMESTEPS if self.max_timestep is None else self.max_timestep
+        return low, high
+
+    @property
+    def uses_huber_c(self) -> bool:
+        """Whether the per-element loss needs a per-sample Huber threshold."""
+        return self.loss_type in ("huber", "smooth_l1")
+
+
+def loss_option_warnings(options: LossOptions) -> list[str]:
+    """Accepted but probably unintended combinations (sd-scripts accepts them too); the CLI logs these."""
+    warnings = []
+    if options.zero_terminal_snr and not options.v_parameterization:
+        warnings.append("--zero_terminal_snr without --v_parameterization: an epsilon model cannot learn the last "
+                        "timestep's target well; sd-scripts warns the same")
+    if options.noise_offset_random_strength and options.noise_offset is None:
+        warnings.append("--noise_offset_random_strength does nothing without --noise_offset")
+    if options.ip_noise_gamma_random_strength and options.ip_noise_gamma is None:
+        warnings.append("--ip_noise_gamma_random_strength does nothing without --ip_noise_gamma")
+    return warnings
+
+
+def loss_metadata(options: LossOptions) -> dict[str, str]:
+    """The `ss_*` keys sd-scripts writes for these options (str() of its values, so "None" when off)."""
+    return {
+        "ss_noise_offset": str(options.noise_offset),
+        "ss_noise_offset_random_strength": str(options.noise_offset_random_strength),
+        "ss_adaptive_noise_scale": str(options.adaptive_noise_scale),
+        "ss_multires_noise_iterations": str(options.multires_noise_iterations),
+        "ss_multires_noise_discount": str(options.multires_noise_discount),
+        "ss_min_snr_gamma": str(options.min_snr_gamma),
+        "ss_debiased_estimation": str(options.debiased_estimation_loss),
+        "ss_zero_terminal_snr": str(options.zero_terminal_snr),
+        "ss_ip_noise_gamma": str(options.ip_noise_gamma),
+        "ss_ip_noise_gamma_random_strength": str(options.ip_noise_gamma_random_strength),
+        "ss_loss_type": options.loss_type,
+        "ss_huber_schedule": options.huber_schedule,
+        "ss_huber_c": str(options.huber_c),
+        "ss_huber_scale": str(options.huber_scale),
+    }
+
+
+# --- The maths.
 
 SDXL_VAE_SCALE = 0.13025
 SNR_CLAMP = 1000.0
@@ -27,36 +126,27 @@ def make_noise_scheduler(zero_terminal_snr: bool = False) -> DDPMScheduler:
     `zero_terminal_snr` rescales the betas so alphas_cumprod[-1] == 0 (arXiv 2305.08891) with diffusers' own
     option, the same shift-and-scale of sqrt(alphas_cumprod) sd-scripts applies; alphas_cumprod[0] is kept.
     """
+    from diffusers import DDPMScheduler
+
     return DDPMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=NUM_TRAIN_TIMESTEPS,
         clip_sample=False, rescale_betas_zero_snr=zero_terminal_snr,
     )
-
-
-def add_noise(
-    scheduler: DDPMScheduler, latents: torch.Tensor, min_timestep: int = 0, max_timestep: int = 1000
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(noisy latents, noise, timesteps) with timesteps uniform in [min, max)."""
-    noise = torch.randn_like(latents)
-    timesteps = torch.randint(min_timestep, max_timestep, (latents.shape[0],), device=latents.device).long()
-    return scheduler.add_noise(latents, noise, timesteps), noise, timesteps
-
-
-def epsilon_mse_loss(prediction: torch.Tensor, noise: torch.Tensor, loss_weights: torch.Tensor) -> torch.Tensor:
-    """MSE per element, mean over C,H,W per sample, times per-sample weights, mean over the batch."""
-    per_sample = torch.nn.functional.mse_loss(prediction.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_sample * loss_weights.to(per_sample.device)).mean()
 
 
 # --- Random draws: on the generator's device when one is given (reproducible anywhere), else beside `like`.
 
 def _randn(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    import torch
+
     device = generator.device if generator is not None else like.device
     return torch.randn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
 
 def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:
     """One float in [low, high); a torch draw (not `random`) so one generator controls every draw."""
+    import torch
+
     device = generator.device if generator is not None else "cpu"
     return low + (high - low) * float(torch.rand(1, generator=generator, device=device).item())
 
@@ -89,6 +179,8 @@ def pyramid_noise(
     Level i is N(0,1) at (H, W) / r**i with r ~ U[2, 4), bilinearly upsampled and weighted discount**i; it stops
     after the level that reaches 1 pixel. Low-frequency noise lets the model change large areas at once.
     """
+    import torch.nn.functional as F
+
     _, _, height, width = noise.shape
     out = noise
     for level in range(iterations):
@@ -117,6 +209,8 @@ def sample_timesteps(
     batch_size: int, low: int, high: int, device: torch.device | str, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Uniform integer timesteps in [low, high), long, on `device` (drawn on CPU unless a generator says where)."""
+    import torch
+
     draw_device = generator.device if generator is not None else "cpu"
     return torch.randint(low, high, (batch_size,), generator=generator, device=draw_device).long().to(device)
 
@@ -147,6 +241,8 @@ def min_snr_weight(snr: torch.Tensor, gamma: float, v_prediction: bool = False) 
 
     Caps the weight of the easy, low-noise timesteps so they stop dominating the gradient.
     """
+    import torch
+
     return torch.minimum(snr, torch.full_like(snr, gamma)) / (snr + 1.0 if v_prediction else snr)
 
 
@@ -164,6 +260,8 @@ def debiased_weight(snr: torch.Tensor, v_prediction: bool = False) -> torch.Tens
 
 def timestep_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, options: LossOptions) -> torch.Tensor | None:
     """The product of the enabled per-sample weights (min-SNR, v-pred scaling, debiased), or None if none is."""
+    import torch
+
     enabled = options.min_snr_gamma is not None or options.scale_v_pred_loss_like_noise_pred \
         or options.debiased_estimation_loss
     if not enabled:
@@ -188,6 +286,8 @@ def huber_threshold(
     + c with sigma_t = sqrt((1 - a_t) / a_t) of the schedule in use (sd-scripts applies no scale there).
     A large c near t=0 keeps the loss quadratic where errors are small; a small c at high noise tames outliers.
     """
+    import torch
+
     t = timesteps.long()
     if schedule == "constant":
         return torch.full(t.shape, c * scale, dtype=torch.float32, device=t.device)
@@ -208,6 +308,9 @@ def element_loss(
 
     Both are sd-scripts' pseudo-Huber forms: ~d^2 for |d| << c and linear beyond, with c per sample.
     """
+    import torch
+    import torch.nn.functional as F
+
     if loss_type == "l2":
         return F.mse_loss(prediction, target, reduction="none")
     if loss_type == "l1":
@@ -277,7 +380,8 @@ def diffusion_loss(
     options: LossOptions,
 ) -> torch.Tensor:
     """The scalar training loss: per-element loss (fp32), mean over C,H,W, times the per-sample loss weights and
-    timestep weights (min-SNR, v-pred scaling, debiased), mean over the batch. Defaults == `epsilon_mse_loss`."""
+    timestep weights (min-SNR, v-pred scaling, debiased), mean over the batch. With default options: the plain
+    epsilon MSE."""
     per_element = element_loss(prediction.float(), batch.target.float(), options.loss_type, batch.huber_c)
     per_sample = per_element.mean(dim=(1, 2, 3)) * loss_weights.to(per_element.device)
     weights = timestep_weights(scheduler, batch.timesteps, options)

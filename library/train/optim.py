@@ -4,6 +4,8 @@
 Every user mistake here (unknown name, bad `key=value`, a combination sd-scripts refuses or that would crash)
 is a one-line `UserInputError`. The pure checks (`per_group_lr_problem`, `schedule_problem`, `optimizer_class`,
 `scheduler_class`) let the config refuse a run before any model loads.
+
+Torch is imported where a class is looked up, not at import time: the command line lists these names in --help.
 """
 
 from __future__ import annotations
@@ -13,19 +15,62 @@ import importlib
 import logging
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from library.errors import UserInputError
-from library.train.optimizer_names import (
-    OPTIMIZER_TYPES,
-    canonical_optimizer_type,
-    canonical_scheduler,
-    is_adaptive,
-)
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
+
+
+# ---- sd-scripts' names -------------------------------------------------------------------------------------------
+
+ADAPTIVE_OPTIMIZER_TYPES: tuple[str, ...] = (
+    "Prodigy", "DAdaptation", "DAdaptAdamPreprint", "DAdaptAdam", "DAdaptLion", "DAdaptAdaGrad", "DAdaptAdan",
+    "DAdaptAdanIP", "DAdaptSGD",
+)
+"""Optimizers that estimate one step size for all parameter groups (they cannot take LoRA+ ratios)."""
+
+OPTIMIZER_TYPES: tuple[str, ...] = (
+    "AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "PagedAdamW32bit", "Lion", "Lion8bit", "PagedLion8bit",
+    "SGDNesterov", "SGDNesterov8bit", "AdEMAMix8bit", "PagedAdEMAMix8bit", "Adafactor", *ADAPTIVE_OPTIMIZER_TYPES,
+)
+"""The names sd-scripts knows (any case). Any other name is a class: `module.Class`, or a bare name in torch.optim."""
+
+SCHEDULERS: tuple[str, ...] = (
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+    "cosine_with_min_lr", "warmup_stable_decay", "inverse_sqrt", "piecewise_constant", "adafactor",
+)
+"""`--lr_scheduler` names (transformers' schedules, diffusers' piecewise_constant, Adafactor's proxy)."""
+
+_OPTIMIZERS_BY_LOWER = {name.lower(): name for name in OPTIMIZER_TYPES}
+
+
+def canonical_optimizer_type(value: str) -> str:
+    """sd-scripts' spelling of a known optimizer in any case ('adamw8bit' -> 'AdamW8bit'); any other name is
+    returned unchanged, since it names a class (`module.Class`, or a bare name looked up in torch.optim)."""
+    name = value.strip()
+    if not name:
+        raise UserInputError("--optimizer_type is empty; give e.g. AdamW, or a class as module.Class")
+    return _OPTIMIZERS_BY_LOWER.get(name.lower(), name)
+
+
+def is_adaptive(optimizer_type: str) -> bool:
+    return canonical_optimizer_type(optimizer_type) in ADAPTIVE_OPTIMIZER_TYPES
+
+
+def canonical_scheduler(value: str) -> str:
+    """A `--lr_scheduler` name in any case, or one line saying which names exist."""
+    name = value.strip().lower()
+    if name not in SCHEDULERS:
+        raise UserInputError(
+            f"--lr_scheduler: '{value}' is not supported; choose one of {', '.join(SCHEDULERS)} "
+            f"(or give a class with --lr_scheduler_type module.Class)"
+        )
+    return name
+
 
 _BNB = "bitsandbytes.optim"
 _DADAPT = "dadaptation"
@@ -114,6 +159,8 @@ def _import_class(module_name: str, class_name: str, flag: str) -> type:
 
 def optimizer_class(optimizer_type: str) -> type[torch.optim.Optimizer]:
     """The class behind an sd-scripts name, a `module.Class` path, or a bare torch.optim class name."""
+    import torch
+
     name = canonical_optimizer_type(optimizer_type)
     if name in OPTIMIZER_CLASSES:
         return _import_class(*OPTIMIZER_CLASSES[name], "--optimizer_type")

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from library.config.build import LoopConfig, NetworkConfig, OptimizerConfig
+from library.train.run_config import LoopConfig, NetworkConfig, OptimizerConfig
 
 Scalar = int | float | str | bool
 """What TensorBoard's HParams and wandb's config both accept."""

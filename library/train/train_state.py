@@ -24,10 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from library.files.atomic import current_umask, error_number, full_disk_errno, replace_folder, temp_affixes, write_failure
+from library.files.atomic import (current_umask, error_number, full_disk_errno, replace_folder, sync_tree, temp_affixes,
+                                  write_failure)
 from library.errors import NonFiniteError, UserInputError
 from library.files.finite import first_non_finite
-from library.files.safetensors_header import read_safetensors_header
+from library.files.weight_files import read_safetensors_header
 
 TRAIN_STATE_FILE = "train_state.json"
 
@@ -103,7 +104,7 @@ def save_state(accelerator, folder: Path, progress: TrainProgress,
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
             (tmp / TRAIN_STATE_FILE).write_text(json.dumps(progress.state_dict(), indent=2) + "\n")
-            _sync_tree(tmp)
+            sync_tree(tmp)
             os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; give the folder normal permissions
             replace_folder(tmp, folder)
     except Exception as error:
@@ -130,25 +131,6 @@ def _state_write_failure(error: Exception, tmp: Path, folder: Path) -> UserInput
     newest = max(files, key=lambda path: path.stat().st_mtime_ns, default=None)  # the file being written
     return write_failure(code, folder / newest.name if newest is not None else folder,
                          what="state file" if newest is not None else "state folder")
-
-
-def _sync_tree(folder: Path) -> None:
-    """Sync every file of a freshly written folder, and the folder, before it is renamed into place."""
-    for path in folder.iterdir():
-        if path.is_file():
-            fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    if os.name == "posix":
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
 
 
 # --- Checking a state folder before the model loads ------------------------------------------------------------------

@@ -15,23 +15,23 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from library.config.build import LoopConfig, NetworkConfig, OutputConfig, TrainConfig
+from library.train.run_config import LoopConfig, NetworkConfig, OutputConfig, TrainConfig
 from library.data.dataset import BucketBatchSampler, TrainDataset, collate_examples, scan_train_data_dir
 from library.model.base_models import (Encoder, free_memory, prepare_base_models, release_model, vae_encoder,  # noqa: F401
                                  vae_fingerprint)
 from library.data.latent_cache import cache_latents
-from library.train.loss import SDXL_VAE_SCALE, diffusion_loss, make_noise_scheduler, noise_batch
-from library.train.loss_options import LossOptions, loss_option_warnings
+from library.train.loss import (SDXL_VAE_SCALE, LossOptions, diffusion_loss, loss_option_warnings, make_noise_scheduler,
+                                noise_batch)
 from library.train.metadata import DatasetSummary, progress_metadata, training_metadata
 from library.model.loading import SDXLModels, load_sdxl, model_hashes
 from library.train.optim import build_lr_scheduler, build_optimizer, decay_steps, total_training_steps, warmup_steps
 from library.model.precision import PrecisionPlan, plan_precision, save_dtype
 from library.train.run_report import StepTimer, build_report, peak_memory, write_report
+from library.train.accelerate_compat import allow_fp16_gradients, reset_accelerator_state
 from library.train.ema import LoRAEMA
 from library.errors import OutputInUseError
 from library.files.finite import NonFiniteSteps, group_gradient_norms, non_finite_source
@@ -148,9 +148,7 @@ def make_accelerator(cfg: TrainConfig) -> tuple[Accelerator, PrecisionPlan]:
     run_dir = None
     if out.logging_dir is not None:
         run_dir = out.logging_dir / f"{out.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}"
-    # accelerate keeps one process-wide state that refuses a second mixed-precision setting; each run in this
-    # process (tests, sweeps calling `train` in turn) sets its own. The distributed part (PartialState) is kept.
-    AcceleratorState._reset_state(reset_partial_state=False)
+    reset_accelerator_state()  # each run in this process (tests, sweeps) sets its own mixed precision
     # Gradient accumulation is run by the loop (groups never span epochs, so a resumed run lines up exactly).
     accelerator = Accelerator(
         mixed_precision=plan.mixed_precision,
@@ -518,17 +516,6 @@ def run_report(
         "total_seconds": round(total_seconds, 3),
     }
     return build_report(parts.timer, samples_per_step, peak_memory(accelerator.device), plan.summary(), extra)
-
-
-def allow_fp16_gradients(accelerator: Accelerator) -> None:
-    """--full_fp16 on a GPU: the LoRA weights (so their gradients) are fp16, which torch's GradScaler refuses to
-    unscale unless told that fp16 gradients are expected (sd-scripts makes the same change)."""
-    scaler = getattr(accelerator, "scaler", None)
-    if scaler is None:
-        return
-    unscale = scaler._unscale_grads_
-    scaler._unscale_grads_ = lambda optimizer, inv_scale, found_inf, allow_fp16: unscale(
-        optimizer, inv_scale, found_inf, True)
 
 
 def maybe_validate(parts: TrainingParts, cfg: TrainConfig, noise_scheduler, step: int, epoch_end: int | None,

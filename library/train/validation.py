@@ -9,12 +9,12 @@ range: 200, 400, 600, 800 by default), plus our `--validation_data_dir`. Deliber
 - a validation example is always the same: no flip, centre crop, caption as written (no shuffle or dropout);
 - each (batch, timestep) has its own noise generator, so the value does not depend on what ran before it.
 
-Torch-free at import time: the CLI imports this module to build its parser.
+Torch-free at import time: torch is imported by the functions that compute, so the config reads
+`ValidationConfig` without it.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import math
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from library.errors import UserInputError
+from library.train.loss import NUM_TRAIN_TIMESTEPS
 
 if TYPE_CHECKING:
     import torch
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
     from library.data.dataset import ExampleKey, ImageRecord, TrainDataset
     from library.data.dataset_config import DatasetConfig
 
-NUM_TRAIN_TIMESTEPS = 1000
 VALIDATION_TIMESTEP_COUNT = 4
 """sd-scripts' NUM_VALIDATION_TIMESTEPS: every validation batch is scored at this many timesteps."""
 
@@ -42,27 +42,7 @@ LossFn = Callable[[Batch, "torch.Tensor", "torch.Generator"], "torch.Tensor"]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Flags and config
-
-
-def add_validation_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """sd-scripts' validation flags (names and defaults), plus `--validation_data_dir`."""
-    add = parser.add_argument
-    add("--validation_split", type=float, default=0.0,
-        help="fraction of the training images (per folder; regularisation images excluded) held out for the "
-             "validation loss, e.g. 0.1")
-    add("--validation_data_dir", type=Path, default=None,
-        help="folder of N_name subfolders (like --train_data_dir) used as validation images instead of a split")
-    add("--validation_seed", type=int, default=None,
-        help="seed of the split, the validation batches and their noise (default: --seed); keep it fixed to "
-             "compare runs")
-    add("--validate_every_n_steps", type=int, default=None,
-        help="also compute the validation loss every N optimizer steps (it always runs at epoch ends, see "
-             "--validate_every_n_epochs)")
-    add("--validate_every_n_epochs", type=int, default=None,
-        help="compute the validation loss at the end of every N-th epoch (default: every epoch)")
-    add("--max_validation_steps", type=int, default=None,
-        help="use at most this many validation batches (default: all)")
+# Config
 
 
 def validation_timesteps(low: int = 0, high: int = NUM_TRAIN_TIMESTEPS,
@@ -105,39 +85,6 @@ class ValidationConfig:
         if epoch_end is None:
             return self.every_n_steps is not None and step > 0 and step % self.every_n_steps == 0
         return self.every_n_epochs is None or epoch_end % self.every_n_epochs == 0
-
-
-def _at_least_one(value: int | None, flag: str) -> int | None:
-    if value is not None and value < 1:
-        raise UserInputError(f"{flag} must be at least 1, got {value}: pass a positive number or leave the flag out")
-    return value
-
-
-def validation_config_from_args(args: argparse.Namespace, seed: int) -> ValidationConfig:
-    """The parsed flags -> a checked `ValidationConfig` (`seed`: the training seed). One-line UserInputError
-    for a split outside [0, 1), both sources, a missing folder, or a schedule without validation images."""
-    split = float(args.validation_split or 0.0)
-    data_dir = None if args.validation_data_dir is None else Path(args.validation_data_dir)
-    if not 0.0 <= split < 1.0:
-        raise UserInputError(f"--validation_split must be in [0, 1), got {split}: e.g. 0.1 holds out 10% of the images")
-    if split > 0 and data_dir is not None:
-        raise UserInputError("--validation_split and --validation_data_dir both give validation images: keep one")
-    if data_dir is not None and not data_dir.is_dir():
-        raise UserInputError(f"--validation_data_dir {data_dir} is not a folder: point it at a folder of N_name "
-                             "subfolders")
-    every_steps = _at_least_one(args.validate_every_n_steps, "--validate_every_n_steps")
-    every_epochs = _at_least_one(args.validate_every_n_epochs, "--validate_every_n_epochs")
-    max_steps = _at_least_one(args.max_validation_steps, "--max_validation_steps")
-    if (every_steps or every_epochs) and not (split > 0 or data_dir is not None):
-        flag = "--validate_every_n_steps" if every_steps else "--validate_every_n_epochs"
-        raise UserInputError(f"{flag} needs validation images: add --validation_split 0.1 or --validation_data_dir DIR")
-    low = getattr(args, "min_timestep", None)
-    high = getattr(args, "max_timestep", None)
-    timesteps = validation_timesteps(0 if low is None else low, NUM_TRAIN_TIMESTEPS if high is None else high)
-    return ValidationConfig(
-        split=split, data_dir=data_dir, seed=seed if args.validation_seed is None else args.validation_seed,
-        every_n_steps=every_steps, every_n_epochs=every_epochs, max_steps=max_steps, timesteps=timesteps,
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""Read a checkpoint's tensors one at a time, never the whole file.
+"""Weight files: a safetensors file's header (names, dtypes, shapes, offsets, metadata, read without torch), and a
+checkpoint's tensors read one at a time, never the whole file.
 
-The SDXL loader converts and places each tensor as it is read, so memory holds the loaded model plus one tensor
+The header alone answers the cheap start-up checks (is this a LoRA, a complete file, the expected ranks?). The SDXL
+loader converts and places each tensor as it is read, so memory holds the loaded model plus one tensor
 in the file's dtype - never a second copy of the model.
 
 - ``.safetensors``: the header gives every tensor's dtype, shape and byte range; :meth:`TensorReader.read` seeks
@@ -9,38 +11,105 @@ in the file's dtype - never a second copy of the model.
 - ``.ckpt`` / ``.pt`` / ``.pth`` / ``.bin`` (pickle): ``torch.load(mmap=True, weights_only=True)`` keeps the
   tensors in the file until :meth:`TensorReader.read` copies one out; a top-level ``state_dict`` is unwrapped.
 - ``*.index.json`` (sharded diffusers / transformers weights): the ``weight_map`` names each tensor's shard.
+
+torch is imported by the functions that make tensors, so reading a header (the config's checks, `tools/`) loads none.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, BinaryIO
 
 from library.errors import UserInputError
-from library.files.safetensors_header import read_safetensors_header
+
+if TYPE_CHECKING:
+    import torch
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
-# safetensors dtype codes (as the header lists them) -> torch dtypes.
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+SAFETENSORS_DTYPE_NAMES: dict[str, str] = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
 }
+"""safetensors dtype codes (as the header lists them) -> the names of the torch dtypes this module reads."""
+
+
+@functools.cache
+def safetensors_dtypes() -> dict[str, torch.dtype]:
+    """safetensors dtype codes -> torch dtypes (`SAFETENSORS_DTYPE_NAMES`, resolved once torch is wanted)."""
+    import torch
+
+    return {code: getattr(torch, name) for code, name in SAFETENSORS_DTYPE_NAMES.items()}
+
+
+# --- The header --------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors file, from its header."""
+
+    dtype: str  # safetensors code: "F32", "F16", "BF16", ...
+    shape: tuple[int, ...]
+    start: int  # byte offsets in the data section
+    end: int
+
+
+def read_safetensors_header(path: str | Path, *, complete: bool = True
+                            ) -> tuple[dict[str, TensorEntry], dict[str, str], int]:
+    """(tensors by name, metadata, byte offset of the data section) of a safetensors file; reads only the header.
+
+    Any file that is not one (empty, a folder, another format, garbage, a header of the wrong structure) is a
+    `UserInputError` "<path>: <what is wrong>" for the caller to complete with its flag and advice; with
+    `complete`, so is a file that ends before its last tensor (a copy or download that stopped)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserInputError(f"{path}: a folder, not a safetensors file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise UserInputError(f"{path}: not a safetensors file ({'empty' if not head else 'too short'})")
+            (size,) = struct.unpack("<Q", head)
+            if size > 100_000_000:
+                raise UserInputError(f"{path}: not a safetensors file (implausible header size)")
+            raw = f.read(size)
+    except OSError as error:
+        raise UserInputError(f"{path}: cannot be read ({error.strerror or error})") from None
+    try:
+        header = json.loads(raw)
+        metadata = header.pop("__metadata__", None) or {}
+        entries = {
+            name: TensorEntry(str(info["dtype"]), tuple(int(n) for n in info["shape"]),
+                              *(int(n) for n in info["data_offsets"]))
+            for name, info in header.items()
+        }
+        metadata = {str(key): str(value) for key, value in dict(metadata).items()}
+    except (ValueError, MemoryError, OverflowError, KeyError, TypeError, AttributeError):
+        raise UserInputError(f"{path}: not a safetensors file (unreadable header)") from None
+    data_start = 8 + size
+    if complete:
+        needed = data_start + max((entry.end for entry in entries.values()), default=0)
+        actual = path.stat().st_size
+        if actual < needed:
+            raise UserInputError(f"{path}: truncated ({actual:,} of its {needed:,} bytes are there)")
+    return entries, metadata, data_start
+
+
+# --- Tensors -----------------------------------------------------------------------------------------------------------
 
 # Weight files of one diffusers component folder (unet/, vae/, text_encoder/...), in order of preference: the full
 # precision file, then the fp16 variant; safetensors (single or sharded) before pickles.
@@ -140,6 +209,8 @@ class TensorReader:
         converts every tensor reuses one scratch, so the stored copies do not fragment the heap between the
         converted tensors it keeps.
         """
+        import torch
+
         shape = self.shape(key)
         if rows is not None and not (len(shape) > 0 and 0 <= rows[0] <= rows[1] <= shape[0]):
             raise ValueError(f"rows {rows} out of range for {key} of shape {list(shape)}")
@@ -159,22 +230,7 @@ class TensorReader:
             offset += rows[0] * row_bytes
             nbytes = (rows[1] - rows[0]) * row_bytes
             shape = (rows[1] - rows[0], *shape[1:])
-        if scratch is None:
-            buffer = torch.empty(nbytes, dtype=torch.uint8)
-        elif scratch.dtype != torch.uint8 or scratch.device.type != "cpu" or scratch.numel() < nbytes:
-            raise ValueError(f"scratch must be a uint8 CPU tensor of at least {nbytes} bytes for {key}")
-        else:
-            buffer = scratch[:nbytes]
-        view = memoryview(buffer.numpy())
-        f = self._file(stored.file)
-        f.seek(offset)
-        done = 0
-        while done < nbytes:  # a raw read may return less than asked (e.g. over 2 GiB)
-            got = f.readinto(view[done:])
-            if not got:
-                raise UserInputError(f"{stored.file}: the file is truncated (tensor {key} ends past its end)")
-            done += got
-        return buffer.view(stored.dtype).reshape(shape)
+        return read_tensor(self._file(stored.file), offset, stored.dtype, shape, nbytes, scratch=scratch, key=key)
 
     def _file(self, path: Path) -> BinaryIO:
         if path not in self._files:
@@ -198,15 +254,42 @@ class TensorReader:
         self.close()
 
 
+def read_tensor(
+    f: BinaryIO, offset: int, dtype: torch.dtype, shape: tuple[int, ...], nbytes: int, *,
+    key: str, scratch: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The `nbytes` at `offset` of the open file `f` as a CPU tensor of `dtype` and `shape`, read straight into its
+    own memory (no mmap, no second copy) or into the front of `scratch` (a uint8 CPU tensor at least as large; the
+    result is then a view of it). A file that ends early is one line naming it and `key`."""
+    import torch
+
+    if scratch is None:
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+    elif scratch.dtype != torch.uint8 or scratch.device.type != "cpu" or scratch.numel() < nbytes:
+        raise ValueError(f"scratch must be a uint8 CPU tensor of at least {nbytes} bytes for {key}")
+    else:
+        buffer = scratch[:nbytes]
+    view = memoryview(buffer.numpy())
+    f.seek(offset)
+    done = 0
+    while done < nbytes:  # a raw read may return less than asked (e.g. over 2 GiB)
+        got = f.readinto(view[done:])
+        if not got:
+            raise UserInputError(f"{f.name}: the file is truncated (tensor {key} ends past its end)")
+        done += got
+    return buffer.view(dtype).reshape(shape)
+
+
 # --- Formats ---------------------------------------------------------------------------------------------------------
 def _index_safetensors(file: Path) -> dict[str, _Stored]:
     """Where every tensor of a safetensors file is, from its header."""
     entries, _, data_start = read_safetensors_header(file)
+    dtypes = safetensors_dtypes()
     stored = {}
     for key, entry in entries.items():
-        if entry.dtype not in SAFETENSORS_DTYPES:
+        if entry.dtype not in dtypes:
             raise UserInputError(f"{file}: tensor {key} has dtype {entry.dtype}, which this loader does not read")
-        dtype = SAFETENSORS_DTYPES[entry.dtype]
+        dtype = dtypes[entry.dtype]
         nbytes = entry.end - entry.start
         numel = 1
         for size in entry.shape:
@@ -219,6 +302,8 @@ def _index_safetensors(file: Path) -> dict[str, _Stored]:
 
 def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
     """The tensors of a pickle checkpoint, memory-mapped where the format allows (torch's zip format)."""
+    import torch
+
     try:
         try:
             loaded = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
