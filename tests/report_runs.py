@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from library.report.history import history_section
-from library.train.sample_prompts import sample_file_name
+from library.train.sampling import sample_file_name
 
 PROMPTS = ["a red fox in the snow", "a lighthouse at dusk"]
 
