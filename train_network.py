@@ -15,11 +15,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from library.train import allocator
 from library.config.cli import build_parser, resume_command
 from library.config.config_file import parse_args, write_config
 from library.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, RunStopped
-from library.train.interrupts import TrainingInterrupted, sigterm_interrupts, signal_name
+from library.train import allocator
+from library.train.interrupts import TrainingInterrupted, signal_name, sigterm_interrupts
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,8 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in stop.report_lines():
             print(line, file=sys.stderr)
         if stop.state_path is not None and stop.is_main_process:
-            print(f"state saved to {stop.state_path}; continue with:\n  {resume_command(argv, stop.state_path)}",
-                  file=sys.stderr)
+            print(
+                f"state saved to {stop.state_path}; continue with:\n  {resume_command(argv, stop.state_path)}",
+                file=sys.stderr,
+            )
         raise
     if result.is_main_process:
         print(f"LoRA saved to {result.final_path}")

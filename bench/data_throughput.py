@@ -28,21 +28,42 @@ import torch  # noqa: E402
 
 def build(tmp: Path, args) -> tuple:
     """(config, models) for the tiny SDXL and a demo dataset of `args.count` images."""
-    from library.config.cli import build_parser
     from library.config.build import config_from_args
+    from library.config.cli import build_parser
+    from library.model.base_models import prepare_base_models
     from library.model.loading import load_sdxl
     from library.model.precision import PrecisionRequest, plan_precision
-    from library.model.base_models import prepare_base_models
     from tools.make_demo_dataset import make_demo_dataset
     from tools.make_tiny_sdxl import write_tiny_sdxl
 
     model = write_tiny_sdxl(tmp / "model", seed=0).single_file
-    make_demo_dataset(tmp / "data", count=args.count, min_side=args.side // 2, max_side=args.side, repeats=1,
-                      name="toy", seed=0)
-    argv = ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(tmp / "data"), "--output_dir",
-            str(tmp / "out"), "--resolution", str(args.resolution), "--enable_bucket", "--min_bucket_reso", "64",
-            "--max_bucket_reso", str(args.resolution * 2), "--caption_extension", ".txt", "--train_batch_size",
-            str(args.batch_size), "--seed", "0", "--network_train_unet_only", "--network_dim", "4"]
+    make_demo_dataset(
+        tmp / "data", count=args.count, min_side=args.side // 2, max_side=args.side, repeats=1, name="toy", seed=0
+    )
+    argv = [
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--train_data_dir",
+        str(tmp / "data"),
+        "--output_dir",
+        str(tmp / "out"),
+        "--resolution",
+        str(args.resolution),
+        "--enable_bucket",
+        "--min_bucket_reso",
+        "64",
+        "--max_bucket_reso",
+        str(args.resolution * 2),
+        "--caption_extension",
+        ".txt",
+        "--train_batch_size",
+        str(args.batch_size),
+        "--seed",
+        "0",
+        "--network_train_unet_only",
+        "--network_dim",
+        "4",
+    ]
     cfg = config_from_args(build_parser().parse_args(argv))
     models = load_sdxl(model, dtype=torch.float32)
     prepare_base_models(models, plan_precision(PrecisionRequest(), "cpu"), cfg.precision, False, torch.device("cpu"))
@@ -58,8 +79,9 @@ def make_dataset(cfg, models, cached: bool):
     seconds = 0.0
     if cached:
         start = time.perf_counter()
-        cache_latents(dataset, vae_encoder(models.vae, torch.device("cpu")), to_disk=False, batch_size=4,
-                      show_progress=False)
+        cache_latents(
+            dataset, vae_encoder(models.vae, torch.device("cpu")), to_disk=False, batch_size=4, show_progress=False
+        )
         seconds = time.perf_counter() - start
     return dataset, seconds
 
@@ -67,15 +89,19 @@ def make_dataset(cfg, models, cached: bool):
 def loader_for(dataset, cfg, workers: int):
     from library.train.setup_parts import make_loader
 
-    loop = SimpleNamespace(batch_size=cfg.loop.batch_size, seed=0, max_data_loader_n_workers=workers,
-                           persistent_data_loader_workers=workers > 0)
+    loop = SimpleNamespace(
+        batch_size=cfg.loop.batch_size,
+        seed=0,
+        max_data_loader_n_workers=workers,
+        persistent_data_loader_workers=workers > 0,
+    )
     return make_loader(dataset, loop, SimpleNamespace(num_processes=1, process_index=0))
 
 
 def data_only_rate(dataset, cfg, epochs: int, workers: int) -> float:
     """Samples per second through the DataLoader, no model; epoch 0 (worker start-up) is not timed."""
     loader, sampler = loader_for(dataset, cfg, workers)
-    for batch in loader:
+    for _ in loader:
         pass
     samples, start = 0, time.perf_counter()
     for epoch in range(1, epochs + 1):
@@ -89,10 +115,9 @@ def step_shares(dataset, cfg, models, workers: int, steps: int) -> tuple[float, 
     """(share of step time spent waiting for the batch, seconds per step) over `steps` LoRA steps."""
     from accelerate import Accelerator
 
-    from library.train.loss import make_noise_scheduler
-    from library.model.precision import PrecisionRequest, plan_precision
     from library.model.base_models import vae_encoder
-    from library.train.loss import LossOptions
+    from library.model.precision import PrecisionRequest, plan_precision
+    from library.train.loss import LossOptions, make_noise_scheduler
     from library.train.parts import LossParts
     from library.train.setup_parts import create_lora_network
     from library.train.step import batch_loss
@@ -155,8 +180,10 @@ def main(argv: list[str] | None = None) -> None:
                 rates[cached, workers] = data_only_rate(dataset, cfg, args.epochs, workers)
                 share, step_s = step_shares(dataset, cfg, models, workers, args.steps)
                 rows.append((name, workers, rates[cached, workers], share, step_s, cache_s))
-    print(f"tiny SDXL, {args.count} images up to {args.side}px, resolution {args.resolution}, batch {args.batch_size},"
-          f" torch threads {torch.get_num_threads()}")
+    print(
+        f"tiny SDXL, {args.count} images up to {args.side}px, resolution {args.resolution}, batch {args.batch_size},"
+        f" torch threads {torch.get_num_threads()}"
+    )
     print(f"{'data path':<26}{'workers':>8}{'data samples/s':>16}{'loader wait':>13}{'s/step':>9}")
     for name, workers, rate, share, step_s, _ in rows:
         print(f"{name:<26}{workers:>8}{rate:>16.1f}{share:>12.1%}{step_s:>9.3f}")
@@ -168,8 +195,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in dict.fromkeys(r[0] for r in rows):
         if len(args.workers) >= 2:
             a, b = by[(name, args.workers[0])], by[(name, args.workers[-1])]
-            print(f"{name}: step time {args.workers[-1]} vs {args.workers[0]} workers: {b[4] / a[4]:.2f}x,"
-                  f" loader wait {a[3]:.1%} -> {b[3]:.1%}")
+            print(
+                f"{name}: step time {args.workers[-1]} vs {args.workers[0]} workers: {b[4] / a[4]:.2f}x,"
+                f" loader wait {a[3]:.1%} -> {b[3]:.1%}"
+            )
 
 
 if __name__ == "__main__":

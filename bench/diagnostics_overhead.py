@@ -51,18 +51,30 @@ def cycle_seconds(network, repeats: int, by_block: bool = False) -> float:
 def sdxl_dim4_network(device: str) -> SimpleNamespace:
     """Adapters shaped like a full SDXL LoRA at dim 4 (TE1 72, TE2 192, UNet 722 modules, SDXL's layer widths),
     B random (a trained LoRA), as the `text_encoder_loras` / `unet_loras` lists the diagnostics read."""
-    shapes = {"lora_te1_": [(768, 768)] * 48 + [(768, 3072), (3072, 768)] * 12,
-              "lora_te2_": [(1280, 1280)] * 128 + [(1280, 5120), (5120, 1280)] * 32,
-              "lora_unet_": [(640, 640)] * 200 + [(1280, 1280)] * 400 + [(640, 5120), (2560, 640)] * 20
-              + [(1280, 10240), (5120, 1280)] * 41}
-    names = {"lora_te1_": "text_model_encoder_layers_0_mlp_fc1", "lora_te2_": "text_model_encoder_layers_0_mlp_fc1",
-             "lora_unet_": "input_blocks_4_1_transformer_blocks_0_attn1_to_q"}
+    shapes = {
+        "lora_te1_": [(768, 768)] * 48 + [(768, 3072), (3072, 768)] * 12,
+        "lora_te2_": [(1280, 1280)] * 128 + [(1280, 5120), (5120, 1280)] * 32,
+        "lora_unet_": [(640, 640)] * 200
+        + [(1280, 1280)] * 400
+        + [(640, 5120), (2560, 640)] * 20
+        + [(1280, 10240), (5120, 1280)] * 41,
+    }
+    names = {
+        "lora_te1_": "text_model_encoder_layers_0_mlp_fc1",
+        "lora_te2_": "text_model_encoder_layers_0_mlp_fc1",
+        "lora_unet_": "input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+    }
     loras: dict[str, list] = {}
     for prefix, widths in shapes.items():
-        loras[prefix] = [SimpleNamespace(lora_name=f"{prefix}{names[prefix]}_{i}", scale=0.25,
-                                         lora_down=SimpleNamespace(weight=torch.randn(4, fan_in, device=device)),
-                                         lora_up=SimpleNamespace(weight=torch.randn(fan_out, 4, device=device)))
-                         for i, (fan_in, fan_out) in enumerate(widths)]
+        loras[prefix] = [
+            SimpleNamespace(
+                lora_name=f"{prefix}{names[prefix]}_{i}",
+                scale=0.25,
+                lora_down=SimpleNamespace(weight=torch.randn(4, fan_in, device=device)),
+                lora_up=SimpleNamespace(weight=torch.randn(fan_out, 4, device=device)),
+            )
+            for i, (fan_in, fan_out) in enumerate(widths)
+        ]
     return SimpleNamespace(text_encoder_loras=loras["lora_te1_"] + loras["lora_te2_"], unet_loras=loras["lora_unet_"])
 
 
@@ -85,34 +97,51 @@ def main(argv: list[str] | None = None) -> None:
     from tools.make_tiny_sdxl import write_tiny_sdxl
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"{device}, torch threads {torch.get_num_threads()}, {args.resolution} px, batch {args.batch}, "
-          f"{args.steps} steps")
+    print(
+        f"{device}, torch threads {torch.get_num_threads()}, {args.resolution} px, batch {args.batch}, "
+        f"{args.steps} steps"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         model = write_tiny_sdxl(Path(tmp) / "model", seed=0).single_file
         data = Path(tmp) / "data"
-        make_demo_dataset(data, count=8, min_side=args.resolution, max_side=args.resolution, repeats=1, name="bench",
-                          seed=0)
+        make_demo_dataset(
+            data, count=8, min_side=args.resolution, max_side=args.resolution, repeats=1, name="bench", seed=0
+        )
         argv = train_argv(model, data, Path(tmp) / "out", args.steps, args.resolution, args.batch)
         cfg = config_from_args(build_parser().parse_args([*argv, "--loraplus_lr_ratio", "16"]))
         models, network, batches = prepared_batches(cfg)
         warmup = max(2, args.steps // 10)
         bare = statistics.median(bare_steps(models, network, batches, warmup + args.steps)[warmup:])
         unet_cycle = cycle_seconds(network, 50)
-        both = create_network(1.0, 8, 8, None, [models.text_encoder1, models.text_encoder2], models.unet,
-                              down_lr_weight="1,1,1,1,1,1,1,1,1", mid_lr_weight="1,1,1",
-                              up_lr_weight="1,1,1,1,1,1,1,1,1").to(device)
+        both = create_network(
+            1.0,
+            8,
+            8,
+            None,
+            [models.text_encoder1, models.text_encoder2],
+            models.unet,
+            down_lr_weight="1,1,1,1,1,1,1,1,1",
+            mid_lr_weight="1,1,1",
+            up_lr_weight="1,1,1,1,1,1,1,1,1",
+        ).to(device)
         both_cycle = cycle_seconds(both, 50, by_block=True)
         modules = (len(network.unet_loras), len(both.text_encoder_loras) + len(both.unet_loras))
     full = sdxl_dim4_network(device)
     full_cycle = cycle_seconds(full, 5)
-    rows = [(f"tiny SDXL, UNet LoRA ({modules[0]} modules)", unet_cycle),
-            (f"tiny SDXL, TE + UNet LoRA per block ({modules[1]} modules)", both_cycle)]
+    rows = [
+        (f"tiny SDXL, UNet LoRA ({modules[0]} modules)", unet_cycle),
+        (f"tiny SDXL, TE + UNet LoRA per block ({modules[1]} modules)", both_cycle),
+    ]
     print(f"bare tiny-SDXL step: {bare * 1e3:.2f} ms")
     for name, cycle in rows:
-        print(f"{name}: cycle {cycle * 1e3:.3f} ms = {cycle / bare:.2%} of a step; under {TARGET:.0%} when run "
-              f"every {interval(cycle, bare)} steps or more")
-    print(f"full SDXL LoRA dim 4 (synthetic, {len(full.text_encoder_loras) + len(full.unet_loras)} modules, "
-          f"{device}): cycle {full_cycle * 1e3:.1f} ms")
+        print(
+            f"{name}: cycle {cycle * 1e3:.3f} ms = {cycle / bare:.2%} of a step; under {TARGET:.0%} when run "
+            f"every {interval(cycle, bare)} steps or more"
+        )
+    print(
+        f"full SDXL LoRA dim 4 (synthetic, {len(full.text_encoder_loras) + len(full.unet_loras)} modules, "
+        f"{device}): cycle {full_cycle * 1e3:.1f} ms"
+    )
 
 
 if __name__ == "__main__":

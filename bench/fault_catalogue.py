@@ -19,8 +19,7 @@ import subprocess  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
-from bench.fault_harness import (BASE_STEPS, Action, Case, Fault, Outcome, run_process, steps_done,  # noqa: E402
-                                 train_cmd)
+from bench.fault_harness import BASE_STEPS, Action, Case, Fault, Outcome, run_process, steps_done, train_cmd  # noqa: E402
 
 FAULTS: list[Fault] = []
 
@@ -29,13 +28,13 @@ def fault(key: str, group: str, title: str, expect: int = 2, may_change: tuple[s
     def register(setup: Callable[[Case], Action | str]) -> Callable[[Case], Action | str]:
         FAULTS.append(Fault(len(FAULTS) + 1, key, group, title, setup, expect, may_change))
         return setup
+
     return register
 
 
 def flags_fault(key: str, group: str, title: str, *extra: str, expect: int = 2, steps: int = BASE_STEPS) -> None:
     """A fault that is only a command line: the earlier run's, plus `extra`."""
     fault(key, group, title, expect)(lambda case: lambda: case.train(case.argv(*extra, steps=steps)))
-
 
 
 def damage(path: Path, kind: str) -> None:
@@ -46,8 +45,12 @@ def damage(path: Path, kind: str) -> None:
     if kind == "folder":
         path.mkdir()
         return
-    data = {"empty": b"", "truncated": original[: len(original) // 2],
-            "garbage": random.Random(len(original)).randbytes(max(len(original), 64)), "jpeg": jpeg_bytes()}[kind]
+    data = {
+        "empty": b"",
+        "truncated": original[: len(original) // 2],
+        "garbage": random.Random(len(original)).randbytes(max(len(original), 64)),
+        "jpeg": jpeg_bytes(),
+    }[kind]
     path.write_bytes(data)
 
 
@@ -61,12 +64,43 @@ def jpeg_bytes() -> bytes:
 
 # NaN / inf ------------------------------------------------------------------------------------------------------------
 NAN = "NaN/inf"
-flags_fault("nan_stop", NAN, "lr 1e30, no clipping: NaN loss at step 2", "--learning_rate", "1e30",
-            "--max_grad_norm", "0", expect=3, steps=6)
-flags_fault("nan_budget", NAN, "lr 1e30 with --max_nan_steps 1: one step skipped, then stop", "--learning_rate", "1e30",
-            "--max_grad_norm", "0", "--max_nan_steps", "1", expect=3, steps=6)
-flags_fault("fp16_overflow_save", NAN, "lr 1e5, --save_precision fp16: the final LoRA overflows fp16 at save",
-            "--learning_rate", "1e5", "--max_grad_norm", "0", "--save_precision", "fp16", expect=3, steps=1)
+flags_fault(
+    "nan_stop",
+    NAN,
+    "lr 1e30, no clipping: NaN loss at step 2",
+    "--learning_rate",
+    "1e30",
+    "--max_grad_norm",
+    "0",
+    expect=3,
+    steps=6,
+)
+flags_fault(
+    "nan_budget",
+    NAN,
+    "lr 1e30 with --max_nan_steps 1: one step skipped, then stop",
+    "--learning_rate",
+    "1e30",
+    "--max_grad_norm",
+    "0",
+    "--max_nan_steps",
+    "1",
+    expect=3,
+    steps=6,
+)
+flags_fault(
+    "fp16_overflow_save",
+    NAN,
+    "lr 1e5, --save_precision fp16: the final LoRA overflows fp16 at save",
+    "--learning_rate",
+    "1e5",
+    "--max_grad_norm",
+    "0",
+    "--save_precision",
+    "fp16",
+    expect=3,
+    steps=1,
+)
 flags_fault("nan_lr_flag", NAN, "--learning_rate nan", "--learning_rate", "nan")
 flags_fault("nan_steps_negative", NAN, "--max_nan_steps -1", "--max_nan_steps", "-1")
 
@@ -76,8 +110,15 @@ flags_fault("steps0", EMPTY, "--max_train_steps 0", steps=0)
 flags_fault("epochs0", EMPTY, "--max_train_epochs 0", "--max_train_epochs", "0")
 flags_fault("lr0", EMPTY, "--learning_rate 0", "--learning_rate", "0")
 flags_fault("unet_lr0", EMPTY, "--unet_lr 0 with --network_train_unet_only", "--unet_lr", "0")
-flags_fault("block_weights0", EMPTY, "every block lr weight 0 (down/mid/up_lr_weight)", "--network_args",
-            "down_lr_weight=zeros", "mid_lr_weight=0,0,0", "up_lr_weight=zeros")
+flags_fault(
+    "block_weights0",
+    EMPTY,
+    "every block lr weight 0 (down/mid/up_lr_weight)",
+    "--network_args",
+    "down_lr_weight=zeros",
+    "mid_lr_weight=0,0,0",
+    "up_lr_weight=zeros",
+)
 flags_fault("negative_lr", EMPTY, "--learning_rate=-1e-4", "--learning_rate=-1e-4")
 
 
@@ -86,7 +127,7 @@ def _resume_at_end(case: Case) -> Action:
     return lambda: case.train(case.argv("--resume", str(case.state)))
 
 
-# Lock -------------------------------------------------------------------------------------------------------------------
+# Lock -----------------------------------------------------------------------------------------------------------------
 LOCK = "lock"
 
 
@@ -101,7 +142,10 @@ def _second_run(case: Case) -> Action:
         finally:
             first.send(signal.SIGTERM)
         done = first.finish()
-        return Outcome(second.rc, second.stderr, second.stdout, f"the first run, then stopped by SIGTERM: exit {done.rc}")
+        return Outcome(
+            second.rc, second.stderr, second.stdout, f"the first run, then stopped by SIGTERM: exit {done.rc}"
+        )
+
     return act
 
 
@@ -116,17 +160,28 @@ def _stale_lock(case: Case) -> Action:
         killed = first.finish()
         left = (case.out / "again.lock").exists()
         rerun = run_process(train_cmd(case.argv(name="again")))
-        return Outcome(rerun.rc, rerun.stderr, rerun.stdout,
-                       f"first run killed (exit {killed.rc}), lock left: {'yes' if left else 'no'}")
+        return Outcome(
+            rerun.rc,
+            rerun.stderr,
+            rerun.stdout,
+            f"first run killed (exit {killed.rc}), lock left: {'yes' if left else 'no'}",
+        )
+
     return act
 
 
-# Signals ----------------------------------------------------------------------------------------------------------------
+# Signals --------------------------------------------------------------------------------------------------------------
 SIGNALS = "signal"
 
 
-def signal_after(case: Case, signum: int, seen: Callable[[str, str], bool], what: str, argv: list[str] | None = None,
-                 second: float | None = None) -> Outcome:
+def signal_after(
+    case: Case,
+    signum: int,
+    seen: Callable[[str, str], bool],
+    what: str,
+    argv: list[str] | None = None,
+    second: float | None = None,
+) -> Outcome:
     """Start a long run, send `signum` once `seen(stdout, stderr)` holds (again after `second` seconds)."""
     started = case.start(argv or case.argv(steps=100_000))
     if not started.wait_for(seen):
@@ -169,8 +224,9 @@ def _sigint_caching(case: Case) -> Action:
     def cached(out: str, err: str) -> bool:
         return next(big.rglob("*_sdxl.npz"), None) is not None
 
-    return lambda: signal_after(case, signal.SIGINT, cached, "the first latent cache file",
-                                argv=case.argv(data=big, steps=100_000))
+    return lambda: signal_after(
+        case, signal.SIGINT, cached, "the first latent cache file", argv=case.argv(data=big, steps=100_000)
+    )
 
 
 @fault("sigint_startup", SIGNALS, "SIGINT 1 s after start (imports, before any file is read)", expect=130)
@@ -188,7 +244,7 @@ def _after(seconds: float) -> Callable[[str, str], bool]:
     return lambda out, err: time.monotonic() >= end
 
 
-# Output folder ----------------------------------------------------------------------------------------------------------
+# Output folder --------------------------------------------------------------------------------------------------------
 OUTPUT = "output folder"
 
 
@@ -221,8 +277,9 @@ def read_only_folder(case: Case) -> Path | str:
         folder.chmod(0o555)
         case.cleanups.append(lambda: folder.chmod(0o755))
         return folder
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True,
-                             text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         return f"root, but a read-only tmpfs cannot be mounted here ({mounted.stderr.strip()[:80]})"
     case.cleanups.append(lambda: subprocess.run(["umount", "-l", str(folder)], capture_output=True))
@@ -252,9 +309,16 @@ RUN_FILES = ("out/run.safetensors", "out/run-ema.safetensors", "out/run_param_gr
 """What a finished run writes, in this order, before its report: the files a fault after them may have replaced."""
 
 
-def full_disk(key: str, title: str, target: str, code: str = "ENOSPC", may_change: tuple[str, ...] = (),
-              make_argv: Callable[[Case], list[str]] | None = None) -> None:
+def full_disk(
+    key: str,
+    title: str,
+    target: str,
+    code: str = "ENOSPC",
+    may_change: tuple[str, ...] = (),
+    make_argv: Callable[[Case], list[str]] | None = None,
+) -> None:
     """A run whose writes of files named like `target` (a regex) fail with `code` once a few bytes are in."""
+
     @fault(key, DISK, title, may_change=may_change)
     def setup(case: Case) -> Action:
         argv = make_argv(case) if make_argv else case.argv()
@@ -263,19 +327,39 @@ def full_disk(key: str, title: str, target: str, code: str = "ENOSPC", may_chang
 
 full_disk("disk_lora", "ENOSPC writing the final LoRA", r"run\.safetensors")
 full_disk("disk_ema", "EDQUOT writing the EMA file", r"run-ema\.safetensors", "EDQUOT")
-full_disk("disk_param_groups", "ENOSPC writing run_param_groups.json (after the LoRA and EMA: those are this run's)",
-          r"run_param_groups\.json", may_change=RUN_FILES[:2])
-full_disk("disk_report", "ENOSPC writing run_report.json (after the LoRA, EMA, groups and state: this run's)",
-          r"run_report\.json", may_change=RUN_FILES)
-full_disk("disk_latent_cache", "EFBIG writing a latent cache (new size, 128 px)", r".*_sdxl\.npz", "EFBIG",
-          make_argv=lambda case: case.argv("--resolution", "128", "--min_bucket_reso", "128", "--max_bucket_reso",
-                                           "192"))
-full_disk("disk_te_cache", "ENOSPC rewriting a text-encoder cache (other captions)", r".*_te_outputs\.npz",
-          make_argv=lambda case: case.argv("--caption_prefix", "other, "))
+full_disk(
+    "disk_param_groups",
+    "ENOSPC writing run_param_groups.json (after the LoRA and EMA: those are this run's)",
+    r"run_param_groups\.json",
+    may_change=RUN_FILES[:2],
+)
+full_disk(
+    "disk_report",
+    "ENOSPC writing run_report.json (after the LoRA, EMA, groups and state: this run's)",
+    r"run_report\.json",
+    may_change=RUN_FILES,
+)
+full_disk(
+    "disk_latent_cache",
+    "EFBIG writing a latent cache (new size, 128 px)",
+    r".*_sdxl\.npz",
+    "EFBIG",
+    make_argv=lambda case: case.argv("--resolution", "128", "--min_bucket_reso", "128", "--max_bucket_reso", "192"),
+)
+full_disk(
+    "disk_te_cache",
+    "ENOSPC rewriting a text-encoder cache (other captions)",
+    r".*_te_outputs\.npz",
+    make_argv=lambda case: case.argv("--caption_prefix", "other, "),
+)
 
 
-@fault("disk_state", DISK, "ENOSPC writing the state's optimizer.bin (after the LoRA, EMA and groups: those are this run's)",
-       may_change=RUN_FILES[:3])
+@fault(
+    "disk_state",
+    DISK,
+    "ENOSPC writing the state's optimizer.bin (after the LoRA, EMA and groups: those are this run's)",
+    may_change=RUN_FILES[:3],
+)
 def _disk_state(case: Case) -> Action:
     return lambda: case.train(case.argv(), {"torch_save_full": "optimizer.bin"})
 
@@ -346,7 +430,8 @@ def sharded_unet(case: Case) -> Path:
         save_file({name: tensors[name] for name in part}, str(folder / "unet" / shard))
         weight_map.update(dict.fromkeys(part, shard))
     (folder / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map}))
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     return folder
 
 
@@ -386,11 +471,19 @@ lora_fault("jpeg", False)
 def _sd15_lora() -> dict:
     import torch
 
-    names = ["lora_te_text_model_encoder_layers_0_self_attn_q_proj",
-             "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"]
-    return {key: value for name in names for key, value in {
-        f"{name}.lora_down.weight": torch.zeros(4, 320), f"{name}.lora_up.weight": torch.zeros(320, 4),
-        f"{name}.alpha": torch.tensor(4.0)}.items()}
+    names = [
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+    ]
+    return {
+        key: value
+        for name in names
+        for key, value in {
+            f"{name}.lora_down.weight": torch.zeros(4, 320),
+            f"{name}.lora_up.weight": torch.zeros(320, 4),
+            f"{name}.alpha": torch.tensor(4.0),
+        }.items()
+    }
 
 
 def _lycoris() -> dict:
@@ -421,9 +514,15 @@ foreign_fault("lycoris", _lycoris)
 foreign_fault("random", _not_a_lora)
 
 STATE = "damaged --resume state"
-STATE_DAMAGE = (("train_state.json", "garbage"), ("optimizer.bin", "truncated"), ("scheduler.bin", "empty"),
-                ("random_states_0.pkl", "jpeg"), ("custom_checkpoint_0.pkl", "garbage"),
-                ("custom_checkpoint_1.pkl", "folder"), ("custom_checkpoint_2.pkl", "truncated"))
+STATE_DAMAGE = (
+    ("train_state.json", "garbage"),
+    ("optimizer.bin", "truncated"),
+    ("scheduler.bin", "empty"),
+    ("random_states_0.pkl", "jpeg"),
+    ("custom_checkpoint_0.pkl", "garbage"),
+    ("custom_checkpoint_1.pkl", "folder"),
+    ("custom_checkpoint_2.pkl", "truncated"),
+)
 """One damage per file of the earlier run's state (0: the LoRA, 1: the progress, 2: the EMA)."""
 
 
@@ -447,16 +546,26 @@ def _state_no_ema(case: Case) -> Action:
 CACHE = "damaged cache"
 
 
-@fault("latent_cache_damaged", CACHE, "latent caches empty / truncated / garbage / JPEG (recomputed)", expect=0,
-       may_change=("data/*/*_sdxl.npz",))
+@fault(
+    "latent_cache_damaged",
+    CACHE,
+    "latent caches empty / truncated / garbage / JPEG (recomputed)",
+    expect=0,
+    may_change=("data/*/*_sdxl.npz",),
+)
 def _latent_cache_damaged(case: Case) -> Action:
     for path, kind in zip(sorted(case.data.rglob("*_sdxl.npz")), ("empty", "truncated", "garbage", "jpeg")):
         damage(path, kind)
     return lambda: case.train(case.argv(name="again", steps=1))
 
 
-@fault("te_cache_damaged", CACHE, "text-encoder caches empty / truncated / garbage / JPEG (recomputed)", expect=0,
-       may_change=("data/*/*_te_outputs.npz",))
+@fault(
+    "te_cache_damaged",
+    CACHE,
+    "text-encoder caches empty / truncated / garbage / JPEG (recomputed)",
+    expect=0,
+    may_change=("data/*/*_te_outputs.npz",),
+)
 def _te_cache_damaged(case: Case) -> Action:
     for path, kind in zip(sorted(case.data.rglob("*_te_outputs.npz")), ("empty", "truncated", "garbage", "jpeg")):
         damage(path, kind)
@@ -509,7 +618,7 @@ def _toml_prompts_syntax(case: Case) -> Action:
     return lambda: case.train(case.argv("--sample_prompts", str(prompts), "--sample_every_n_steps", "1"))
 
 
-# Bad flags -------------------------------------------------------------------------------------------------------------
+# Bad flags ------------------------------------------------------------------------------------------------------------
 FLAGS = "bad flag"
 flags_fault("unknown_flag", FLAGS, "an unknown flag (--learning_rte)", "--learning_rte", "1e-3")
 flags_fault("network_args_value", FLAGS, "--network_args conv_dim=abc", "--network_args", "conv_dim=abc")
@@ -518,8 +627,12 @@ flags_fault("network_args_unknown", FLAGS, "--network_args with an unknown key",
 flags_fault("optimizer_unknown", FLAGS, "--optimizer_type NoSuchOptimizer", "--optimizer_type", "NoSuchOptimizer")
 flags_fault("resolution_text", FLAGS, "--resolution abc", "--resolution", "abc")
 flags_fault("mixed_precision_choice", FLAGS, "--mixed_precision fp8", "--mixed_precision", "fp8")
-flags_fault("unet_and_te_only", FLAGS, "--network_train_unet_only with --network_train_text_encoder_only",
-            "--network_train_text_encoder_only")
+flags_fault(
+    "unet_and_te_only",
+    FLAGS,
+    "--network_train_unet_only with --network_train_text_encoder_only",
+    "--network_train_text_encoder_only",
+)
 
 # Missing things ----------------------------------------------------------------------------------------------------
 MISSING = "missing path"

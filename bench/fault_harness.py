@@ -27,11 +27,35 @@ from dataclasses import dataclass, field  # noqa: E402
 OUTPUT_NAME = "run"
 BASE_STEPS = 2
 RUN_FLAGS: tuple[str, ...] = (
-    "--network_module", "networks.lora", "--network_dim", "4", "--resolution", "64", "--enable_bucket",
-    "--min_bucket_reso", "64", "--max_bucket_reso", "128", "--caption_extension", ".txt", "--train_batch_size", "2",
-    "--max_data_loader_n_workers", "0", "--seed", "42", "--learning_rate", "1e-3", "--network_train_unet_only",
-    "--cache_latents", "--cache_latents_to_disk", "--cache_text_encoder_outputs",
-    "--cache_text_encoder_outputs_to_disk", "--ema_decay", "0.9", "--save_state",
+    "--network_module",
+    "networks.lora",
+    "--network_dim",
+    "4",
+    "--resolution",
+    "64",
+    "--enable_bucket",
+    "--min_bucket_reso",
+    "64",
+    "--max_bucket_reso",
+    "128",
+    "--caption_extension",
+    ".txt",
+    "--train_batch_size",
+    "2",
+    "--max_data_loader_n_workers",
+    "0",
+    "--seed",
+    "42",
+    "--learning_rate",
+    "1e-3",
+    "--network_train_unet_only",
+    "--cache_latents",
+    "--cache_latents_to_disk",
+    "--cache_text_encoder_outputs",
+    "--cache_text_encoder_outputs_to_disk",
+    "--ema_decay",
+    "0.9",
+    "--save_state",
 )
 """Every run's flags (the earlier run's too, so a fault run could resume its state): UNet-only LoRA at 64 px with
 everything that leaves a file behind (EMA, state, both caches on disk)."""
@@ -54,12 +78,24 @@ class Workspace:
     """The earlier run's output folder."""
 
 
-def run_argv(model: Path, data: Path | None, out: Path, *extra: str, name: str = OUTPUT_NAME,
-             steps: int = BASE_STEPS) -> list[str]:
+def run_argv(
+    model: Path, data: Path | None, out: Path, *extra: str, name: str = OUTPUT_NAME, steps: int = BASE_STEPS
+) -> list[str]:
     """A training command line of this matrix (later flags win, so `extra` can change any of RUN_FLAGS)."""
     data_flags = ["--train_data_dir", str(data)] if data is not None else []
-    return ["--pretrained_model_name_or_path", str(model), *data_flags, "--output_dir", str(out),
-            "--output_name", name, "--max_train_steps", str(steps), *RUN_FLAGS, *extra]
+    return [
+        "--pretrained_model_name_or_path",
+        str(model),
+        *data_flags,
+        "--output_dir",
+        str(out),
+        "--output_name",
+        name,
+        "--max_train_steps",
+        str(steps),
+        *RUN_FLAGS,
+        *extra,
+    ]
 
 
 def prepare_workspace(root: Path) -> Workspace:
@@ -68,8 +104,9 @@ def prepare_workspace(root: Path) -> Workspace:
     from tools.make_tiny_sdxl import TINY_DIFFUSERS_DIR, TINY_SINGLE_FILE, write_tiny_sdxl
 
     root.mkdir(parents=True, exist_ok=True)
-    ws = Workspace(root, root / "model" / TINY_SINGLE_FILE, root / "model" / TINY_DIFFUSERS_DIR, root / "data",
-                   root / "earlier")
+    ws = Workspace(
+        root, root / "model" / TINY_SINGLE_FILE, root / "model" / TINY_DIFFUSERS_DIR, root / "data", root / "earlier"
+    )
     ready = root / "ready.json"
     if ready.exists():
         return ws
@@ -104,15 +141,27 @@ def child_env() -> dict[str, str]:
     network for the hub libraries."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "2")
-    env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1",
-               TQDM_MININTERVAL="0")
+    env.update(
+        PYTHONUNBUFFERED="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONDONTWRITEBYTECODE="1",
+        TQDM_MININTERVAL="0",
+    )
     return env
 
 
 def run_process(cmd: Sequence[str], timeout: float = PROCESS_TIMEOUT) -> Outcome:
     try:
-        done = subprocess.run(list(cmd), cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+        done = subprocess.run(
+            list(cmd),
+            cwd=REPO,
+            env=child_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired as expired:
         return Outcome(None, _text(expired.stderr), _text(expired.stdout), f"killed after {timeout:.0f} s")
     return Outcome(done.returncode, done.stderr, done.stdout)
@@ -135,8 +184,9 @@ class Started:
     def __init__(self, argv: Sequence[str], logs: Path) -> None:
         self.out_path, self.err_path = Path(f"{logs}.stdout"), Path(f"{logs}.stderr")
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen(train_cmd(argv), cwd=REPO, env=child_env(), stdout=out, stderr=err,
-                                         stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                train_cmd(argv), cwd=REPO, env=child_env(), stdout=out, stderr=err, stdin=subprocess.DEVNULL
+            )
 
     def text(self) -> tuple[str, str]:
         return (self.out_path.read_text(errors="replace"), self.err_path.read_text(errors="replace"))
@@ -247,8 +297,12 @@ def compare(before: dict[str, str], after: dict[str, str], may_change: Sequence[
 
     differ = [p for p in before if p in after and after[p] != before[p]]
     gone = [p for p in before if p not in after]
-    return Changes([p for p in differ if not allowed(p)], [p for p in gone if not allowed(p)],
-                   [p for p in after if p not in before], [p for p in differ + gone if allowed(p)])
+    return Changes(
+        [p for p in differ if not allowed(p)],
+        [p for p in gone if not allowed(p)],
+        [p for p in after if p not in before],
+        [p for p in differ + gone if allowed(p)],
+    )
 
 
 def summarize(paths: Iterable[str]) -> str:
@@ -293,8 +347,15 @@ class Case:
     def lora(self) -> Path:
         return self.out / f"{OUTPUT_NAME}.safetensors"
 
-    def argv(self, *extra: str, model: Path | None = None, data: Path | None | bool = True, out: Path | None = None,
-             name: str = OUTPUT_NAME, steps: int = BASE_STEPS) -> list[str]:
+    def argv(
+        self,
+        *extra: str,
+        model: Path | None = None,
+        data: Path | None | bool = True,
+        out: Path | None = None,
+        name: str = OUTPUT_NAME,
+        steps: int = BASE_STEPS,
+    ) -> list[str]:
         """The earlier run's command line in this case's folders (`data=None`: no --train_data_dir)."""
         folder = self.data if data is True else data
         return run_argv(model or self.ws.model, folder or None, out or self.out, *extra, name=name, steps=steps)
@@ -352,8 +413,7 @@ class Fault:
     recomputed, files this run finished before the fault)."""
 
 
-
-# --- The matrix --------------------------------------------------------------------------------------------------------
+# --- The matrix -------------------------------------------------------------------------------------------------------
 @dataclass
 class Row:
     number: int
@@ -397,22 +457,59 @@ def run_fault(ws: Workspace, item: Fault) -> Row:
     try:
         action = item.setup(case)
         if isinstance(action, str):
-            return Row(number, item.key, item.group, item.title, None, item.expect, "", False, "", True, "", 0.0,
-                       skipped=action)
+            return Row(
+                number,
+                item.key,
+                item.group,
+                item.title,
+                None,
+                item.expect,
+                "",
+                False,
+                "",
+                True,
+                "",
+                0.0,
+                skipped=action,
+            )
         before = snapshot(case.root)
         outcome = action()
         changes = compare(before, snapshot(case.root), item.may_change)
     except Exception as error:  # noqa: BLE001 - the harness's own failure is this row's, the others still run
-        return Row(number, item.key, item.group, item.title, None, item.expect, f"harness error: {error!r}", False,
-                   "-", False, "", round(time.monotonic() - started, 1))
+        return Row(
+            number,
+            item.key,
+            item.group,
+            item.title,
+            None,
+            item.expect,
+            f"harness error: {error!r}",
+            False,
+            "-",
+            False,
+            "",
+            round(time.monotonic() - started, 1),
+        )
     finally:
         for cleanup in reversed(case.cleanups):
             cleanup()
     (root / "result.stdout").write_text(outcome.stdout)
     (root / "result.stderr").write_text(outcome.stderr)
     shown = message_line(outcome).replace(f"{case.root}/", "").replace(str(ws.root), "<workdir>")  # short paths
-    return Row(number, item.key, item.group, item.title, outcome.rc, item.expect, shown, has_traceback(outcome),
-               changes.describe(), changes.ok, outcome.note, round(time.monotonic() - started, 1))
+    return Row(
+        number,
+        item.key,
+        item.group,
+        item.title,
+        outcome.rc,
+        item.expect,
+        shown,
+        has_traceback(outcome),
+        changes.describe(),
+        changes.ok,
+        outcome.note,
+        round(time.monotonic() - started, 1),
+    )
 
 
 def markdown(rows: Sequence[Row]) -> str:
@@ -423,8 +520,10 @@ def markdown(rows: Sequence[Row]) -> str:
             continue
         exit_ = str(row.exit) if row.exit == row.expected else f"**{row.exit}** (expected {row.expected})"
         line = _cell(row.line) + (f" _({_cell(row.note)})_" if row.note else "")
-        lines.append(f"| {row.number} | {row.group} | {_cell(row.title)} | {exit_} | {line} | "
-                     f"{'**yes**' if row.traceback else 'no'} | {_cell(row.files)} |")
+        lines.append(
+            f"| {row.number} | {row.group} | {_cell(row.title)} | {exit_} | {line} | "
+            f"{'**yes**' if row.traceback else 'no'} | {_cell(row.files)} |"
+        )
     return "\n".join(lines)
 
 
@@ -432,17 +531,20 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def run_matrix(ws: Workspace, faults: Sequence[Fault], progress: Callable[[Row], None] = lambda row: None
-               ) -> tuple[list[Row], bool]:
+def run_matrix(
+    ws: Workspace, faults: Sequence[Fault], progress: Callable[[Row], None] = lambda row: None
+) -> tuple[list[Row], bool]:
     """Run `faults` in turn; returns the rows and whether the shared model, data and earlier run stayed intact."""
-    shared_before = {name: snapshot(path) for name, path in (("model", ws.model.parent), ("data", ws.data),
-                                                             ("earlier", ws.out))}
+    shared_before = {
+        name: snapshot(path) for name, path in (("model", ws.model.parent), ("data", ws.data), ("earlier", ws.out))
+    }
     rows = []
     for item in faults:
         rows.append(run_fault(ws, item))
         progress(rows[-1])
-    shared_after = {name: snapshot(path) for name, path in (("model", ws.model.parent), ("data", ws.data),
-                                                            ("earlier", ws.out))}
+    shared_after = {
+        name: snapshot(path) for name, path in (("model", ws.model.parent), ("data", ws.data), ("earlier", ws.out))
+    }
     return rows, shared_before == shared_after
 
 
@@ -502,5 +604,3 @@ def child_main(patch: str, argv: list[str]) -> int:
     import train_network
 
     return train_network.run(argv)
-
-

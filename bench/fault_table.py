@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""The fault matrix: every fault of bench/fault_catalogue.py is run against the real command line, next to the files of a good finished
-run, and tabulated with its exit code, the line it printed, whether a traceback appeared and whether any earlier
-file changed.
+"""The fault matrix: every fault of bench/fault_catalogue.py is run against the real command line, next to the files of
+a good finished run, and tabulated with its exit code, the line it printed, whether a traceback appeared and whether
+any earlier file changed.
 
     python bench/fault_table.py [--workdir DIR] [--only PATTERN] [--json PATH] [--list]
 
@@ -41,7 +41,7 @@ from dataclasses import asdict  # noqa: E402
 from bench.fault_harness import Row, child_main, markdown, prepare_workspace, run_matrix, select  # noqa: E402
 
 
-# --- Command line ------------------------------------------------------------------------------------------------------
+# --- Command line -----------------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--child"]:  # a fault's patched run (see bench.fault_harness.child_main)
@@ -49,8 +49,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bench.fault_catalogue import FAULTS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="keep the model, data, earlier run and case folders here (reused on the next call)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep the model, data, earlier run and case folders here (reused on the next call)",
+    )
     parser.add_argument("--only", default=None, help="run the faults whose key, class or title matches this regex")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON to this file")
     parser.add_argument("--list", action="store_true", help="list the faults and stop")
@@ -70,19 +74,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         def progress(row: Row) -> None:
             state = "skipped" if row.skipped else ("ok" if row.ok else "FAILED")
-            print(f"[{row.number:2d}] {row.key}: exit {row.exit}, {state} ({row.seconds:.0f} s)", file=sys.stderr,
-                  flush=True)
+            print(
+                f"[{row.number:2d}] {row.key}: exit {row.exit}, {state} ({row.seconds:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
 
         rows, shared_intact = run_matrix(ws, faults, progress)
         seconds = time.monotonic() - started
     print(markdown(rows))
     bad = [row for row in rows if not row.ok]
-    print(f"\n{len(rows)} faults ({sum(bool(r.skipped) for r in rows)} skipped) in {seconds:.0f} s; "
-          f"{len(bad)} failed{': ' + ', '.join(r.key for r in bad) if bad else ''}; shared model, data and earlier "
-          f"run {'unchanged' if shared_intact else 'CHANGED'}")
+    print(
+        f"\n{len(rows)} faults ({sum(bool(r.skipped) for r in rows)} skipped) in {seconds:.0f} s; "
+        f"{len(bad)} failed{': ' + ', '.join(r.key for r in bad) if bad else ''}; shared model, data and earlier "
+        f"run {'unchanged' if shared_intact else 'CHANGED'}"
+    )
     if args.json is not None:
-        args.json.write_text(json.dumps({"seconds": round(seconds, 1), "shared_intact": shared_intact,
-                                         "rows": [asdict(row) | {"ok": row.ok} for row in rows]}, indent=1) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "seconds": round(seconds, 1),
+                    "shared_intact": shared_intact,
+                    "rows": [asdict(row) | {"ok": row.ok} for row in rows],
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     return 0 if not bad and shared_intact else 1
 
 

@@ -40,9 +40,24 @@ MODES = {
     "fp16": (["--mixed_precision", "fp16"], 11.0),
     "fp8": (["--fp8_base"], 6.0),
 }
-GPU_FLAGS = ["--resolution", "1024", "--network_dim", "4", "--network_alpha", "1", "--fp8_base",
-             "--mixed_precision", "bf16", "--gradient_checkpointing", "--cache_latents", "--cache_text_encoder_outputs",
-             "--network_train_unet_only", "--optimizer_type", "AdamW8bit", "--sdpa"]
+GPU_FLAGS = [
+    "--resolution",
+    "1024",
+    "--network_dim",
+    "4",
+    "--network_alpha",
+    "1",
+    "--fp8_base",
+    "--mixed_precision",
+    "bf16",
+    "--gradient_checkpointing",
+    "--cache_latents",
+    "--cache_text_encoder_outputs",
+    "--network_train_unet_only",
+    "--optimizer_type",
+    "AdamW8bit",
+    "--sdpa",
+]
 GPU_TARGET_GIB = 5.0
 
 
@@ -91,13 +106,43 @@ def run_mode(
 ) -> dict:
     """One training process; its report plus the process's wall time and CPU seconds."""
     program = ["-c", GLIBC_DEFAULT_RUNNER] if glibc_default else [str(REPO / "train_network.py")]
-    argv = [sys.executable, *program, "--pretrained_model_name_or_path", str(model),
-            "--train_data_dir", str(data), "--output_dir", str(out), "--output_name", "bench",
-            "--caption_extension", ".txt", "--resolution", str(resolution), "--train_batch_size", "1",
-            "--max_train_steps", str(steps), "--network_dim", "8", "--network_alpha", "8",
-            "--network_train_unet_only", "--cache_latents", "--cache_text_encoder_outputs",
-            "--gradient_checkpointing", "--optimizer_type", "AdamW", "--learning_rate", "1e-4",
-            "--max_data_loader_n_workers", "0", "--seed", "0", *flags]
+    argv = [
+        sys.executable,
+        *program,
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--train_data_dir",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--output_name",
+        "bench",
+        "--caption_extension",
+        ".txt",
+        "--resolution",
+        str(resolution),
+        "--train_batch_size",
+        "1",
+        "--max_train_steps",
+        str(steps),
+        "--network_dim",
+        "8",
+        "--network_alpha",
+        "8",
+        "--network_train_unet_only",
+        "--cache_latents",
+        "--cache_text_encoder_outputs",
+        "--gradient_checkpointing",
+        "--optimizer_type",
+        "AdamW",
+        "--learning_rate",
+        "1e-4",
+        "--max_data_loader_n_workers",
+        "0",
+        "--seed",
+        "0",
+        *flags,
+    ]
     started, cpu_before = time.perf_counter(), children_cpu_seconds()
     proc = subprocess.run(argv, capture_output=True, text=True)
     wall, cpu_after = time.perf_counter() - started, children_cpu_seconds()
@@ -117,8 +162,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--gpu", action="store_true", help="the GPU preset (1024 px, dim 4, fp8, bf16)")
-    parser.add_argument("--glibc-default-malloc", action="store_true",
-                        help="run the trainer without its fixed malloc thresholds (for a before/after comparison)")
+    parser.add_argument(
+        "--glibc-default-malloc",
+        action="store_true",
+        help="run the trainer without its fixed malloc thresholds (for a before/after comparison)",
+    )
     args = parser.parse_args(argv)
 
     args.work.mkdir(parents=True, exist_ok=True)
@@ -126,16 +174,21 @@ def main(argv: list[str] | None = None) -> None:
     runs = {"gpu-fp8": (GPU_FLAGS, GPU_TARGET_GIB)} if args.gpu else {m: MODES[m] for m in args.modes}
     resolution = 1024 if args.gpu else 64
     data = ensure_data(args.work, resolution)
-    print(f"model {model} ({model.stat().st_size / GIB:.2f} GiB), {resolution} px, batch 1, {args.steps} steps, "
-          f"UNet-only LoRA, cached latents and text-encoder outputs, gradient checkpointing, "
-          f"malloc: {'glibc default (dynamic)' if args.glibc_default_malloc else 'fixed (library/train/allocator.py)'}")
-    header = (f"{'mode':8} {'peak RSS GiB':>12} {'peak CUDA GiB':>13} {'s/step':>8} {'load s':>7} {'wall s':>7} "
-              f"{'CPU user s':>10} {'CPU sys s':>9}  target")
+    print(
+        f"model {model} ({model.stat().st_size / GIB:.2f} GiB), {resolution} px, batch 1, {args.steps} steps, "
+        f"UNet-only LoRA, cached latents and text-encoder outputs, gradient checkpointing, "
+        f"malloc: {'glibc default (dynamic)' if args.glibc_default_malloc else 'fixed (library/train/allocator.py)'}"
+    )
+    header = (
+        f"{'mode':8} {'peak RSS GiB':>12} {'peak CUDA GiB':>13} {'s/step':>8} {'load s':>7} {'wall s':>7} "
+        f"{'CPU user s':>10} {'CPU sys s':>9}  target"
+    )
     print(header)
     rows = {}
     for name, (flags, target) in runs.items():
-        report = run_mode(model, data, args.work / f"out_{name}", flags, args.steps, resolution,
-                          args.glibc_default_malloc)
+        report = run_mode(
+            model, data, args.work / f"out_{name}", flags, args.steps, resolution, args.glibc_default_malloc
+        )
         rows[name] = report
         memory = report["peak_memory"]
         rss = memory["rss_bytes"] / GIB
@@ -143,9 +196,12 @@ def main(argv: list[str] | None = None) -> None:
         measured = cuda / GIB if args.gpu and cuda is not None else rss
         verdict = "-" if target is None else f"<= {target:.0f} GiB: {'met' if measured <= target else 'MISSED'}"
         cuda_text = "-" if cuda is None else f"{cuda / GIB:.2f}"
-        print(f"{name:8} {rss:12.2f} {cuda_text:>13} {report['step_time_s']['median']:8.2f} "
-              f"{report['load_seconds']:7.1f} {report['wall_seconds']:7.1f} {report['cpu_user_seconds']:10.1f} "
-              f"{report['cpu_system_seconds']:9.1f}  {verdict}", flush=True)
+        print(
+            f"{name:8} {rss:12.2f} {cuda_text:>13} {report['step_time_s']['median']:8.2f} "
+            f"{report['load_seconds']:7.1f} {report['wall_seconds']:7.1f} {report['cpu_user_seconds']:10.1f} "
+            f"{report['cpu_system_seconds']:9.1f}  {verdict}",
+            flush=True,
+        )
     if "fp32" in rows:
         for name in rows:
             if name != "fp32":

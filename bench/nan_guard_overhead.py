@@ -44,10 +44,14 @@ def guard_seconds(groups: list[dict], repeats: int) -> float:
 def sdxl_dim4_groups(device: str = "cpu") -> list[dict]:
     """Gradients shaped like a full SDXL LoRA at dim 4 (TE1 72, TE2 192, UNet 722 modules; widths of SDXL's
     layers), split into LoRA+ base (lora_down) and plus (lora_up) groups per component."""
-    widths = {"te1": [(768, 768)] * 48 + [(768, 3072), (3072, 768)] * 12,
-              "te2": [(1280, 1280)] * 128 + [(1280, 5120), (5120, 1280)] * 32,
-              "unet": [(640, 640)] * 200 + [(1280, 1280)] * 400 + [(640, 5120), (2560, 640)] * 20
-              + [(1280, 10240), (5120, 1280)] * 41}
+    widths = {
+        "te1": [(768, 768)] * 48 + [(768, 3072), (3072, 768)] * 12,
+        "te2": [(1280, 1280)] * 128 + [(1280, 5120), (5120, 1280)] * 32,
+        "unet": [(640, 640)] * 200
+        + [(1280, 1280)] * 400
+        + [(640, 5120), (2560, 640)] * 20
+        + [(1280, 10240), (5120, 1280)] * 41,
+    }
     groups = []
     for component in ("te", "unet"):
         shapes = widths["te1"] + widths["te2"] if component == "te" else widths["unet"]
@@ -69,8 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=2)
     args = parser.parse_args(argv)
     from bench.step_overhead import bare_steps, prepared_batches, train_argv
-    from library.config.cli import build_parser
     from library.config.build import config_from_args
+    from library.config.cli import build_parser
     from tools.make_demo_dataset import make_demo_dataset
     from tools.make_tiny_sdxl import write_tiny_sdxl
 
@@ -78,8 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = write_tiny_sdxl(Path(tmp) / "model", seed=0).single_file
         data = Path(tmp) / "data"
-        make_demo_dataset(data, count=8, min_side=args.resolution, max_side=args.resolution, repeats=1, name="bench",
-                          seed=0)
+        make_demo_dataset(
+            data, count=8, min_side=args.resolution, max_side=args.resolution, repeats=1, name="bench", seed=0
+        )
         argv = train_argv(model, data, Path(tmp) / "out", args.steps, args.resolution, args.batch)
         cfg = config_from_args(build_parser().parse_args([*argv, "--loraplus_lr_ratio", "16"]))
         models, network, batches = prepared_batches(cfg)
@@ -96,10 +101,14 @@ def main(argv: list[str] | None = None) -> None:
     full_tensors = sum(len(g["params"]) for g in full)
     full_parameters = sum(p.grad.numel() for g in full for p in g["params"])
     tensors = sum(len(g["params"]) for g in groups)
-    print(f"tiny SDXL: bare step {bare * 1e3:.2f} ms, guard {tiny_guard * 1e3:.3f} ms over {len(groups)} groups / "
-          f"{tensors} tensors = {tiny_guard / bare:.2%} of the step")
-    print(f"full SDXL LoRA dim 4 gradients (synthetic, CPU): guard {full_guard * 1e3:.2f} ms over 4 groups / "
-          f"{full_tensors} tensors / {full_parameters / 1e6:.1f}M parameters")
+    print(
+        f"tiny SDXL: bare step {bare * 1e3:.2f} ms, guard {tiny_guard * 1e3:.3f} ms over {len(groups)} groups / "
+        f"{tensors} tensors = {tiny_guard / bare:.2%} of the step"
+    )
+    print(
+        f"full SDXL LoRA dim 4 gradients (synthetic, CPU): guard {full_guard * 1e3:.2f} ms over 4 groups / "
+        f"{full_tensors} tensors / {full_parameters / 1e6:.1f}M parameters"
+    )
 
 
 if __name__ == "__main__":

@@ -35,12 +35,39 @@ TARGET = 1.05
 
 
 def train_argv(model: Path, data: Path, out: Path, steps: int, resolution: int, batch: int) -> list[str]:
-    return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
-            "--output_name", "bench", "--caption_extension", ".txt", "--resolution", str(resolution),
-            "--train_batch_size", str(batch), "--max_train_steps", str(steps), "--network_dim", "8",
-            "--network_alpha", "8", "--network_train_unet_only", "--cache_latents", "--cache_text_encoder_outputs",
-            "--optimizer_type", "AdamW", "--learning_rate", "1e-4", "--max_data_loader_n_workers", "0",
-            "--seed", "0"]
+    return [
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--train_data_dir",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--output_name",
+        "bench",
+        "--caption_extension",
+        ".txt",
+        "--resolution",
+        str(resolution),
+        "--train_batch_size",
+        str(batch),
+        "--max_train_steps",
+        str(steps),
+        "--network_dim",
+        "8",
+        "--network_alpha",
+        "8",
+        "--network_train_unet_only",
+        "--cache_latents",
+        "--cache_text_encoder_outputs",
+        "--optimizer_type",
+        "AdamW",
+        "--learning_rate",
+        "1e-4",
+        "--max_data_loader_n_workers",
+        "0",
+        "--seed",
+        "0",
+    ]
 
 
 def prepared_batches(cfg) -> tuple[object, object, list[dict]]:
@@ -49,19 +76,31 @@ def prepared_batches(cfg) -> tuple[object, object, list[dict]]:
 
     from library.data.dataset import TrainDataset, scan_train_data_dir
     from library.data.latent_cache import cache_latents
+    from library.model.base_models import prepare_base_models, vae_encoder
     from library.model.loading import load_sdxl
     from library.model.precision import plan_precision
-    from library.model.base_models import prepare_base_models, vae_encoder
     from library.train.setup_parts import cache_text_conditioning, create_lora_network, make_loader
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     plan = plan_precision(cfg.precision.request, accelerator.device.type)
-    models = load_sdxl(cfg.model.path, config_dir=cfg.model.config_dir, dtype=plan.weight_dtype,
-                       device=accelerator.device, linear_weight_dtypes=plan.storage_dtypes(), vae_dtype=plan.vae_dtype)
+    models = load_sdxl(
+        cfg.model.path,
+        config_dir=cfg.model.config_dir,
+        dtype=plan.weight_dtype,
+        device=accelerator.device,
+        linear_weight_dtypes=plan.storage_dtypes(),
+        vae_dtype=plan.vae_dtype,
+    )
     prepare_base_models(models, plan, cfg.precision, False, accelerator.device)
     dataset = TrainDataset(scan_train_data_dir(cfg.data), cfg.data)
-    cache_latents(dataset, vae_encoder(models.vae, accelerator.device), to_disk=False, batch_size=4,
-                  show_progress=False, vae_fingerprint="bench")
+    cache_latents(
+        dataset,
+        vae_encoder(models.vae, accelerator.device),
+        to_disk=False,
+        batch_size=4,
+        show_progress=False,
+        vae_fingerprint="bench",
+    )
     text_cache = cache_text_conditioning(dataset, models, cfg.loop, plan, accelerator, model_id="bench")
     network = create_lora_network(cfg.network, models).to(accelerator.device)
     loader, sampler = make_loader(dataset, cfg.loop, accelerator, text_cache)
@@ -71,8 +110,8 @@ def prepared_batches(cfg) -> tuple[object, object, list[dict]]:
 
 def bare_steps(models, network, batches: list[dict], steps: int, lr: float = 1e-4) -> list[float]:
     """Plain PyTorch: forward, loss, backward, clip, step; returns each step's wall time."""
-    from library.train.loss import SDXL_VAE_SCALE, make_noise_scheduler
     from library.model.text_encoding import time_ids
+    from library.train.loss import SDXL_VAE_SCALE, make_noise_scheduler
 
     unet, scheduler = models.unet, make_noise_scheduler()
     params = network.get_trainable_params()
@@ -82,8 +121,10 @@ def bare_steps(models, network, batches: list[dict], steps: int, lr: float = 1e-
         start = time.perf_counter()
         batch = batches[step % len(batches)]
         latents = batch["latents"] * SDXL_VAE_SCALE
-        added = {"text_embeds": batch["text_pooled"],
-                 "time_ids": time_ids(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"])}
+        added = {
+            "text_embeds": batch["text_pooled"],
+            "time_ids": time_ids(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]),
+        }
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, 1000, (latents.shape[0],))
         noisy = scheduler.add_noise(latents, noise, timesteps)
@@ -99,8 +140,8 @@ def bare_steps(models, network, batches: list[dict], steps: int, lr: float = 1e-
 
 
 def trainer_median(argv: list[str]) -> float:
-    from library.config.cli import build_parser
     from library.config.build import config_from_args
+    from library.config.cli import build_parser
     from library.train.trainer import train
 
     result = train(config_from_args(build_parser().parse_args(argv)))
@@ -116,15 +157,16 @@ def write_model(size: str, folder: Path) -> Path:
 
 
 def measure(size: str, tmp: Path, args) -> tuple[float, float]:
-    from library.config.cli import build_parser
     from library.config.build import config_from_args
+    from library.config.cli import build_parser
     from tools.make_demo_dataset import make_demo_dataset
 
     model = write_model(size, tmp / f"model_{size}")
     data = tmp / "data"
     if not data.is_dir():
-        make_demo_dataset(data, count=8, min_side=args.resolution, max_side=args.resolution, repeats=1,
-                          name="bench", seed=0)
+        make_demo_dataset(
+            data, count=8, min_side=args.resolution, max_side=args.resolution, repeats=1, name="bench", seed=0
+        )
     argv = train_argv(model, data, tmp / f"out_{size}", args.steps, args.resolution, args.batch)
     models, network, batches = prepared_batches(config_from_args(build_parser().parse_args(argv)))
     warmup = max(2, args.steps // 10)

@@ -38,9 +38,22 @@ UNIMPLEMENTED_FLAGS: dict[str, Option] = {
     "disable_mmap_load_safetensors": Option(False, any_value=True),  # weights are never memory-mapped here
     "clip_skip": Option(None, also_off=(1,)),
     # ModelSpec metadata written into the file
-    **{f"metadata_{name}": Option(None) for name in (
-        "title", "author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from",
-        "trigger_phrase", "preprocessor", "is_negative_embedding")},
+    **{
+        f"metadata_{name}": Option(None)
+        for name in (
+            "title",
+            "author",
+            "description",
+            "license",
+            "tags",
+            "usage_hint",
+            "thumbnail",
+            "merged_from",
+            "trigger_phrase",
+            "preprocessor",
+            "is_negative_embedding",
+        )
+    },
     "no_metadata": Option(False),
     # console logging
     "console_log_level": Option(None, any_value=True),
@@ -67,8 +80,10 @@ UNIMPLEMENTED_FLAGS: dict[str, Option] = {
     "weighted_captions": Option(False),
     # Hugging Face upload and resume
     "huggingface_repo_id": Option(None),
-    **{name: Option(None, needs="huggingface_repo_id") for name in (
-        "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_repo_visibility")},
+    **{
+        name: Option(None, needs="huggingface_repo_id")
+        for name in ("huggingface_repo_type", "huggingface_path_in_repo", "huggingface_repo_visibility")
+    },
     "huggingface_token": Option(None, any_value=True),
     "save_state_to_huggingface": Option(False, needs="huggingface_repo_id"),
     "resume_from_huggingface": Option(False),
@@ -81,8 +96,8 @@ UNIMPLEMENTED_FLAGS: dict[str, Option] = {
     "ddp_gradient_as_bucket_view": Option(False, any_value=True),  # no DDP wrapper: gradients are averaged here
     "ddp_static_graph": Option(False, any_value=True),
     "fused_backward_pass": Option(False),
-    "use_8bit_adam": Option(False, hint="use optimizer_type = \"AdamW8bit\""),
-    "use_lion_optimizer": Option(False, hint="use optimizer_type = \"Lion\""),
+    "use_8bit_adam": Option(False, hint='use optimizer_type = "AdamW8bit"'),
+    "use_lion_optimizer": Option(False, hint='use optimizer_type = "Lion"'),
     "v_pred_like_loss": Option(None),
     "cpu_offload_checkpointing": Option(False),
     "scale_weight_norms": Option(None),
@@ -98,10 +113,19 @@ UNIMPLEMENTED_FLAGS: dict[str, Option] = {
     "log_config": Option(False, any_value=True),  # the run's settings are always logged to the trackers
     # DeepSpeed
     "deepspeed": Option(False),
-    **{name: Option(default, needs="deepspeed") for name, default in (
-        ("zero_stage", 2), ("offload_optimizer_device", None), ("offload_optimizer_nvme_path", None),
-        ("offload_param_device", None), ("offload_param_nvme_path", None), ("zero3_init_flag", False),
-        ("zero3_save_16bit_model", False), ("fp16_master_weights_and_gradients", False))},
+    **{
+        name: Option(default, needs="deepspeed")
+        for name, default in (
+            ("zero_stage", 2),
+            ("offload_optimizer_device", None),
+            ("offload_optimizer_nvme_path", None),
+            ("offload_param_device", None),
+            ("offload_param_nvme_path", None),
+            ("zero3_init_flag", False),
+            ("zero3_save_16bit_model", False),
+            ("fp16_master_weights_and_gradients", False),
+        )
+    },
 }
 """sd-scripts' train_network.py / sdxl_train_network.py flags this trainer lacks, by key."""
 
@@ -144,8 +168,10 @@ def refusal(table: Mapping[str, Option], key: str, value: Any) -> str:
     option = table[key]
     fix = "remove it" if option.default is None else f"remove it or set it to {_toml_value(option.default)}"
     hint = f"; {option.hint}" if option.hint else ""
-    return (f"'{key}' = {_toml_value(value)} is an sd-scripts option this trainer does not implement and would "
-            f"change the run: {fix}{hint}")
+    return (
+        f"'{key}' = {_toml_value(value)} is an sd-scripts option this trainer does not implement and would "
+        f"change the run: {fix}{hint}"
+    )
 
 
 def _same(a: Any, b: Any) -> bool:

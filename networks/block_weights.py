@@ -47,8 +47,13 @@ LR_WEIGHT_KEYS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight")
 ZERO_THRESHOLD_KEY = "block_lr_zero_threshold"
 DIM_KEYS = ("block_dims", "conv_block_dims")
 ALPHA_KEYS = ("block_alphas", "conv_block_alphas")
-BLOCK_ARG_KEYS = LR_WEIGHT_KEYS + (ZERO_THRESHOLD_KEY, "block_dims", "block_alphas", "conv_block_dims",
-                                   "conv_block_alphas")
+BLOCK_ARG_KEYS = LR_WEIGHT_KEYS + (
+    ZERO_THRESHOLD_KEY,
+    "block_dims",
+    "block_alphas",
+    "conv_block_dims",
+    "conv_block_alphas",
+)
 PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
 
 _WHERE = "--network_args"

@@ -99,11 +99,22 @@ class LoRANetwork(nn.Module):
                 else:
                     dim, module_alpha = lora_dim, alpha
                 loras.append(
-                    LoRAModule(target.lora_name, target.module, multiplier, dim, module_alpha, dropout, rank_dropout, module_dropout)
+                    LoRAModule(
+                        target.lora_name,
+                        target.module,
+                        multiplier,
+                        dim,
+                        module_alpha,
+                        dropout,
+                        rank_dropout,
+                        module_dropout,
+                    )
                 )
             return loras
 
-        te_targets = [t for i, te in enumerate(text_encoders) for t in text_encoder_targets(te, TEXT_ENCODER_PREFIXES[i])]
+        te_targets = [
+            t for i, te in enumerate(text_encoders) for t in text_encoder_targets(te, TEXT_ENCODER_PREFIXES[i])
+        ]
         if modules_dim is not None:
             include_conv = any(name.startswith("lora_unet") for name in modules_dim)
         elif blocks is not None:
@@ -204,15 +215,26 @@ class LoRANetwork(nn.Module):
     ) -> tuple[list[dict], list[ParamGroupInfo]]:
         """The optimizer groups by `networks.loraplus` (the one grouping rule), described."""
         rule = LoRAPlusRule.from_rates(default_lr, unet_lr, text_encoder_lr, self.loraplus, self.block_lr_weight)
-        named = ((lora.lora_name, name, param) for lora in self.text_encoder_loras + self.unet_loras
-                 for name, param in lora.named_parameters())
+        named = (
+            (lora.lora_name, name, param)
+            for lora in self.text_encoder_loras + self.unet_loras
+            for name, param in lora.named_parameters()
+        )
         groups: list[dict] = []
         infos: list[ParamGroupInfo] = []
         for group, params in grouped(rule, named):
             groups.append({"params": params, "lr": group.lr})
-            infos.append(ParamGroupInfo(description=group.description, component=group.component, plus=group.plus,
-                                        lr=group.lr, tensors=len(params), parameters=sum(p.numel() for p in params),
-                                        block=group.block))
+            infos.append(
+                ParamGroupInfo(
+                    description=group.description,
+                    component=group.component,
+                    plus=group.plus,
+                    lr=group.lr,
+                    tensors=len(params),
+                    parameters=sum(p.numel() for p in params),
+                    block=group.block,
+                )
+            )
         return groups, infos
 
     def _freeze_zero_weight_blocks(self) -> None:
@@ -233,7 +255,9 @@ class LoRANetwork(nn.Module):
     def get_trainable_params(self) -> list[nn.Parameter]:
         return list(self.parameters())
 
-    def save_weights(self, file: str | os.PathLike, dtype: torch.dtype | None, metadata: Mapping[str, str] | None) -> None:
+    def save_weights(
+        self, file: str | os.PathLike, dtype: torch.dtype | None, metadata: Mapping[str, str] | None
+    ) -> None:
         """Write the adapters (every tensor, alpha included, cast to `dtype`) atomically as safetensors; refused
         (NonFiniteError) when a tensor holds a NaN or infinity as stored, so a broken file never replaces a good one."""
         from library.files.lora_io import save_lora_file
@@ -242,9 +266,8 @@ class LoRANetwork(nn.Module):
 
     def load_weights(self, file: str | os.PathLike) -> dict:
         """Load a LoRA file (ours or sd-scripts') into these adapters; returns load_state_dict's report."""
-        from library.files.lora_io import load_lora_file
-
         from library.errors import UserInputError
+        from library.files.lora_io import load_lora_file
 
         weights_sd, _ = load_lora_file(file)
         own = self.state_dict()
@@ -253,8 +276,11 @@ class LoRANetwork(nn.Module):
         rank_only = [k for k in reshaped if _differs_in_rank_only(weights_sd[k].shape, own[k].shape, k)]
         if unexpected or len(rank_only) < len(reshaped):
             example = next((k for k in reshaped if k not in rank_only), None)
-            detail = (f"{example} is {tuple(weights_sd[example].shape)} in the file, {tuple(own[example].shape)} here"
-                      if example else f"{unexpected[0]} has no layer in this model")
+            detail = (
+                f"{example} is {tuple(weights_sd[example].shape)} in the file, {tuple(own[example].shape)} here"
+                if example
+                else f"{unexpected[0]} has no layer in this model"
+            )
             raise UserInputError(
                 f"LoRA file {file} was made for another base model ({len(unexpected)} tensors of layers this model "
                 f"lacks, {len(reshaped) - len(rank_only)} of other layer sizes; e.g. {detail}); continue it on the "
@@ -279,7 +305,8 @@ def _differs_in_rank_only(file_shape: Sequence[int], own_shape: Sequence[int], k
         return False
     rank_axis = 0 if key.endswith("lora_down.weight") else 1 if key.endswith("lora_up.weight") else None
     return rank_axis is not None and all(
-        a == b for axis, (a, b) in enumerate(zip(file_shape, own_shape)) if axis != rank_axis)
+        a == b for axis, (a, b) in enumerate(zip(file_shape, own_shape)) if axis != rank_axis
+    )
 
 
 def _float_or_none(value: str | float | None) -> float | None:

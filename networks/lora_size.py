@@ -25,8 +25,11 @@ from networks.sdxl_keys import TE1_PREFIX, TE2_PREFIX, UNET_PREFIX, unet_diffuse
 Shape = tuple[int, ...]
 
 _TE_LAYER = re.compile(r"(?:text_model\.)?encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])\.weight")
-_TE2_OPEN_CLIP = {"attn.out_proj.weight": "self_attn.out_proj", "mlp.c_fc.weight": "mlp.fc1",
-                  "mlp.c_proj.weight": "mlp.fc2"}
+_TE2_OPEN_CLIP = {
+    "attn.out_proj.weight": "self_attn.out_proj",
+    "mlp.c_fc.weight": "mlp.fc1",
+    "mlp.c_proj.weight": "mlp.fc2",
+}
 _TE2_RESBLOCK = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
 _CONV_LAYERS = ("in_layers.2", "out_layers.3", "emb_layers.1", "skip_connection", "op", "conv")
 
@@ -55,11 +58,14 @@ def _te_layers(shapes: Mapping[str, Shape], prefix: str, lora_prefix: str) -> li
     for key, shape in shapes.items():
         if not key.startswith(prefix):
             continue
-        name = key[len(prefix):]
+        name = key[len(prefix) :]
         found = _TE_LAYER.fullmatch(name)
         if found:
-            layers.append(LoRALayer(f"{lora_prefix}_text_model_encoder_layers_{found[1]}_{found[2]}".replace(".", "_"),
-                                    tuple(shape)))
+            layers.append(
+                LoRALayer(
+                    f"{lora_prefix}_text_model_encoder_layers_{found[1]}_{found[2]}".replace(".", "_"), tuple(shape)
+                )
+            )
             continue
         block = _TE2_RESBLOCK.fullmatch(name)
         if block is None:
@@ -73,8 +79,9 @@ def _te_layers(shapes: Mapping[str, Shape], prefix: str, lora_prefix: str) -> li
     return layers
 
 
-def _unet_layers(shapes: Mapping[str, Shape], to_original: Callable[[str], str | None], include_conv: bool
-                 ) -> list[LoRALayer]:
+def _unet_layers(
+    shapes: Mapping[str, Shape], to_original: Callable[[str], str | None], include_conv: bool
+) -> list[LoRALayer]:
     layers = []
     for key, shape in shapes.items():
         if not key.endswith(".weight") or len(shape) not in (2, 4):
@@ -113,7 +120,7 @@ def _diffusers_unet_name(name: str) -> str | None:
 
 def single_file_lora_layers(shapes: Mapping[str, Shape], include_conv: bool) -> dict[str, list[LoRALayer]]:
     """The layers a LoRA adapts, per component ("te1", "te2", "unet"), from an original-layout checkpoint."""
-    unet = {key[len(UNET_PREFIX):]: shape for key, shape in shapes.items() if key.startswith(UNET_PREFIX)}
+    unet = {key[len(UNET_PREFIX) :]: shape for key, shape in shapes.items() if key.startswith(UNET_PREFIX)}
     return {
         "te1": _te_layers(shapes, TE1_PREFIX, "lora_te1"),
         "te2": _te_layers(shapes, TE2_PREFIX, "lora_te2"),
@@ -121,8 +128,9 @@ def single_file_lora_layers(shapes: Mapping[str, Shape], include_conv: bool) -> 
     }
 
 
-def diffusers_lora_layers(te1: Mapping[str, Shape], te2: Mapping[str, Shape], unet: Mapping[str, Shape],
-                          include_conv: bool) -> dict[str, list[LoRALayer]]:
+def diffusers_lora_layers(
+    te1: Mapping[str, Shape], te2: Mapping[str, Shape], unet: Mapping[str, Shape], include_conv: bool
+) -> dict[str, list[LoRALayer]]:
     """The same from a diffusers folder's three weight files (names as diffusers / transformers write them)."""
     return {
         "te1": _te_layers(te1, "", "lora_te1"),
@@ -131,9 +139,15 @@ def diffusers_lora_layers(te1: Mapping[str, Shape], te2: Mapping[str, Shape], un
     }
 
 
-def lora_parameter_count(layers: Mapping[str, list[LoRALayer]], *, dim: int, conv_dim: int | None,
-                         train_unet: bool, train_text_encoder: bool,
-                         unet_rank: Callable[[LoRALayer], int | None] | None = None) -> tuple[int, int]:
+def lora_parameter_count(
+    layers: Mapping[str, list[LoRALayer]],
+    *,
+    dim: int,
+    conv_dim: int | None,
+    train_unet: bool,
+    train_text_encoder: bool,
+    unet_rank: Callable[[LoRALayer], int | None] | None = None,
+) -> tuple[int, int]:
     """(parameters, tensors) of the LoRA: text encoders at `dim`, UNet layers at `dim` (3x3 convs at `conv_dim`,
     none without it), or at `unet_rank(layer)` when given (block dims; None or 0: no module)."""
     parameters = tensors = 0

@@ -73,6 +73,4 @@ def text_encoder_targets(text_encoder: nn.Module, prefix: str) -> list[LoRATarge
 def unet_targets(unet: nn.Module, include_conv: bool) -> list[LoRATarget]:
     """LoRA targets of the SDXL UNet (diffusers modules), named in the original layout."""
     classes = UNET_TARGETS + (UNET_CONV_TARGETS if include_conv else ())
-    return _targets(
-        unet, classes, lambda name: f"{UNET_PREFIX}_{unet_diffusers_to_original(name).replace('.', '_')}"
-    )
+    return _targets(unet, classes, lambda name: f"{UNET_PREFIX}_{unet_diffusers_to_original(name).replace('.', '_')}")

@@ -33,13 +33,17 @@ ADAPTED_BLOCKS = range(EMBEDDING_BLOCK + 1, OUT_BLOCK)
 T = TypeVar("T")
 
 
+NO_RATIOS = LoRAPlusRatios(unet=None, text_encoder=None)
+"""LoRA+ off: B learns at A's rate."""
+
+
 @dataclass(frozen=True)
 class LoRAPlusRule:
     """The rates the rule works from; build it with `from_rates` (sd-scripts' fallbacks) or `from_network_args`."""
 
     text_encoder_lr: float
     unet_lr: float
-    ratios: LoRAPlusRatios = LoRAPlusRatios(unet=None, text_encoder=None)
+    ratios: LoRAPlusRatios = NO_RATIOS
     block_lr_weights: tuple[float, ...] | None = None
     """23 per-block weights of the UNet rate (zero threshold already applied), or None for one UNet group."""
 
@@ -49,7 +53,7 @@ class LoRAPlusRule:
         learning_rate: float,
         unet_lr: float | None = None,
         text_encoder_lr: float | Sequence[float] | None = None,
-        ratios: LoRAPlusRatios = LoRAPlusRatios(unet=None, text_encoder=None),
+        ratios: LoRAPlusRatios = NO_RATIOS,
         block_lr_weights: Sequence[float] | None = None,
     ) -> LoRAPlusRule:
         """The text encoders take the first `text_encoder_lr` value, the UNet `unet_lr`; a missing one (None or an
@@ -73,8 +77,13 @@ class LoRAPlusRule:
     ) -> LoRAPlusRule:
         """The ratios (specific beat general) and the block lr weights (with `block_lr_zero_threshold`) as
         `--network_args` give them."""
-        return cls.from_rates(learning_rate, unet_lr, text_encoder_lr, LoRAPlusRatios.from_network_args(network_args),
-                              block_lr_weights(network_args))
+        return cls.from_rates(
+            learning_rate,
+            unet_lr,
+            text_encoder_lr,
+            LoRAPlusRatios.from_network_args(network_args),
+            block_lr_weights(network_args),
+        )
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,7 @@ def merge_loraplus_flags(network_args: dict[str, str], flags: Mapping[str, float
             continue
         if key in merged and float(merged[key]) != float(flag_value):
             raise UserInputError(
-                f"--{key} {format_ratio(flag_value)} disagrees with --network_args \"{key}={merged[key]}\"; give it once"
+                f'--{key} {format_ratio(flag_value)} disagrees with --network_args "{key}={merged[key]}"; give it once'
             )
         merged.setdefault(key, format_ratio(flag_value))
     return merged
@@ -90,7 +90,7 @@ class LoRAPlusRatios:
     text_encoder: float | None
 
     @classmethod
-    def from_network_args(cls, network_args: Mapping[str, str | float | None]) -> "LoRAPlusRatios":
+    def from_network_args(cls, network_args: Mapping[str, str | float | None]) -> LoRAPlusRatios:
         def get(key: str) -> float | None:
             value = network_args.get(key)
             return None if value is None else float(value)

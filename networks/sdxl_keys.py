@@ -12,7 +12,8 @@ The original layout is what SDXL ``.safetensors`` checkpoints, ComfyUI, A1111/Fo
 
 The name maps are pure string functions (no torch needed); the state-dict functions only slice, concatenate and
 reshape tensors. For a loader that reads one tensor at a time, :func:`single_file_source` gives, per diffusers /
-transformers parameter name, the single-file key and how to derive the tensor from it (:class:`TensorSource`). The tables hold for SDXL's topology: 3 UNet levels with 2 layers per block, the first level
+transformers parameter name, the single-file key and how to derive the tensor from it (:class:`TensorSource`).
+The tables hold for SDXL's topology: 3 UNet levels with 2 layers per block, the first level
 without attention, and a 4-level VAE - also for narrower models that keep it (the tiny test model).
 diffusers ships the original -> diffusers direction only (``diffusers.loaders.single_file_utils``); the tests
 check that it reads what these functions write back to identical tensors.

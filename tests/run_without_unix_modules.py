@@ -19,8 +19,24 @@ import runpy
 import sys
 from pathlib import Path
 
-UNIX_ONLY = frozenset({"resource", "fcntl", "termios", "tty", "pty", "pwd", "grp", "syslog", "crypt", "spwd", "nis",
-                       "posix", "_posixsubprocess", "_posixshmem"})
+UNIX_ONLY = frozenset(
+    {
+        "resource",
+        "fcntl",
+        "termios",
+        "tty",
+        "pty",
+        "pwd",
+        "grp",
+        "syslog",
+        "crypt",
+        "spwd",
+        "nis",
+        "posix",
+        "_posixsubprocess",
+        "_posixshmem",
+    }
+)
 ROOT = Path(__file__).resolve().parent.parent
 _SKIP = ("<frozen importlib", str(Path(importlib.__file__).parent))
 

@@ -24,7 +24,10 @@ def _groups(lrs):
 def test_planned_group_lrs_follow_the_grouping_rule():
     both = LoRAPlusRatios(unet=16.0, text_encoder=4.0)
     assert planned_group_lrs(1e-4, None, None, both, True, True) == {
-        "textencoder": 1e-4, "textencoder plus": 4e-4, "unet": 1e-4, "unet plus": 1.6e-3,
+        "textencoder": 1e-4,
+        "textencoder plus": 4e-4,
+        "unet": 1e-4,
+        "unet plus": 1.6e-3,
     }
     assert planned_group_lrs(1.0, None, [0.0], LoRAPlusRatios(None, None), True, True) == {"unet": 1.0}
     assert planned_group_lrs(1.0, 2.0, None, LoRAPlusRatios(None, None), True, False) == {"unet": 2.0}
@@ -58,8 +61,17 @@ def test_adaptive_optimizers_refuse_per_group_rates_and_step_with_equal_ones(nam
 
 
 def test_the_family_is_sd_scripts_one():
-    assert set(ADAPTIVE) == {"Prodigy", "DAdaptation", "DAdaptAdamPreprint", "DAdaptAdam", "DAdaptLion",
-                             "DAdaptAdaGrad", "DAdaptAdan", "DAdaptAdanIP", "DAdaptSGD"}
+    assert set(ADAPTIVE) == {
+        "Prodigy",
+        "DAdaptation",
+        "DAdaptAdamPreprint",
+        "DAdaptAdam",
+        "DAdaptLion",
+        "DAdaptAdaGrad",
+        "DAdaptAdan",
+        "DAdaptAdanIP",
+        "DAdaptSGD",
+    }
     # sd-scripts: DAdaptation is the preprint's Adam (dadaptation.experimental), not DAdaptAdam
     assert type(build_optimizer("dadaptation", _groups([1.0]), 1.0, {})).__name__ == "DAdaptAdamPreprint"
     assert type(build_optimizer("DAdaptAdanIP", _groups([1.0]), 1.0, {})).__name__ == "DAdaptAdanIP"
@@ -116,8 +128,19 @@ def test_cli_refuses_before_any_model_loads(tiny_sdxl, tmp_path, capsys, monkeyp
 
     monkeypatch.setattr("library.train.setup_parts.load_sdxl", fail)
     (tmp_path / "data" / "1_x").mkdir(parents=True)
-    argv = ["--pretrained_model_name_or_path", str(tiny_sdxl.single_file), "--train_data_dir", str(tmp_path / "data"),
-            "--output_dir", str(tmp_path / "out"), "--optimizer_type", "Prodigy", "--learning_rate", "1.0", *extra]
+    argv = [
+        "--pretrained_model_name_or_path",
+        str(tiny_sdxl.single_file),
+        "--train_data_dir",
+        str(tmp_path / "data"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--optimizer_type",
+        "Prodigy",
+        "--learning_rate",
+        "1.0",
+        *extra,
+    ]
     assert train_network.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --optimizer_type Prodigy estimates one step size") and len(err.splitlines()) == 1

@@ -104,10 +104,14 @@ print(fixed, mallinfo().hblks - before)
 @pytest.mark.skipif(not ON_GLIBC, reason="glibc only")
 @pytest.mark.parametrize("mode, expected", [("fix", "True 1"), ("glibc-default", "False 0")])
 def test_dynamic_threshold_is_off_on_glibc(mode, expected):
-    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
-                                                            "GLIBC_TUNABLES")}
-    proc = subprocess.run([sys.executable, "-c", PROBE, str(REPO), mode], capture_output=True, text=True,
-                          timeout=60, env=env)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, str(REPO), mode], capture_output=True, text=True, timeout=60, env=env
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == expected.split()
 

@@ -31,7 +31,11 @@ def test_successful_write_replaces_with_normal_permissions(tmp_path):
 
 def test_lora_file_round_trip_casts_every_tensor(tmp_path):
     path = tmp_path / "l.safetensors"
-    state = {"m.lora_down.weight": torch.randn(4, 8), "m.lora_up.weight": torch.randn(8, 4), "m.alpha": torch.tensor(1.0)}
+    state = {
+        "m.lora_down.weight": torch.randn(4, 8),
+        "m.lora_up.weight": torch.randn(8, 4),
+        "m.alpha": torch.tensor(1.0),
+    }
     save_lora_file(state, path, torch.bfloat16, {"ss_network_dim": "4", "other": "x"})
     tensors, metadata = load_lora_file(path)
     assert all(t.dtype == torch.bfloat16 for t in tensors.values())
@@ -46,12 +50,14 @@ def test_lora_file_round_trip_casts_every_tensor(tmp_path):
 def test_unwritable_cache_folder_is_one_line(tmp_path):
     import numpy as np
 
-    from library.files.atomic import write_npz_atomic
     from library.errors import UserInputError
+    from library.files.atomic import write_npz_atomic
 
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("x")
     with pytest.raises(UserInputError, match="cannot write latent cache .*drop --cache_latents_to_disk"):
-        write_npz_atomic(blocker / "a.npz", {"latents": np.zeros(2)}, what="latent cache", flag="--cache_latents_to_disk")
+        write_npz_atomic(
+            blocker / "a.npz", {"latents": np.zeros(2)}, what="latent cache", flag="--cache_latents_to_disk"
+        )
     write_npz_atomic(tmp_path / "ok.npz", {"latents": np.ones(2)}, what="latent cache", flag="--x")
     assert np.load(tmp_path / "ok.npz")["latents"].tolist() == [1.0, 1.0]

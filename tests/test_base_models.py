@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 
 from library.model.base_models import prepare_base_models, release_model
-from library.model.precision import PrecisionConfig
 from library.model.loading import load_sdxl
-from library.model.precision import PrecisionRequest, plan_precision
+from library.model.precision import PrecisionConfig, PrecisionRequest, plan_precision
 
 
 def test_checkpointing_reaches_unet_and_trained_text_encoders_and_sliced_attention_is_set(tiny_sdxl):
@@ -15,8 +14,9 @@ def test_checkpointing_reaches_unet_and_trained_text_encoders_and_sliced_attenti
     plan = plan_precision(request, "cpu")
     models = load_sdxl(tiny_sdxl.single_file)
     vae_weight = models.vae.encoder.conv_in.weight
-    prepare_base_models(models, plan, PrecisionConfig(request=request, gradient_checkpointing=True), True,
-                        torch.device("cpu"))
+    prepare_base_models(
+        models, plan, PrecisionConfig(request=request, gradient_checkpointing=True), True, torch.device("cpu")
+    )
     assert models.unet.is_gradient_checkpointing
     assert models.text_encoder1.is_gradient_checkpointing and models.text_encoder2.is_gradient_checkpointing
     assert not any(p.requires_grad for m in (models.unet, models.vae, models.text_encoder1) for p in m.parameters())

@@ -11,8 +11,9 @@ def test_bench_runs_and_prints_the_table(capsys):
     spec = importlib.util.spec_from_file_location("data_throughput", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main(["--count", "2", "--side", "96", "--resolution", "64", "--steps", "1", "--epochs", "1",
-                "--workers", "0", "2"])
+    bench.main(
+        ["--count", "2", "--side", "96", "--resolution", "64", "--steps", "1", "--epochs", "1", "--workers", "0", "2"]
+    )
     out = capsys.readouterr().out
     assert "uncached (decode+resize)" in out and "cached latents" in out
     assert "cached / uncached data samples/s, 0 workers:" in out and "loader wait" in out

@@ -61,8 +61,14 @@ def test_block_index_rejects_other_names(lora_name):
 
 def test_block_labels():
     assert [block_label(i) for i in (0, 1, 9, 10, 12, 13, 21, 22)] == [
-        "time_embed", "input_blocks_0", "input_blocks_8", "middle_block_0", "middle_block_2",
-        "output_blocks_0", "output_blocks_8", "out",
+        "time_embed",
+        "input_blocks_0",
+        "input_blocks_8",
+        "middle_block_0",
+        "middle_block_2",
+        "output_blocks_0",
+        "output_blocks_8",
+        "out",
     ]
 
 

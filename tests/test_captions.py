@@ -100,32 +100,50 @@ def test_tag_dropout_keeps_fixed_tags_fixed_seeds():
     caption = "toy, red, square, simple background, outdoors"
     outputs = [process_caption(caption, options, rng=random.Random(seed)) for seed in range(3)]
     assert outputs == ["toy, red, square", "toy, square, simple background", "toy, red, square"]
-    assert process_caption(caption, CaptionOptions(caption_tag_dropout_rate=1.0, keep_tokens=2),
-                           rng=random.Random(0)) == "toy, red"
+    assert (
+        process_caption(caption, CaptionOptions(caption_tag_dropout_rate=1.0, keep_tokens=2), rng=random.Random(0))
+        == "toy, red"
+    )
 
 
 def test_japanese_tags_custom_separator_prefix_shuffle_and_drop():
-    options = CaptionOptions(shuffle_caption=True, caption_tag_dropout_rate=0.3, caption_separator="、",
-                             caption_prefix="画風", keep_tokens=1)
+    options = CaptionOptions(
+        shuffle_caption=True, caption_tag_dropout_rate=0.3, caption_separator="、", caption_prefix="画風", keep_tokens=1
+    )
     outputs = [process_caption("猫、青い目、帽子、笑顔", options, rng=random.Random(s)) for s in range(3)]
     assert outputs == ["画風 猫, 笑顔, 帽子", "画風 猫, 笑顔, 青い目", "画風 猫, 笑顔, 青い目"]
 
 
 def test_caption_dropout_rate_and_every_n_epochs():
     options = CaptionOptions(caption_dropout_rate=0.5)
-    assert [process_caption("a", options, rng=random.Random(s)) for s in range(8)] == \
-        ["a", "", "a", "", "", "a", "a", ""]
+    assert [process_caption("a", options, rng=random.Random(s)) for s in range(8)] == [
+        "a",
+        "",
+        "a",
+        "",
+        "",
+        "a",
+        "a",
+        "",
+    ]
     # Dropout comes after the prefix: a dropped caption is empty, prefix included.
     every = CaptionOptions(caption_dropout_every_n_epochs=3, caption_prefix="p", shuffle_caption=True)
-    assert [process_caption("a, b", every, rng=random.Random(0), epoch=e) for e in range(1, 7)] == \
-        ["p a, b", "p a, b", "", "p a, b", "p a, b", ""]
+    assert [process_caption("a, b", every, rng=random.Random(0), epoch=e) for e in range(1, 7)] == [
+        "p a, b",
+        "p a, b",
+        "",
+        "p a, b",
+        "p a, b",
+        "",
+    ]
 
 
 def test_shuffle_only_draws_the_same_as_before():
     # Dropout draws only when its rate is > 0, so plain shuffles keep their old fixed-seed outputs.
     caption = "a, b, c, d, e"
-    assert process_caption(caption, CaptionOptions(shuffle_caption=True, keep_tokens=1), rng=random.Random(3)) == \
-        process_caption(caption, shuffle=True, keep_tokens=1, rng=random.Random(3))
+    assert process_caption(
+        caption, CaptionOptions(shuffle_caption=True, keep_tokens=1), rng=random.Random(3)
+    ) == process_caption(caption, shuffle=True, keep_tokens=1, rng=random.Random(3))
 
 
 def test_read_caption_japanese_utf8_first_line(tmp_path):
@@ -134,8 +152,10 @@ def test_read_caption_japanese_utf8_first_line(tmp_path):
     assert read_caption(image, ".txt", "class") == "猫、青い目"
 
 
-@pytest.mark.parametrize("field, value", [("caption_dropout_rate", 1.5), ("caption_tag_dropout_rate", -0.1),
-                                          ("keep_tokens", -1), ("caption_separator", "")])
+@pytest.mark.parametrize(
+    "field, value",
+    [("caption_dropout_rate", 1.5), ("caption_tag_dropout_rate", -0.1), ("keep_tokens", -1), ("caption_separator", "")],
+)
 def test_bad_caption_options_refused(field, value):
     with pytest.raises(UserInputError, match=field):
         CaptionOptions(**{field: value})

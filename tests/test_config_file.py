@@ -83,16 +83,38 @@ def test_flat_and_grouped_files_give_the_same_namespace(tmp_path):
     assert flat.loraplus_lr_ratio == 16.0 and isinstance(flat.loraplus_lr_ratio, float)
     assert flat.network_args == ["loraplus_lr_ratio=16"] and flat.enable_bucket is True and flat.flip_aug is False
     # and the same as spelling it all on the command line
-    by_flags = _parse("--pretrained_model_name_or_path", "model.safetensors", "--output_dir", "out",
-                      "--learning_rate", "1e-4", "--network_dim", "16", "--network_args", "loraplus_lr_ratio=16",
-                      "--loraplus_lr_ratio", "16", "--enable_bucket")
+    by_flags = _parse(
+        "--pretrained_model_name_or_path",
+        "model.safetensors",
+        "--output_dir",
+        "out",
+        "--learning_rate",
+        "1e-4",
+        "--network_dim",
+        "16",
+        "--network_args",
+        "loraplus_lr_ratio=16",
+        "--loraplus_lr_ratio",
+        "16",
+        "--enable_bucket",
+    )
     assert _without_file_flags(flat) == _without_file_flags(by_flags)
 
 
 def test_command_line_wins_over_the_file(tmp_path):
-    path = _write(tmp_path, FLAT + 'text_encoder_lr = [1e-5, 2e-5]\n')
-    args = _parse("--config_file", str(path), "--learning_rate", "3e-4", "--flip_aug",
-                  "--network_args", "loraplus_unet_lr_ratio=8", "conv_dim=4", "--text_encoder_lr", "5e-6")
+    path = _write(tmp_path, FLAT + "text_encoder_lr = [1e-5, 2e-5]\n")
+    args = _parse(
+        "--config_file",
+        str(path),
+        "--learning_rate",
+        "3e-4",
+        "--flip_aug",
+        "--network_args",
+        "loraplus_unet_lr_ratio=8",
+        "conv_dim=4",
+        "--text_encoder_lr",
+        "5e-6",
+    )
     assert args.learning_rate == 3e-4  # scalar
     assert args.flip_aug is True  # a switch the file left off
     assert args.enable_bucket is True  # a switch the file turned on stays on
@@ -124,10 +146,10 @@ def test_typo_inside_a_table_is_refused_too(tmp_path, capsys):
         ("output_config = true\n", "'output_config' cannot be set inside a config file"),
         ('train_data_dir = "C:\\data"\n', "write Windows paths in 'single quotes'"),
         ("network_dim = 16.5\n", "argument --network_dim: invalid int value: '16.5'"),
-        ("mixed_precision = \"fp32\"\n", "argument --mixed_precision: invalid choice: 'fp32'"),
+        ('mixed_precision = "fp32"\n', "argument --mixed_precision: invalid choice: 'fp32'"),
         ('enable_bucket = "yes"\n', "enable_bucket = yes is not allowed; use true or false"),
         ("enable_bucket = 1\n", "enable_bucket = 1 is not allowed; use true or false"),
-        ('resolution = [1024, 1024]\n', "resolution takes one value, not a list"),
+        ("resolution = [1024, 1024]\n", "resolution takes one value, not a list"),
         ("[a]\n[a.b]\nnetwork_dim = 4\n", "table [a.b] is nested too deep"),
         ("[a]\nnetwork_dim = 4\n[b]\nnetwork_dim = 8\n", "key 'network_dim' is set twice"),
     ],
@@ -166,13 +188,33 @@ def test_keys_follow_the_parser_not_a_list(tmp_path):
 
 
 TRICKY = [
-    "--output_name", 'my "quoted" lora',
-    "--training_comment", 'C:\\Users\\me\\lora "v2" \\x7f tab\there del\x7f é ü ',
-    "--caption_prefix", "-starts with a dash",
-    "--learning_rate", "3e-7", "--unet_lr", "0.1", "--text_encoder_lr", "1e-5", "2.5e-5",
-    "--network_alpha", "-0.5", "--lr_warmup_steps", "0.05",
-    "--network_args", "loraplus_lr_ratio=16", 'note="hi"', "--optimizer_args", "weight_decay=0.01",
-    "--flip_aug", "--keep_tokens_separator", "|||", "--caption_separator", "",
+    "--output_name",
+    'my "quoted" lora',
+    "--training_comment",
+    'C:\\Users\\me\\lora "v2" \\x7f tab\there del\x7f é ü ',
+    "--caption_prefix",
+    "-starts with a dash",
+    "--learning_rate",
+    "3e-7",
+    "--unet_lr",
+    "0.1",
+    "--text_encoder_lr",
+    "1e-5",
+    "2.5e-5",
+    "--network_alpha",
+    "-0.5",
+    "--lr_warmup_steps",
+    "0.05",
+    "--network_args",
+    "loraplus_lr_ratio=16",
+    'note="hi"',
+    "--optimizer_args",
+    "weight_decay=0.01",
+    "--flip_aug",
+    "--keep_tokens_separator",
+    "|||",
+    "--caption_separator",
+    "",
 ]
 
 
@@ -215,11 +257,13 @@ def test_file_values_are_checked_before_anything_loads(tmp_path):
 def test_the_command_line_loads_no_model_library(tmp_path):
     """--help and --config_file parsing stay fast: building the parser and reading a config file import neither
     torch, numpy nor diffusers (the names the flags offer come from the torch-free parts of library.train)."""
-    code = ("import sys; from library.config.cli import build_parser; from library.config.config_file import parse_args; "
-            "parser = build_parser(); parser.format_help(); parse_args(parser, ['--config_file', sys.argv[1]]); "
-            "print(sorted(m for m in ('torch', 'numpy', 'diffusers', 'transformers', 'PIL') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code, str(_write(tmp_path, FLAT))], capture_output=True, text=True,
-                          check=False)
+    code = (
+        "import sys; from library.config.cli import build_parser; from library.config.config_file import parse_args; "
+        "parser = build_parser(); parser.format_help(); parse_args(parser, ['--config_file', sys.argv[1]]); "
+        "print(sorted(m for m in ('torch', 'numpy', 'diffusers', 'transformers', 'PIL') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(_write(tmp_path, FLAT))], capture_output=True, text=True, check=False
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
-

@@ -112,12 +112,13 @@ def model_variants(tiny_sdxl, tmp_path_factory) -> dict[str, Path]:
     (sharded / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     names = sorted(unet)
     weight_map = {}
-    for index, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+    for index, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
         shard = f"diffusion_pytorch_model-0000{index + 1}-of-00002.safetensors"
         save_file({name: unet[name] for name in part}, str(sharded / "unet" / shard))
         weight_map.update(dict.fromkeys(part, shard))
     (sharded / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map}))
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     return {"ckpt": ckpt, "diffusers": pristine, "bin": as_bin, "sharded": sharded}
 
 
@@ -145,13 +146,24 @@ def test_damaged_single_file(tiny_sdxl, model_variants, data, tmp_path, capsys, 
 
 
 FOLDER_FILES = {
-    "diffusers": ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder_2/config.json",
-                  "scheduler/scheduler_config.json", "tokenizer/tokenizer.json", "tokenizer_2/tokenizer_config.json",
-                  "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-                  "text_encoder/model.safetensors", "text_encoder_2/model.safetensors"],
+    "diffusers": [
+        "model_index.json",
+        "unet/config.json",
+        "vae/config.json",
+        "text_encoder_2/config.json",
+        "scheduler/scheduler_config.json",
+        "tokenizer/tokenizer.json",
+        "tokenizer_2/tokenizer_config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "text_encoder_2/model.safetensors",
+    ],
     "bin": ["unet/diffusion_pytorch_model.bin"],
-    "sharded": ["unet/diffusion_pytorch_model.safetensors.index.json",
-                "unet/diffusion_pytorch_model-00002-of-00002.safetensors"],
+    "sharded": [
+        "unet/diffusion_pytorch_model.safetensors.index.json",
+        "unet/diffusion_pytorch_model-00002-of-00002.safetensors",
+    ],
 }
 
 
@@ -179,8 +191,9 @@ def lora_file(tiny_models, tmp_path_factory) -> Path:
     from networks.lora import create_network
 
     path = tmp_path_factory.mktemp("lora") / "l.safetensors"
-    network = create_network(1.0, 4, 1.0, None, [tiny_models.text_encoder1, tiny_models.text_encoder2],
-                             tiny_models.unet)
+    network = create_network(
+        1.0, 4, 1.0, None, [tiny_models.text_encoder1, tiny_models.text_encoder2], tiny_models.unet
+    )
     network.remove_from_model()
     network.save_weights(path, torch.float16, {"ss_network_dim": "4"})
     return path
@@ -198,27 +211,40 @@ def test_damaged_network_weights(tiny_sdxl, lora_file, data, tmp_path, capsys, n
 
 
 def _sd15_lora() -> dict[str, torch.Tensor]:
-    names = ["lora_te_text_model_encoder_layers_0_self_attn_q_proj",
-             "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"]
-    return {k: v for name in names for k, v in {f"{name}.lora_down.weight": torch.zeros(4, 320),
-                                                 f"{name}.lora_up.weight": torch.zeros(320, 4),
-                                                 f"{name}.alpha": torch.tensor(4.0)}.items()}
+    names = [
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+    ]
+    return {
+        k: v
+        for name in names
+        for k, v in {
+            f"{name}.lora_down.weight": torch.zeros(4, 320),
+            f"{name}.lora_up.weight": torch.zeros(320, 4),
+            f"{name}.alpha": torch.tensor(4.0),
+        }.items()
+    }
 
 
 FOREIGN = {
     "sd15": (_sd15_lora, "is a LoRA for SD 1.x/2.x, not SDXL"),
-    "random": (lambda: {"first_stage_model.decoder.conv_in.weight": torch.zeros(8, 4, 3, 3)},
-               "is not a LoRA file (no *.lora_down.weight among its 1 tensors)"),
+    "random": (
+        lambda: {"first_stage_model.decoder.conv_in.weight": torch.zeros(8, 4, 3, 3)},
+        "is not a LoRA file (no *.lora_down.weight among its 1 tensors)",
+    ),
     "lycoris": (lambda: {"lora_unet_input_blocks_4_1_proj_in.hada_w1_a": torch.zeros(4, 4)}, "is a LyCORIS"),
-    "peft": (lambda: {"unet.down_blocks.1.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 4)},
-             "is a diffusers / PEFT-format LoRA"),
+    "peft": (
+        lambda: {"unet.down_blocks.1.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 4)},
+        "is a diffusers / PEFT-format LoRA",
+    ),
 }
 
 
 @pytest.mark.parametrize("dim_from_weights", [False, True])
 @pytest.mark.parametrize("kind", list(FOREIGN))
-def test_lora_of_another_kind_gets_advice_that_fits(tiny_sdxl, data, tmp_path, capsys, no_model_load, kind,
-                                                    dim_from_weights):
+def test_lora_of_another_kind_gets_advice_that_fits(
+    tiny_sdxl, data, tmp_path, capsys, no_model_load, kind, dim_from_weights
+):
     from safetensors.torch import save_file
 
     make, expected = FOREIGN[kind]
@@ -230,13 +256,34 @@ def test_lora_of_another_kind_gets_advice_that_fits(tiny_sdxl, data, tmp_path, c
 
 
 # --- --resume ---------------------------------------------------------------------------------------------------------
-STATE_FILES = ("train_state.json", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl",
-               "custom_checkpoint_1.pkl", "custom_checkpoint_2.pkl")
+STATE_FILES = (
+    "train_state.json",
+    "optimizer.bin",
+    "scheduler.bin",
+    "random_states_0.pkl",
+    "custom_checkpoint_0.pkl",
+    "custom_checkpoint_1.pkl",
+    "custom_checkpoint_2.pkl",
+)
 
 
 def _resume_argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return tiny_train_argv(model, data, out, "--max_train_steps", "2", "--save_state", "--ema_decay", "0.9",
-                           "--optimizer_type", "AdamW", "--output_name", "run", "--cache_latents", *extra)
+    return tiny_train_argv(
+        model,
+        data,
+        out,
+        "--max_train_steps",
+        "2",
+        "--save_state",
+        "--ema_decay",
+        "0.9",
+        "--optimizer_type",
+        "AdamW",
+        "--output_name",
+        "run",
+        "--cache_latents",
+        *extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -266,23 +313,24 @@ def test_missing_state_file(tiny_sdxl, state_folder, data, tmp_path, capsys, no_
     state = tmp_path / "run-state"
     shutil.copytree(state_folder, state)
     (state / name).unlink()
-    line = _fails_with_one_line(_resume_argv(tiny_sdxl.single_file, data, tmp_path / "out", "--resume", str(state)),
-                                capsys, state)
+    line = _fails_with_one_line(
+        _resume_argv(tiny_sdxl.single_file, data, tmp_path / "out", "--resume", str(state)), capsys, state
+    )
     assert name in line
 
 
-def test_state_damaged_after_the_start_up_check_is_not_called_a_flag_mismatch(tiny_sdxl, state_folder, data,
-                                                                              tmp_path):
+def test_state_damaged_after_the_start_up_check_is_not_called_a_flag_mismatch(tiny_sdxl, state_folder, data, tmp_path):
     """A file damaged between the check and the load (a flaky network drive) is still named as damaged."""
-    from library.config.cli import build_parser
     from library.config.build import config_from_args
+    from library.config.cli import build_parser
     from library.errors import UserInputError
     from library.train.trainer import train
 
     state = tmp_path / "run-state"
     shutil.copytree(state_folder, state)
-    cfg = config_from_args(build_parser().parse_args(
-        _resume_argv(tiny_sdxl.single_file, data, tmp_path / "out", "--resume", str(state))))
+    cfg = config_from_args(
+        build_parser().parse_args(_resume_argv(tiny_sdxl.single_file, data, tmp_path / "out", "--resume", str(state)))
+    )
     damage(state / "optimizer.bin", "truncated")
     with pytest.raises(UserInputError) as raised:
         train(cfg)
@@ -301,16 +349,22 @@ def test_damaged_caches_are_recomputed_and_stale_temporaries_removed(tiny_sdxl, 
     make_demo_dataset(data, count=4, min_side=64, max_side=64, repeats=1, name="toy", seed=8)
     images = sorted((data / "1_toy").glob("*.png"))
     valid = io.BytesIO()
-    np.savez(valid, latents=np.zeros((4, 8, 8), np.float32), original_size=np.array([64, 64]),
-             crop_ltrb=np.array([0, 0, 64, 64]))
+    np.savez(
+        valid,
+        latents=np.zeros((4, 8, 8), np.float32),
+        original_size=np.array([64, 64]),
+        crop_ltrb=np.array([0, 0, 64, 64]),
+    )
     damaged, reasons = [], {}
     for image, kind in zip(images, ("empty", "truncated", "garbage", "jpeg")):
         for cache in (npz_cache_path(image, (64, 64)), te_cache_path(image)):
             cache.write_bytes(valid.getvalue())
             damage(cache, kind)
             damaged.append(cache)
-            reasons[str(cache)] = {"empty": "the file is empty", "truncated": "not a complete .npz file: File is not a "
-                                   "zip file"}.get(kind, "not an .npz file")  # numpy's words for these: pickles
+            reasons[str(cache)] = {
+                "empty": "the file is empty",
+                "truncated": "not a complete .npz file: File is not a zip file",
+            }.get(kind, "not an .npz file")  # numpy's words for these: pickles
     out = tmp_path / "out"
     out.mkdir()
     left = []
@@ -321,15 +375,25 @@ def test_damaged_caches_are_recomputed_and_stale_temporaries_removed(tiny_sdxl, 
         os.utime(path, (0, 0))
         assert parse_temp_name(path.name) == (target, 999999999)
         left.append(path)
-    argv = tiny_train_argv(tiny_sdxl.single_file, data, out, "--max_train_steps", "1", "--output_name", "run",
-                           "--cache_latents_to_disk", "--cache_text_encoder_outputs_to_disk",
-                           "--network_train_unet_only")
+    argv = tiny_train_argv(
+        tiny_sdxl.single_file,
+        data,
+        out,
+        "--max_train_steps",
+        "1",
+        "--output_name",
+        "run",
+        "--cache_latents_to_disk",
+        "--cache_text_encoder_outputs_to_disk",
+        "--network_train_unet_only",
+    )
     with caplog.at_level(logging.WARNING):
         assert train_network.main(argv) == 0
     warnings = [r.getMessage() for r in caplog.records if "recomputing it" in r.getMessage()]
     assert sorted(w.split(":", 1)[0].split(" cache ", 1)[1] for w in warnings) == sorted(str(p) for p in damaged)
     assert {w.split(" cache ", 1)[1].split(":", 1)[0]: w.split(": ", 1)[1] for w in warnings} == {
-        path: f"it is damaged ({reason}); recomputing it" for path, reason in reasons.items()}
+        path: f"it is damaged ({reason}); recomputing it" for path, reason in reasons.items()
+    }
     for cache in damaged:
         with np.load(cache) as npz:
             assert "latents" in npz.files or "hidden_state1" in npz.files
@@ -343,8 +407,10 @@ def test_a_folder_in_the_way_of_a_cache_is_one_line(tiny_sdxl, tmp_path, capsys)
     make_demo_dataset(data, count=2, min_side=64, max_side=64, repeats=1, name="toy", seed=9)
     blocker = npz_cache_path(sorted((data / "1_toy").glob("*.png"))[0], (64, 64))
     blocker.mkdir()
-    argv = tiny_train_argv(tiny_sdxl.single_file, data, tmp_path / "out", "--max_train_steps", "1",
-                           "--cache_latents_to_disk")
+    argv = tiny_train_argv(
+        tiny_sdxl.single_file, data, tmp_path / "out", "--max_train_steps", "1", "--cache_latents_to_disk"
+    )
     line = _fails_with_one_line(argv, capsys, blocker, after_progress_bars=True)
-    assert line == (f"error: cannot write latent cache {blocker}: a folder of that name is in the way; move it away "
-                    "and run again")
+    assert line == (
+        f"error: cannot write latent cache {blocker}: a folder of that name is in the way; move it away and run again"
+    )

@@ -31,8 +31,15 @@ def small_config(root: Path, **overrides) -> DatasetConfig:
     # Buckets of (128, 128)'s area, sides 64..256 in steps of 32:
     # (64,192) (64,224) (64,256) (96,160) (128,128) (160,96) (192,64) (224,64) (256,64)
     fields = dict(
-        train_data_dir=root, caption_extension=".txt", resolution=(128, 128), enable_bucket=True,
-        min_bucket_reso=64, max_bucket_reso=256, bucket_reso_steps=32, batch_size=2, seed=7,
+        train_data_dir=root,
+        caption_extension=".txt",
+        resolution=(128, 128),
+        enable_bucket=True,
+        min_bucket_reso=64,
+        max_bucket_reso=256,
+        bucket_reso_steps=32,
+        batch_size=2,
+        seed=7,
     )
     fields.update(overrides)
     return DatasetConfig(**fields)
@@ -60,7 +67,10 @@ def test_parse_subset_name():
 def test_scan_records(tree):
     records = scan_train_data_dir(small_config(tree))
     assert [(r.subset, r.path.name) for r in records] == [
-        ("2_my bg", "d.png"), ("5_toy", "a.png"), ("5_toy", "b.png"), ("5_toy", "c.JPG"),
+        ("2_my bg", "d.png"),
+        ("5_toy", "a.png"),
+        ("5_toy", "b.png"),
+        ("5_toy", "c.JPG"),
     ]
     d, a, b, c = records
     assert (d.num_repeats, d.class_tokens, d.caption) == (2, "my bg", "background, Plain")
@@ -270,8 +280,12 @@ def test_collate_images_and_dataloader(tree):
 
 def test_collate_latents():
     example = {
-        "latents": torch.zeros(4, 12, 20), "caption": "x", "original_size_hw": (100, 150),
-        "crop_top_left": (5, 0), "target_size_hw": (96, 160), "loss_weight": 1.0,
+        "latents": torch.zeros(4, 12, 20),
+        "caption": "x",
+        "original_size_hw": (100, 150),
+        "crop_top_left": (5, 0),
+        "target_size_hw": (96, 160),
+        "loss_weight": 1.0,
     }
     batch = collate_examples([example, dict(example, caption="y")])
     assert batch["latents"].shape == (2, 4, 12, 20)
@@ -283,8 +297,15 @@ def test_collate_latents():
 def test_demo_dataset_scans(tmp_path):
     folder = make_demo_dataset(tmp_path / "demo", count=4, min_side=64, max_side=128, repeats=3, name="toy", seed=1)
     assert folder.name == "3_toy"
-    cfg = DatasetConfig(tmp_path / "demo", caption_extension=".txt", resolution=(128, 128), enable_bucket=True,
-                        min_bucket_reso=64, max_bucket_reso=256, bucket_reso_steps=32)
+    cfg = DatasetConfig(
+        tmp_path / "demo",
+        caption_extension=".txt",
+        resolution=(128, 128),
+        enable_bucket=True,
+        min_bucket_reso=64,
+        max_bucket_reso=256,
+        bucket_reso_steps=32,
+    )
     records = scan_train_data_dir(cfg)
     assert len(records) == 4
     assert all(r.caption.startswith("toy, ") for r in records)
@@ -299,14 +320,17 @@ def test_demo_dataset_scans(tmp_path):
 from library.data.dataset import balance_reg_repeats, flip_chosen  # noqa: E402
 
 
-@pytest.mark.parametrize("train, reg, expected", [
-    (10, [1, 1, 1], [4, 3, 3]),  # one round (3) short of 10: +1 each in order until 10
-    (4, [2, 2, 2], [2, 2, 0]),  # the first images reach 4: the third is unused
-    (5, [3, 3], [3, 3]),  # the round that crosses the count is kept whole
-    (3, [1], [3]),
-    (0, [2, 2], [0, 0]),
-    (7, [], []),
-])
+@pytest.mark.parametrize(
+    "train, reg, expected",
+    [
+        (10, [1, 1, 1], [4, 3, 3]),  # one round (3) short of 10: +1 each in order until 10
+        (4, [2, 2, 2], [2, 2, 0]),  # the first images reach 4: the third is unused
+        (5, [3, 3], [3, 3]),  # the round that crosses the count is kept whole
+        (3, [1], [3]),
+        (0, [2, 2], [0, 0]),
+        (7, [], []),
+    ],
+)
 def test_balance_reg_repeats_is_sd_scripts_rule(train, reg, expected):
     assert balance_reg_repeats(train, reg) == expected
 
@@ -323,8 +347,10 @@ def test_reg_images_weights_counts_and_metadata(tree, tmp_path):
     assert [r.num_repeats for r in reg] == [6, 6, 5]
     assert dataset.num_reg_images == 3
     assert dataset.num_examples_per_epoch == 34
-    assert dataset.dataset_dirs_info() == {"2_my bg": {"n_repeats": 2, "img_count": 1},
-                                           "5_toy": {"n_repeats": 5, "img_count": 3}}
+    assert dataset.dataset_dirs_info() == {
+        "2_my bg": {"n_repeats": 2, "img_count": 1},
+        "5_toy": {"n_repeats": 5, "img_count": 3},
+    }
     assert dataset.reg_dataset_dirs_info() == {"1_toy": {"n_repeats": 1, "img_count": 3}}
     index = dataset.records.index(reg[0])
     assert dataset[(index, 1)]["loss_weight"] == 0.25

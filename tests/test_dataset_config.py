@@ -1,13 +1,13 @@
 """--dataset_config (sd-scripts' TOML): schema, precedence subset > dataset > general > command line, errors."""
 
+import json
 from pathlib import Path
 
-import json
 import pytest
 from PIL import Image
 
-from library.config.cli import build_parser
 from library.config.build import data_config
+from library.config.cli import build_parser
 from library.data.dataset import BucketBatchSampler, DatasetConfig, TrainDataset, collate_examples, scan_train_data_dir
 from library.data.dataset_config import load_dataset_config
 from library.errors import UserInputError
@@ -30,7 +30,9 @@ def write_toml(tmp_path: Path, text: str) -> Path:
 
 
 def test_precedence_subset_dataset_general_cli(tmp_path):
-    path = write_toml(tmp_path, f"""
+    path = write_toml(
+        tmp_path,
+        f"""
 [general]
 shuffle_caption = true
 keep_tokens = 1
@@ -57,7 +59,8 @@ keep_tokens = 2
 [[datasets]]
   [[datasets.subsets]]
   image_dir = '{tmp_path / "c"}'
-""")
+""",
+    )
     group = load_dataset_config(path, CLI)
     assert group.source == path
     first, second = group.datasets
@@ -74,8 +77,9 @@ keep_tokens = 2
 
 def test_cli_is_the_last_fallback(tmp_path):
     path = write_toml(tmp_path, f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{tmp_path}'\n")
-    cli = DatasetConfig(caption_extension=".txt", shuffle_caption=True, caption_prefix="p", batch_size=5,
-                        resolution=(128, 96)).cli_values()
+    cli = DatasetConfig(
+        caption_extension=".txt", shuffle_caption=True, caption_prefix="p", batch_size=5, resolution=(128, 96)
+    ).cli_values()
     (section,) = load_dataset_config(path, cli).datasets
     (subset,) = section.subsets
     assert (section.batch_size, section.buckets.resolution) == (5, (128, 96))
@@ -83,26 +87,38 @@ def test_cli_is_the_last_fallback(tmp_path):
     assert (subset.caption.shuffle_caption, subset.caption.caption_prefix) == (True, "p")
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("[general]\nnum_repeat = 2\n", "[general]: unknown key 'num_repeat'; did you mean 'num_repeats'?"),
-    ("[[datasets]]\nreslution = 512\n[[datasets.subsets]]\nimage_dir = 'x'\n",
-     "[[datasets]] #1: unknown key 'reslution'; did you mean 'resolution'?"),
-    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'x'\nshuffle_captions = true\n",
-     "[[datasets.subsets]] #1: unknown key 'shuffle_captions'; did you mean 'shuffle_caption'?"),
-    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'x'\nbatch_size = 2\n", "'batch_size' is not allowed here"),
-    ("[general]\nimage_dir = 'x'\n", "'image_dir' is not allowed here"),
-    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'x'\ncolor_aug = true\n",
-     "'color_aug' = true is an sd-scripts option this trainer does not implement and would change the run: remove it "
-     "or set it to false"),
-    ("[[datasets]]\n[[datasets.subsets]]\nnum_repeats = 2\n", "'image_dir' is required"),
-    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'x'\nnum_repeats = 'two'\n", "'num_repeats' must be int"),
-    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'x'\nshuffle_caption = 1\n", "'shuffle_caption' must be bool"),
-    ("[[datasets]]\nresolution = [1, 2, 3]\n[[datasets.subsets]]\nimage_dir = 'x'\n", "'resolution' must be"),
-    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'x'\ncaption_dropout_rate = 2\n", "caption_dropout_rate 2.0"),
-    ("[general]\nshuffle_caption = true\n", "no [[datasets]] block"),
-    ("[general\nx = 1\n", "is not valid TOML: Expected ']' at the end of a table declaration (at line 1"),
-    ("[model]\nx = 1\n", "top level: unknown key 'model'"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("[general]\nnum_repeat = 2\n", "[general]: unknown key 'num_repeat'; did you mean 'num_repeats'?"),
+        (
+            "[[datasets]]\nreslution = 512\n[[datasets.subsets]]\nimage_dir = 'x'\n",
+            "[[datasets]] #1: unknown key 'reslution'; did you mean 'resolution'?",
+        ),
+        (
+            "[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'x'\nshuffle_captions = true\n",
+            "[[datasets.subsets]] #1: unknown key 'shuffle_captions'; did you mean 'shuffle_caption'?",
+        ),
+        ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'x'\nbatch_size = 2\n", "'batch_size' is not allowed here"),
+        ("[general]\nimage_dir = 'x'\n", "'image_dir' is not allowed here"),
+        (
+            "[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'x'\ncolor_aug = true\n",
+            "'color_aug' = true is an sd-scripts option this trainer does not implement and would change the run: "
+            "remove it or set it to false",
+        ),
+        ("[[datasets]]\n[[datasets.subsets]]\nnum_repeats = 2\n", "'image_dir' is required"),
+        ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'x'\nnum_repeats = 'two'\n", "'num_repeats' must be int"),
+        (
+            "[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'x'\nshuffle_caption = 1\n",
+            "'shuffle_caption' must be bool",
+        ),
+        ("[[datasets]]\nresolution = [1, 2, 3]\n[[datasets.subsets]]\nimage_dir = 'x'\n", "'resolution' must be"),
+        ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'x'\ncaption_dropout_rate = 2\n", "caption_dropout_rate 2.0"),
+        ("[general]\nshuffle_caption = true\n", "no [[datasets]] block"),
+        ("[general\nx = 1\n", "is not valid TOML: Expected ']' at the end of a table declaration (at line 1"),
+        ("[model]\nx = 1\n", "top level: unknown key 'model'"),
+    ],
+)
 def test_errors_name_the_file_the_place_and_the_key(tmp_path, text, fragment):
     path = write_toml(tmp_path, text)
     with pytest.raises(UserInputError) as error:
@@ -116,7 +132,9 @@ def test_several_subsets_feed_one_dataset_with_their_own_options(tmp_path):
     write_image(tmp_path / "chars" / "a.png", caption="a, b, c")
     write_image(tmp_path / "chars" / "b.png")  # no caption: class tokens
     write_image(tmp_path / "styles" / "s.png", size=(96, 64), caption="s1, s2")
-    path = write_toml(tmp_path, f"""
+    path = write_toml(
+        tmp_path,
+        f"""
 [general]
 caption_extension = ".txt"
 [[datasets]]
@@ -134,11 +152,14 @@ batch_size = 1
 resolution = 96
   [[datasets.subsets]]
   image_dir = '{tmp_path / "styles"}'
-""")
+""",
+    )
     cfg = DatasetConfig(resolution=(64, 64), seed=3, dataset_config=load_dataset_config(path, CLI))
     records = scan_train_data_dir(cfg)
     assert [(r.subset, r.path.name, r.num_repeats, r.dataset_index, r.batch_size) for r in records] == [
-        ("chars", "a.png", 3, 0, 2), ("chars", "b.png", 3, 0, 2), ("styles", "s.png", 1, 0, 2),
+        ("chars", "a.png", 3, 0, 2),
+        ("chars", "b.png", 3, 0, 2),
+        ("styles", "s.png", 1, 0, 2),
         ("styles", "s.png", 1, 1, 1),
     ]
     assert records[1].caption == "sks toy"
@@ -163,11 +184,25 @@ resolution = 96
 def test_dataset_config_from_command_line(tmp_path, caplog):
     write_image(tmp_path / "imgs" / "a.png", caption="x")
     path = write_toml(tmp_path, f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{tmp_path / 'imgs'}'\n")
-    args = build_parser().parse_args([
-        "--pretrained_model_name_or_path", "m", "--output_dir", "o", "--dataset_config", str(path),
-        "--train_data_dir", str(tmp_path / "missing"), "--caption_extension", ".txt", "--shuffle_caption",
-        "--train_batch_size", "4", "--prior_loss_weight", "0.5",
-    ])
+    args = build_parser().parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            "m",
+            "--output_dir",
+            "o",
+            "--dataset_config",
+            str(path),
+            "--train_data_dir",
+            str(tmp_path / "missing"),
+            "--caption_extension",
+            ".txt",
+            "--shuffle_caption",
+            "--train_batch_size",
+            "4",
+            "--prior_loss_weight",
+            "0.5",
+        ]
+    )
     data = data_config(args, seed=1)
     assert data.train_data_dir is None and "ignoring --train_data_dir" in caplog.text
     (section,) = data.dataset_config.datasets
@@ -185,7 +220,9 @@ def test_train_end_to_end_with_dataset_config_reg_and_flip(tiny_sdxl, tmp_path):
     for i, size in enumerate([(64, 64), (96, 64)]):
         write_image(tmp_path / "train" / f"t{i}.png", size, caption="toy, red ||| square, simple ||| best")
     write_image(tmp_path / "reg" / "r0.png", (64, 64))
-    path = write_toml(tmp_path, f"""
+    path = write_toml(
+        tmp_path,
+        f"""
 [general]
 flip_aug = true
 caption_extension = ".txt"
@@ -205,11 +242,26 @@ batch_size = 2
   image_dir = '{tmp_path / "reg"}'
   class_tokens = "toy"
   is_reg = true
-""")
+""",
+    )
     argv = [
-        "--pretrained_model_name_or_path", str(tiny_sdxl.single_file), "--dataset_config", str(path),
-        "--output_dir", str(tmp_path / "out"), "--max_data_loader_n_workers", "0", "--seed", "1",
-        "--max_train_steps", "2", "--cache_latents_to_disk", "--prior_loss_weight", "0.5", "--learning_rate", "1e-4",
+        "--pretrained_model_name_or_path",
+        str(tiny_sdxl.single_file),
+        "--dataset_config",
+        str(path),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--max_data_loader_n_workers",
+        "0",
+        "--seed",
+        "1",
+        "--max_train_steps",
+        "2",
+        "--cache_latents_to_disk",
+        "--prior_loss_weight",
+        "0.5",
+        "--learning_rate",
+        "1e-4",
     ]
     assert train_network.main(argv) == 0
     assert (tmp_path / "out" / "last.safetensors").is_file()

@@ -8,21 +8,23 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from library.config.build import ema_config
+from library.config.cli import add_ema_arguments
+from library.errors import UserInputError
 from library.train.ema import (
     LoRAEMA,
     ema_path,
     ema_state_dict,
     save_ema_weights,
 )
-from library.config.build import ema_config
-from library.config.cli import add_ema_arguments
-from library.errors import UserInputError
 
 
 def toy_params(dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
-    return {"a.lora_down.weight": torch.randn(2, 3, generator=gen).to(dtype),
-            "a.lora_up.weight": torch.zeros(3, 2, dtype=dtype)}
+    return {
+        "a.lora_down.weight": torch.randn(2, 3, generator=gen).to(dtype),
+        "a.lora_up.weight": torch.zeros(3, 2, dtype=dtype),
+    }
 
 
 def train_step(params: dict[str, torch.Tensor], step: int) -> None:
@@ -149,13 +151,16 @@ def test_ema_flags():
     assert (cfg.decay, cfg.update_after_step, cfg.warmup) == (0.999, 10, True)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (("--ema_decay", "1.0"), "between 0 and 1"),
-    (("--ema_decay", "0"), "between 0 and 1"),
-    (("--ema_decay", "0.9", "--ema_update_after_step", "-1"), "0 or more"),
-    (("--ema_warmup",), "without --ema_decay"),
-    (("--ema_update_after_step", "5"), "without --ema_decay"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("--ema_decay", "1.0"), "between 0 and 1"),
+        (("--ema_decay", "0"), "between 0 and 1"),
+        (("--ema_decay", "0.9", "--ema_update_after_step", "-1"), "0 or more"),
+        (("--ema_warmup",), "without --ema_decay"),
+        (("--ema_update_after_step", "5"), "without --ema_decay"),
+    ],
+)
 def test_ema_flag_errors(argv, message):
     with pytest.raises(UserInputError, match=message) as error:
         ema_config(parse(*argv))

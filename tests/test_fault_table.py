@@ -1,9 +1,8 @@
-"""bench/fault_table.py (its harness and catalogue) keeps its word: a few cheap faults run through its own functions give the rows the table
-would print (exit 2, one error line, no traceback, earlier files unchanged), and a fault that changes an earlier
-file or prints a traceback fails its row."""
+"""bench/fault_table.py (its harness and catalogue) keeps its word: a few cheap faults run through its own functions
+give the rows the table would print (exit 2, one error line, no traceback, earlier files unchanged), and a fault
+that changes an earlier file or prints a traceback fails its row."""
 
 from __future__ import annotations
-
 
 import pytest
 
@@ -69,11 +68,15 @@ def test_a_traceback_or_another_exit_code_fails_the_row(workspace):
 
 
 def test_the_line_shown_is_the_trainers_last_own_line():
-    stderr = "steps: 50%|##| 1/2\rsteps: 100%|##| 2/2\nwarning: a\ninterrupted (SIGTERM) after step 1: LoRA saved\n" \
-             "state saved to X; continue with:\n  python train_network.py --resume X\n"
+    stderr = (
+        "steps: 50%|##| 1/2\rsteps: 100%|##| 2/2\nwarning: a\ninterrupted (SIGTERM) after step 1: LoRA saved\n"
+        "state saved to X; continue with:\n  python train_network.py --resume X\n"
+    )
     assert ft.message_line(ft.Outcome(143, stderr, "")) == "interrupted (SIGTERM) after step 1: LoRA saved"
-    assert ft.message_line(ft.Outcome(0, "steps: 100%|##| 2/2\n", "note: took over\nLoRA saved to y\n")) == \
-        "note: took over"
+    assert (
+        ft.message_line(ft.Outcome(0, "steps: 100%|##| 2/2\n", "note: took over\nLoRA saved to y\n"))
+        == "note: took over"
+    )
     assert ft.message_line(ft.Outcome(-15, "", "")) == ""
 
 
@@ -81,18 +84,33 @@ def test_changes_the_fault_allows_are_listed_apart():
     before = {"data/a_sdxl.npz": "1", "data/b_sdxl.npz": "2", "out/run.safetensors": "3"}
     after = {"data/a_sdxl.npz": "9", "out/run.safetensors": "3", "out/x/1": "4", "out/x/2": "4", "out/x/3": "4"}
     changes = ft.compare(before, after, ("data/*_sdxl.npz",))
-    assert changes.ok and changes.describe() == \
-        "unchanged; changed as expected: data/a_sdxl.npz, data/b_sdxl.npz; new: out/x/ (3 files)"
+    assert (
+        changes.ok
+        and changes.describe()
+        == "unchanged; changed as expected: data/a_sdxl.npz, data/b_sdxl.npz; new: out/x/ (3 files)"
+    )
 
 
 def test_every_fault_has_a_unique_key_and_there_are_enough():
     keys = [f.key for f in FAULTS]
     assert len(keys) == len(set(keys)) >= 35
     assert [f.number for f in FAULTS] == list(range(1, len(FAULTS) + 1))
-    assert {f.group for f in FAULTS} >= {"NaN/inf", "empty run", "lock", "signal", "output folder", "full disk",
-                                            "damaged model", "damaged --network_weights", "damaged --resume state",
-                                            "damaged cache", "damaged TOML", "bad flag", "missing path",
-                                            "broken image"}
+    assert {f.group for f in FAULTS} >= {
+        "NaN/inf",
+        "empty run",
+        "lock",
+        "signal",
+        "output folder",
+        "full disk",
+        "damaged model",
+        "damaged --network_weights",
+        "damaged --resume state",
+        "damaged cache",
+        "damaged TOML",
+        "bad flag",
+        "missing path",
+        "broken image",
+    }
 
 
 def test_a_fault_the_harness_cannot_set_up_fails_its_row_and_the_others_run(workspace):

@@ -32,7 +32,9 @@ def test_linear_and_conv_store_fp8_and_match_dequantized_math(compute_dtype):
     assert y.dtype == compute_dtype
     ref_model = reference[0]
     x_ref = x.detach().clone().requires_grad_(True)
-    h = F.linear(x_ref.to(compute_dtype), _dequantized(ref_model[0].weight, compute_dtype), ref_model[0].bias.to(compute_dtype))
+    h = F.linear(
+        x_ref.to(compute_dtype), _dequantized(ref_model[0].weight, compute_dtype), ref_model[0].bias.to(compute_dtype)
+    )
     y_ref = F.linear(F.gelu(h), _dequantized(ref_model[2].weight, compute_dtype), ref_model[2].bias.to(compute_dtype))
     assert torch.allclose(y.float(), y_ref.float(), atol=1e-6 if compute_dtype == torch.float32 else 2e-2)
     y.float().sum().backward()
@@ -43,8 +45,12 @@ def test_linear_and_conv_store_fp8_and_match_dequantized_math(compute_dtype):
     image = torch.randn(2, 4, 8, 8, requires_grad=True)
     out = conv(image)
     image_ref = image.detach().clone().requires_grad_(True)
-    out_ref = F.conv2d(image_ref.to(compute_dtype), _dequantized(reference[1].weight, compute_dtype),
-                       reference[1].bias.to(compute_dtype), padding=1)
+    out_ref = F.conv2d(
+        image_ref.to(compute_dtype),
+        _dequantized(reference[1].weight, compute_dtype),
+        reference[1].bias.to(compute_dtype),
+        padding=1,
+    )
     assert torch.allclose(out.float(), out_ref.float(), atol=1e-5 if compute_dtype == torch.float32 else 5e-2)
     out.float().square().sum().backward()
     out_ref.float().square().sum().backward()

@@ -83,7 +83,10 @@ def _peak(variant: str) -> int:
     env = {name: value for name, value in os.environ.items() if name not in USER_MALLOC_ENV}
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, variant, str(REPO), str(LAYERS), str(WIDTH)],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]

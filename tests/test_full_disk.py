@@ -19,8 +19,8 @@ import torch
 
 import library.files.atomic as atomic
 import train_network
-from library.files.atomic import parse_temp_name
 from library.errors import UserInputError
+from library.files.atomic import parse_temp_name
 from tests.cli_args import tiny_train_argv
 from tools.make_demo_dataset import make_demo_dataset
 
@@ -84,12 +84,19 @@ def test_lora_file(tmp_path, full_disk_for):
     from library.files.lora_io import save_lora_file
 
     path = tmp_path / "run.safetensors"
-    state = {"m.lora_down.weight": torch.randn(4, 64), "m.lora_up.weight": torch.randn(64, 4),
-             "m.alpha": torch.tensor(1.0)}
+    state = {
+        "m.lora_down.weight": torch.randn(4, 64),
+        "m.lora_up.weight": torch.randn(64, 4),
+        "m.alpha": torch.tensor(1.0),
+    }
     save_lora_file(state, path, torch.float16, {"ss_network_dim": "4"})
     full_disk_for(r"run\.safetensors")
-    _expect_full(lambda: save_lora_file({k: v + 1 for k, v in state.items()}, path, torch.float16, {}), path,
-                 "LoRA file", tmp_path)
+    _expect_full(
+        lambda: save_lora_file({k: v + 1 for k, v in state.items()}, path, torch.float16, {}),
+        path,
+        "LoRA file",
+        tmp_path,
+    )
 
 
 @pytest.mark.parametrize("code, reason", [(errno.EDQUOT, "Disk quota exceeded"), (errno.EFBIG, "File too large")])
@@ -142,16 +149,29 @@ def test_lora_and_ema_files_are_replaced_together_or_not_at_all(tmp_path, full_d
         network.lora_down.add_(1.0)
     saver.ema.update()
     full_disk_for(re.escape(f"{full}.safetensors"))
-    _expect_full(lambda: saver.save_final(network, {}), tmp_path / f"{full}.safetensors",
-                 "EMA file" if full == "run-ema" else "LoRA file", tmp_path)
+    _expect_full(
+        lambda: saver.save_final(network, {}),
+        tmp_path / f"{full}.safetensors",
+        "EMA file" if full == "run-ema" else "LoRA file",
+        tmp_path,
+    )
 
 
 def test_latent_cache(tmp_path, full_disk_for):
     from library.data.dataset import ImageRecord
     from library.data.latent_cache import save_cached_latents
 
-    record = ImageRecord(path=tmp_path / "a.png", subset="1_a", class_tokens="a", num_repeats=1, caption="",
-                         original_size=(64, 64), bucket=(64, 64), resized_size=(64, 64), crop_left_top=(0, 0))
+    record = ImageRecord(
+        path=tmp_path / "a.png",
+        subset="1_a",
+        class_tokens="a",
+        num_repeats=1,
+        caption="",
+        original_size=(64, 64),
+        bucket=(64, 64),
+        resized_size=(64, 64),
+        crop_left_top=(0, 0),
+    )
     path = tmp_path / "a_0064x0064_sdxl.npz"
     save_cached_latents(path, torch.zeros(4, 8, 8), record)
     full_disk_for(r"a_0064x0064_sdxl\.npz")
@@ -167,8 +187,18 @@ def test_text_encoder_cache(tmp_path, full_disk_for):
         def encode(captions):
             return torch.full((len(captions), 77, 12), value), torch.full((len(captions), 8), value)
 
-        cache_text_encoder_outputs([image], lambda index, epoch: "a cat", encode, num_variants=1, seed=0, length=77,
-                                   te1_width=4, to_disk=True, model=f"m{value}", show_progress=False)
+        cache_text_encoder_outputs(
+            [image],
+            lambda index, epoch: "a cat",
+            encode,
+            num_variants=1,
+            seed=0,
+            length=77,
+            te1_width=4,
+            to_disk=True,
+            model=f"m{value}",
+            show_progress=False,
+        )
 
     run(1.0)
     full_disk_for(r"a_te_outputs\.npz")
@@ -186,8 +216,7 @@ def test_report_and_param_groups_json(tmp_path, full_disk_for):
     write_report(saver.report_path, {"steps": 1})
     full_disk_for(r"run_(report|param_groups)\.json")
     _expect_full(lambda: write_report(saver.report_path, {"steps": 2}), saver.report_path, "run report", tmp_path)
-    _expect_full(lambda: saver.save_param_groups(infos * 2, 0.1), saver.param_groups_path, "parameter groups",
-                 tmp_path)
+    _expect_full(lambda: saver.save_param_groups(infos * 2, 0.1), saver.param_groups_path, "parameter groups", tmp_path)
 
 
 def test_sample_image(tmp_path, full_disk_for):
@@ -202,8 +231,17 @@ def test_sample_image(tmp_path, full_disk_for):
 def test_output_config_through_main(tmp_path, full_disk_for, capsys):
     (tmp_path / "keep.toml").write_text("user = 1\n")
     full_disk_for(r"run\.toml")
-    argv = ["--pretrained_model_name_or_path", "m.safetensors", "--train_data_dir", "d", "--output_dir", str(tmp_path),
-            "--output_name", "run", "--output_config"]
+    argv = [
+        "--pretrained_model_name_or_path",
+        "m.safetensors",
+        "--train_data_dir",
+        "d",
+        "--output_dir",
+        str(tmp_path),
+        "--output_name",
+        "run",
+        "--output_config",
+    ]
     assert train_network.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: the disk is full: cannot write {tmp_path / 'run.toml'} {FULL}"
@@ -293,8 +331,13 @@ def tiny_disk(tmp_path):
     """A 1 MiB tmpfs (root only; skipped elsewhere)."""
     folder = tmp_path / "disk"
     folder.mkdir()
-    if getattr(os, "geteuid", lambda: -1)() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
-                                           capture_output=True).returncode != 0:
+    if (
+        getattr(os, "geteuid", lambda: -1)() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("mounting a tmpfs needs root")
     yield folder
     subprocess.run(["umount", "--lazy", str(folder)], check=True)  # torch may still hold its failed file open
@@ -342,14 +385,30 @@ def test_training_stops_with_one_line_when_the_disk_fills(tiny_sdxl, data, tmp_p
 
     monkeypatch.setattr(torch, "save", save_filling_at_the_second_state)
     out = tmp_path / "out"
-    argv = tiny_train_argv(tiny_sdxl.single_file, data, out, "--max_train_steps", "3", "--train_batch_size", "1",
-                           "--save_every_n_steps", "1", "--save_state", "--output_name", "run", "--cache_latents")
+    argv = tiny_train_argv(
+        tiny_sdxl.single_file,
+        data,
+        out,
+        "--max_train_steps",
+        "3",
+        "--train_batch_size",
+        "1",
+        "--save_every_n_steps",
+        "1",
+        "--save_state",
+        "--output_name",
+        "run",
+        "--cache_latents",
+    )
     assert train_network.main(argv) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     failed = out / "run-step00000002-state" / "optimizer.bin"
     assert errors == [f"error: the disk is full: cannot write state file {failed} {FULL}"] and "Traceback" not in err
-    assert sorted(p.name for p in out.iterdir()) == ["run-step00000001-state", "run-step00000001.safetensors",
-                                                     "run-step00000002.safetensors"]  # no final file: no groups JSON
+    assert sorted(p.name for p in out.iterdir()) == [
+        "run-step00000001-state",
+        "run-step00000001.safetensors",
+        "run-step00000002.safetensors",
+    ]  # no final file: no groups JSON
     check_resume_folder(out / "run-step00000001-state")
     assert _temporaries(out, data) == []

@@ -20,10 +20,15 @@ import torch
 import train_network
 from library.config.cli import resume_command
 from library.errors import NonFiniteError, OutputInUseError
-from library.files.finite import (NonFiniteSteps, check_finite_for_saving, first_non_finite, group_gradient_norms,
-                            non_finite_source)
-from library.train.interrupts import Phase, Terminated, TrainingInterrupted, sigterm_interrupts
+from library.files.finite import (
+    NonFiniteSteps,
+    check_finite_for_saving,
+    first_non_finite,
+    group_gradient_norms,
+    non_finite_source,
+)
 from library.files.run_lock import lock_path, output_lock, read_holder
+from library.train.interrupts import Phase, Terminated, TrainingInterrupted, sigterm_interrupts
 from library.train.train_state import TrainProgress, save_state
 from tests.cli_args import tiny_train_argv
 from tools.make_demo_dataset import make_demo_dataset
@@ -35,8 +40,12 @@ NAN, INF = float("nan"), float("inf")
 
 
 def test_first_non_finite_names_the_first_bad_tensor_and_skips_integers():
-    named = [("ok", torch.ones(3)), ("ints", torch.tensor([1, 2])), ("inf", torch.tensor([1.0, INF])),
-             ("nan", torch.tensor([NAN]))]
+    named = [
+        ("ok", torch.ones(3)),
+        ("ints", torch.tensor([1, 2])),
+        ("inf", torch.tensor([1.0, INF])),
+        ("nan", torch.tensor([NAN])),
+    ]
     assert first_non_finite(named) == "inf"
     assert first_non_finite(named[:2]) is None
     assert first_non_finite([]) is None
@@ -46,8 +55,11 @@ def test_writer_check_sees_the_overflow_of_the_save_dtype(tmp_path):
     tensors = {"a.lora_up.weight": torch.tensor([1.0, 7e4])}  # finite in fp32, inf in fp16 (max 65504)
     check_finite_for_saving(tensors, torch.float32, tmp_path / "x.safetensors")
     check_finite_for_saving(tensors, torch.bfloat16, tmp_path / "x.safetensors")
-    with pytest.raises(NonFiniteError, match=r"a\.lora_up\.weight holds NaN or infinite values after casting to "
-                                             r"float16.*--save_precision float"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"a\.lora_up\.weight holds NaN or infinite values after casting to "
+        r"float16.*--save_precision float",
+    ):
         check_finite_for_saving(tensors, torch.float16, tmp_path / "x.safetensors")
     with pytest.raises(NonFiniteError, match="refusing to write .*x.safetensors: b holds NaN") as error:
         check_finite_for_saving({"b": torch.tensor([NAN])}, None, tmp_path / "x.safetensors")
@@ -61,8 +73,10 @@ def test_group_norms_find_the_group_and_do_not_overflow_in_fp16():
     groups = [{"params": [params[0]]}, {"params": [params[1], params[2]]}, {"params": [params[2]]}]
     norms = group_gradient_norms(groups).tolist()
     assert norms[0] == pytest.approx(84852.8, rel=1e-4) and torch.isnan(torch.tensor(norms[1])) and norms[2] == 0
-    assert non_finite_source(1.0, norms, ["unet", "unet plus", "textencoder"]) == \
-        "gradients in parameter group 'unet plus' (norm nan)"
+    assert (
+        non_finite_source(1.0, norms, ["unet", "unet plus", "textencoder"])
+        == "gradients in parameter group 'unet plus' (norm nan)"
+    )
     assert non_finite_source(INF, norms, ["unet", "unet plus", "textencoder"]) == "loss (inf)"  # the loss first
     assert non_finite_source(1.0, [1.0, 2.0], ["a", "b"]) is None
     assert non_finite_source(1.0, None, ["a"]) is None  # gradients not checked (fp16 loss scaling)
@@ -72,8 +86,11 @@ def test_non_finite_steps_skip_up_to_the_limit_then_stop():
     steps = NonFiniteSteps(limit=2)
     assert steps.skip_or_stop(3, "loss (nan)").startswith("warning: step 3: non-finite loss (nan); step skipped (1 of")
     steps.skip_or_stop(7, "loss (nan)")
-    with pytest.raises(NonFiniteError, match=r"^step 9: non-finite loss \(nan\) \(one more than --max_nan_steps 2 "
-                                             r"allows\); training stopped, no final file written"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"^step 9: non-finite loss \(nan\) \(one more than --max_nan_steps 2 "
+        r"allows\); training stopped, no final file written",
+    ):
         steps.skip_or_stop(9, "loss (nan)")
     assert steps.skipped == [3, 7]
     with pytest.raises(NonFiniteError, match="--max_nan_steps N"):
@@ -85,8 +102,9 @@ def test_lora_writer_refuses_non_finite_weights_and_keeps_the_old_file(tiny_mode
     from library.train.saving import LoRASaver
     from networks.lora import create_network
 
-    network = create_network(1.0, 4, 1.0, None, [tiny_models.text_encoder1, tiny_models.text_encoder2],
-                             tiny_models.unet)
+    network = create_network(
+        1.0, 4, 1.0, None, [tiny_models.text_encoder1, tiny_models.text_encoder2], tiny_models.unet
+    )
     ema = LoRAEMA(network, 0.9)
     saver = LoRASaver(tmp_path, "run", torch.float32, ema=ema)
     good = saver.save_final(network, {})
@@ -111,8 +129,12 @@ def test_lora_writer_refuses_non_finite_weights_and_keeps_the_old_file(tiny_mode
 def test_state_with_a_non_finite_tensor_is_refused_before_anything_is_written(tmp_path):
     # The check comes before accelerate is touched (None here would fail on any use).
     with pytest.raises(NonFiniteError, match="refusing to write the state .*s-state: optimizer exp_avg holds NaN"):
-        save_state(None, tmp_path / "s-state", TrainProgress(), check=[("w", torch.ones(2)),
-                                                                      ("optimizer exp_avg", torch.tensor([NAN]))])
+        save_state(
+            None,
+            tmp_path / "s-state",
+            TrainProgress(),
+            check=[("w", torch.ones(2)), ("optimizer exp_avg", torch.tensor([NAN]))],
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -120,8 +142,13 @@ def test_state_with_a_non_finite_tensor_is_refused_before_anything_is_written(tm
 
 
 def _write_lock(path: Path, **fields) -> None:
-    holder = {"pid": os.getpid(), "host": socket.gethostname(),
-              "process_started": psutil.Process().create_time(), "started_at": "2026-01-01 00:00:00", **fields}
+    holder = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "process_started": psutil.Process().create_time(),
+        "started_at": "2026-01-01 00:00:00",
+        **fields,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(holder))
 
@@ -203,16 +230,19 @@ def test_sigterm_raises_a_keyboard_interrupt_only_inside_the_context():
 
 
 def test_interrupt_reports_and_exit_codes():
-    stopped = TrainingInterrupted(Path("o/run-step00000003.safetensors"), Path("o/run-step00000003-state"), 3,
-                                  signal_name="SIGTERM")
+    stopped = TrainingInterrupted(
+        Path("o/run-step00000003.safetensors"), Path("o/run-step00000003-state"), 3, signal_name="SIGTERM"
+    )
     assert stopped.exit_code == 143 and stopped.report_lines() == [
-        "interrupted (SIGTERM) after step 3: LoRA saved to o/run-step00000003.safetensors"]
+        "interrupted (SIGTERM) after step 3: LoRA saved to o/run-step00000003.safetensors"
+    ]
     phase = Phase()
     phase.enter("caching latents", "no LoRA or state was saved; the latents cached to disk so far are kept")
     early = TrainingInterrupted.during(phase, KeyboardInterrupt())
     assert early.exit_code == 130 and early.report_lines() == [
         "interrupted (SIGINT) while caching latents: no LoRA or state was saved; the latents cached to disk so far "
-        "are kept"]
+        "are kept"
+    ]
     assert TrainingInterrupted.during(phase, Terminated(), is_main_process=False).report_lines() == []
 
 
@@ -241,14 +271,21 @@ def test_sigterm_while_the_libraries_load_is_one_line_and_143():
     """A real SIGTERM inside `main` before the trainer starts (where torch and diffusers are imported, seconds):
     143 and its line, not a silent death by the signal (-15). In a child process, so that the signal's default
     action, were it back, would not end the test run."""
-    code = ("import os, signal, sys, time, train_network\n"
-            "def main(argv=None):\n"
-            "    os.kill(os.getpid(), signal.SIGTERM)\n"
-            "    time.sleep(5)\n"
-            "train_network.main = main\n"
-            "sys.exit(train_network.run([]))\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=Path(train_network.__file__).parent, capture_output=True,
-                          text=True, timeout=60)
+    code = (
+        "import os, signal, sys, time, train_network\n"
+        "def main(argv=None):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(5)\n"
+        "train_network.main = main\n"
+        "sys.exit(train_network.run([]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(train_network.__file__).parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 143
     assert done.stderr == "interrupted (SIGTERM) before training started: nothing was saved\n"
 
@@ -266,29 +303,48 @@ def data(tmp_path_factory) -> Path:
 ALL_BLOCKS_ZERO = ["--network_args", "down_lr_weight=zeros", "mid_lr_weight=0,0,0", "up_lr_weight=zeros"]
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--max_train_steps", "0"], "--max_train_steps 0 trains nothing"),
-    (["--max_train_steps", "-5"], "--max_train_steps -5 trains nothing"),
-    (["--max_train_epochs", "0"], "--max_train_epochs 0 trains nothing (it overrides --max_train_steps)"),
-    (["--max_train_epochs", "-1", "--max_train_steps", "10"], "--max_train_epochs -1 trains nothing"),
-    (["--learning_rate", "0"], "nothing would train (the text encoders: learning rate 0 (--learning_rate 0); the "
-                               "UNet: learning rate 0 (--learning_rate 0)): give a learning rate above 0"),
-    (["--learning_rate", "1e-4", "--unet_lr", "0", "--network_train_unet_only"],
-     "(the text encoders: not trained (--network_train_unet_only); the UNet: learning rate 0 (--unet_lr 0))"),
-    (["--text_encoder_lr", "0", "--network_train_text_encoder_only"],
-     "the text encoders: learning rate 0 (--text_encoder_lr 0); the UNet: not trained"),
-    (["--learning_rate", "0", "--unet_lr", "0", "--text_encoder_lr", "0"], "the UNet: learning rate 0 (--unet_lr 0)"),
-    (["--learning_rate=-1e-4"], "--learning_rate -0.0001 must be a finite number >= 0"),
-    (["--unet_lr", "nan"], "--unet_lr nan must be a finite number >= 0"),
-    (["--text_encoder_lr", "inf"], "--text_encoder_lr inf must be a finite number >= 0"),
-    (["--network_train_unet_only", *ALL_BLOCKS_ZERO],
-     "the UNet: every block lr weight is 0 (down/mid/up_lr_weight)): change one of these"),
-    (["--network_train_unet_only", "--network_args", "block_dims=" + ",".join(["0"] * 23)],
-     "the UNet: every block dim is 0"),
-    (["--text_encoder_lr", "0", *ALL_BLOCKS_ZERO], "the text encoders: learning rate 0 (--text_encoder_lr 0); the "
-                                                   "UNet: every block lr weight is 0"),
-    (["--max_nan_steps", "-1"], "--max_nan_steps must be 0 or more"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--max_train_steps", "0"], "--max_train_steps 0 trains nothing"),
+        (["--max_train_steps", "-5"], "--max_train_steps -5 trains nothing"),
+        (["--max_train_epochs", "0"], "--max_train_epochs 0 trains nothing (it overrides --max_train_steps)"),
+        (["--max_train_epochs", "-1", "--max_train_steps", "10"], "--max_train_epochs -1 trains nothing"),
+        (
+            ["--learning_rate", "0"],
+            "nothing would train (the text encoders: learning rate 0 (--learning_rate 0); the "
+            "UNet: learning rate 0 (--learning_rate 0)): give a learning rate above 0",
+        ),
+        (
+            ["--learning_rate", "1e-4", "--unet_lr", "0", "--network_train_unet_only"],
+            "(the text encoders: not trained (--network_train_unet_only); the UNet: learning rate 0 (--unet_lr 0))",
+        ),
+        (
+            ["--text_encoder_lr", "0", "--network_train_text_encoder_only"],
+            "the text encoders: learning rate 0 (--text_encoder_lr 0); the UNet: not trained",
+        ),
+        (
+            ["--learning_rate", "0", "--unet_lr", "0", "--text_encoder_lr", "0"],
+            "the UNet: learning rate 0 (--unet_lr 0)",
+        ),
+        (["--learning_rate=-1e-4"], "--learning_rate -0.0001 must be a finite number >= 0"),
+        (["--unet_lr", "nan"], "--unet_lr nan must be a finite number >= 0"),
+        (["--text_encoder_lr", "inf"], "--text_encoder_lr inf must be a finite number >= 0"),
+        (
+            ["--network_train_unet_only", *ALL_BLOCKS_ZERO],
+            "the UNet: every block lr weight is 0 (down/mid/up_lr_weight)): change one of these",
+        ),
+        (
+            ["--network_train_unet_only", "--network_args", "block_dims=" + ",".join(["0"] * 23)],
+            "the UNet: every block dim is 0",
+        ),
+        (
+            ["--text_encoder_lr", "0", *ALL_BLOCKS_ZERO],
+            "the text encoders: learning rate 0 (--text_encoder_lr 0); the UNet: every block lr weight is 0",
+        ),
+        (["--max_nan_steps", "-1"], "--max_nan_steps must be 0 or more"),
+    ],
+)
 def test_a_run_that_would_train_nothing_is_one_line_before_loading(tiny_sdxl, data, tmp_path, capsys, extra, message):
     assert train_network.main(tiny_train_argv(tiny_sdxl.single_file, data, tmp_path / "out", *extra)) == 2
     err = capsys.readouterr().err
@@ -297,11 +353,22 @@ def test_a_run_that_would_train_nothing_is_one_line_before_loading(tiny_sdxl, da
 
 
 def test_some_zero_rates_still_train(tiny_sdxl, data, tmp_path):
-    from library.config.cli import build_parser
     from library.config.build import config_from_args
+    from library.config.cli import build_parser
 
-    argv = tiny_train_argv(tiny_sdxl.single_file, data, tmp_path, "--learning_rate", "0", "--unet_lr", "1e-4",
-                           "--network_args", "down_lr_weight=zeros", "mid_lr_weight=0,0,0", "up_lr_weight=1,0,0,0,0,0,0,0,0")
+    argv = tiny_train_argv(
+        tiny_sdxl.single_file,
+        data,
+        tmp_path,
+        "--learning_rate",
+        "0",
+        "--unet_lr",
+        "1e-4",
+        "--network_args",
+        "down_lr_weight=zeros",
+        "mid_lr_weight=0,0,0",
+        "up_lr_weight=1,0,0,0,0,0,0,0,0",
+    )
     assert config_from_args(build_parser().parse_args(argv)).optimizer.unet_lr == 1e-4
 
 
@@ -320,10 +387,22 @@ def test_weights_file_without_modules_of_the_trained_part_is_refused(tiny_sdxl, 
     from safetensors.torch import save_file
 
     weights = tmp_path / "te_only.safetensors"
-    save_file({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 8),
-               "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 4)}, str(weights))
-    argv = tiny_train_argv(tiny_sdxl.single_file, data, tmp_path / "out", "--network_weights", str(weights),
-                           "--dim_from_weights", "--network_train_unet_only")
+    save_file(
+        {
+            "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 8),
+            "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 4),
+        },
+        str(weights),
+    )
+    argv = tiny_train_argv(
+        tiny_sdxl.single_file,
+        data,
+        tmp_path / "out",
+        "--network_weights",
+        str(weights),
+        "--dim_from_weights",
+        "--network_train_unet_only",
+    )
     assert train_network.main(argv) == 2
     assert "the UNet: the --network_weights file has no UNet modules" in capsys.readouterr().err
 

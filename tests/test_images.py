@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from library.data.dataset import DatasetConfig, TrainDataset, scan_train_data_dir
-from library.errors import UserInputError
 from library.data.images import image_size, load_image_rgb
+from library.errors import UserInputError
 
 
 def _exif_rotated(path: Path) -> Path:
@@ -21,23 +21,29 @@ def _exif_rotated(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name, make, expected_pixel", [
-    ("a.jpg", lambda p: Image.new("RGB", (32, 24), (200, 10, 10)).save(p, quality=95), (200, 10, 10)),
-    ("a.png", lambda p: Image.new("RGB", (32, 24), (10, 200, 10)).save(p), (10, 200, 10)),
-    ("a.webp", lambda p: Image.new("RGB", (32, 24), (10, 10, 200)).save(p, lossless=True), (10, 10, 200)),
-    ("a.bmp", lambda p: Image.new("RGB", (32, 24), (1, 2, 3)).save(p), (1, 2, 3)),
-    ("gray.png", lambda p: Image.new("L", (32, 24), 77).save(p), (77, 77, 77)),
-    ("rgba.png", lambda p: Image.new("RGBA", (32, 24), (0, 0, 0, 0)).save(p), (255, 255, 255)),  # on white
-    ("half.png", lambda p: Image.new("RGBA", (32, 24), (0, 0, 0, 128)).save(p), (127, 127, 127)),
-    ("la.png", lambda p: Image.new("LA", (32, 24), (0, 0)).save(p), (255, 255, 255)),
-    ("palette.png", lambda p: Image.new("RGB", (32, 24), (30, 60, 90)).convert("P", palette=Image.Palette.ADAPTIVE)
-     .save(p), (30, 60, 90)),
-    ("cmyk.jpg", lambda p: Image.new("CMYK", (32, 24), (0, 255, 255, 0)).save(p, quality=100), (255, 0, 0)),
-    ("gray16.png", lambda p: Image.fromarray(np.full((24, 32), 0x8080, np.uint16)).save(p), (128, 128, 128)),
-    ("rgb16.png", None, (128, 64, 32)),
-    ("名前 ü.png", lambda p: Image.new("RGB", (32, 24), (5, 6, 7)).save(p), (5, 6, 7)),
-    ("bilevel.png", lambda p: Image.new("1", (32, 24), 1).save(p), (255, 255, 255)),
-])
+@pytest.mark.parametrize(
+    "name, make, expected_pixel",
+    [
+        ("a.jpg", lambda p: Image.new("RGB", (32, 24), (200, 10, 10)).save(p, quality=95), (200, 10, 10)),
+        ("a.png", lambda p: Image.new("RGB", (32, 24), (10, 200, 10)).save(p), (10, 200, 10)),
+        ("a.webp", lambda p: Image.new("RGB", (32, 24), (10, 10, 200)).save(p, lossless=True), (10, 10, 200)),
+        ("a.bmp", lambda p: Image.new("RGB", (32, 24), (1, 2, 3)).save(p), (1, 2, 3)),
+        ("gray.png", lambda p: Image.new("L", (32, 24), 77).save(p), (77, 77, 77)),
+        ("rgba.png", lambda p: Image.new("RGBA", (32, 24), (0, 0, 0, 0)).save(p), (255, 255, 255)),  # on white
+        ("half.png", lambda p: Image.new("RGBA", (32, 24), (0, 0, 0, 128)).save(p), (127, 127, 127)),
+        ("la.png", lambda p: Image.new("LA", (32, 24), (0, 0)).save(p), (255, 255, 255)),
+        (
+            "palette.png",
+            lambda p: Image.new("RGB", (32, 24), (30, 60, 90)).convert("P", palette=Image.Palette.ADAPTIVE).save(p),
+            (30, 60, 90),
+        ),
+        ("cmyk.jpg", lambda p: Image.new("CMYK", (32, 24), (0, 255, 255, 0)).save(p, quality=100), (255, 0, 0)),
+        ("gray16.png", lambda p: Image.fromarray(np.full((24, 32), 0x8080, np.uint16)).save(p), (128, 128, 128)),
+        ("rgb16.png", None, (128, 64, 32)),
+        ("名前 ü.png", lambda p: Image.new("RGB", (32, 24), (5, 6, 7)).save(p), (5, 6, 7)),
+        ("bilevel.png", lambda p: Image.new("1", (32, 24), 1).save(p), (255, 255, 255)),
+    ],
+)
 def test_image_kinds_decode_to_rgb(tmp_path, name, make, expected_pixel):
     path = tmp_path / name
     if make is None:  # 16-bit RGB PNG (PIL cannot write one): a hand-made file through numpy + zlib
@@ -56,11 +62,17 @@ def _write_rgb16_png(path: Path, shape, value) -> None:
 
     height, width = shape
     row = b"\x00" + np.array(value, ">u2").tobytes() * width
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(row * height))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(row * height))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_exif_orientation_applied_to_size_and_pixels(tmp_path):

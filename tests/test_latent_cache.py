@@ -10,8 +10,8 @@ from PIL import Image
 
 from library.data.buckets import sdscripts_crop_ltrb
 from library.data.dataset import BucketBatchSampler, DatasetConfig, TrainDataset, collate_examples, scan_train_data_dir
-from library.errors import UserInputError
 from library.data.latent_cache import cache_latents, npz_cache_path
+from library.errors import UserInputError
 
 
 class FakeEncoder:
@@ -42,8 +42,13 @@ def cfg(tmp_path) -> DatasetConfig:
     write_image(root / "3_toy" / "b.png", (150, 100), (0, 255, 0))  # bucket 160x96
     write_image(root / "3_toy" / "c.png", (128, 128), (0, 0, 255))  # bucket 128x128
     return DatasetConfig(
-        root, caption_extension=".txt", resolution=(128, 128), enable_bucket=True,
-        min_bucket_reso=64, max_bucket_reso=256, bucket_reso_steps=32,
+        root,
+        caption_extension=".txt",
+        resolution=(128, 128),
+        enable_bucket=True,
+        min_bucket_reso=64,
+        max_bucket_reso=256,
+        bucket_reso_steps=32,
     )
 
 
@@ -99,8 +104,12 @@ def test_stale_shape_is_recomputed(cfg, caplog):
     dataset = make_dataset(cfg)
     record = dataset.records[1]
     path = npz_cache_path(record.path, record.original_size)
-    np.savez(path, latents=np.zeros((4, 8, 8), np.float32), original_size=np.array([150, 100]),
-             crop_ltrb=np.array([0, 5, 160, 101]))
+    np.savez(
+        path,
+        latents=np.zeros((4, 8, 8), np.float32),
+        original_size=np.array([150, 100]),
+        crop_ltrb=np.array([0, 5, 160, 101]),
+    )
     encode = FakeEncoder()
     with caplog.at_level("INFO"):
         cache_latents(dataset, encode, to_disk=True, show_progress=False)
@@ -114,10 +123,16 @@ def test_stale_shape_is_recomputed(cfg, caplog):
     "stale",
     [
         {"latents": np.zeros((4, 12, 20), np.float32)},  # keys missing
-        {"latents": np.zeros((4, 12, 20), np.float32), "original_size": np.array([100, 150]),
-         "crop_ltrb": np.array([0, 5, 160, 101])},  # another image size
-        {"latents": np.zeros((4, 12, 20), np.float32), "original_size": np.array([150, 100]),
-         "crop_ltrb": np.array([3, 0, 163, 96])},  # another crop
+        {
+            "latents": np.zeros((4, 12, 20), np.float32),
+            "original_size": np.array([100, 150]),
+            "crop_ltrb": np.array([0, 5, 160, 101]),
+        },  # another image size
+        {
+            "latents": np.zeros((4, 12, 20), np.float32),
+            "original_size": np.array([150, 100]),
+            "crop_ltrb": np.array([3, 0, 163, 96]),
+        },  # another crop
     ],
 )
 def test_mismatched_cache_is_recomputed(cfg, stale):
@@ -143,8 +158,12 @@ def test_sdscripts_cache_with_letterbox_crop_is_reused(cfg):
     dataset = make_dataset(cfg)
     record = dataset.records[1]
     ltrb = np.array(sdscripts_crop_ltrb(record.bucket, record.original_size))  # what sd-scripts writes
-    np.savez(npz_cache_path(record.path, record.original_size), latents=np.ones((4, 12, 20), np.float32),
-             original_size=np.array(record.original_size), crop_ltrb=ltrb)
+    np.savez(
+        npz_cache_path(record.path, record.original_size),
+        latents=np.ones((4, 12, 20), np.float32),
+        original_size=np.array(record.original_size),
+        crop_ltrb=ltrb,
+    )
     encode = FakeEncoder()
     cache_latents(dataset, encode, to_disk=True, show_progress=False)
     assert encode.images == 2
@@ -237,10 +256,10 @@ def test_cache_made_by_another_vae_is_recomputed(tmp_path):
     """A cache that records a different VAE fingerprint is re-encoded; one without a fingerprint (sd-scripts')
     is trusted."""
     import numpy as np
+    from PIL import Image
 
     from library.data.dataset import DatasetConfig, TrainDataset, scan_train_data_dir
     from library.data.latent_cache import VAE_KEY, cache_latents, npz_cache_path
-    from PIL import Image
 
     folder = tmp_path / "1_x"
     folder.mkdir()

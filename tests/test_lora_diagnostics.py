@@ -53,8 +53,13 @@ def test_norms_match_forming_b_times_a_per_component_and_block():
     values = lora_norms(lora_pairs(network, by_block=True))
     te1, te2 = network.text_encoder_loras
     unet5, unet5b, unet18 = network.unet_loras
-    expected = {"te1": [te1], "te2": [te2], "unet": network.unet_loras, "unet_block05": [unet5, unet5b],
-                "unet_block18": [unet18]}
+    expected = {
+        "te1": [te1],
+        "te2": [te2],
+        "unet": network.unet_loras,
+        "unet_block05": [unet5, unet5b],
+        "unet_block18": [unet18],
+    }
     assert {key.split("/")[1] for key in values} == set(expected)
     for group, loras in expected.items():
         naive = _naive(loras)
@@ -84,15 +89,17 @@ def test_relative_update_is_one_steps_change_over_the_weights_before():
     network = _network()
     pairs = lora_pairs(network)
     before = snapshot(pairs)
-    old = [(lora.lora_down.weight.detach().clone(), lora.lora_up.weight.detach().clone())
-           for lora in network.unet_loras]
+    old = [
+        (lora.lora_down.weight.detach().clone(), lora.lora_up.weight.detach().clone()) for lora in network.unet_loras
+    ]
     with torch.no_grad():
         for lora in network.unet_loras:
             lora.lora_down.weight.add_(0.01)
             lora.lora_up.weight.mul_(1.5)
     values = relative_updates(pairs, before)
-    delta_a = math.sqrt(sum((lora.lora_down.weight - a).square().sum().item()
-                            for lora, (a, _) in zip(network.unet_loras, old)))
+    delta_a = math.sqrt(
+        sum((lora.lora_down.weight - a).square().sum().item() for lora, (a, _) in zip(network.unet_loras, old))
+    )
     norm_a = math.sqrt(sum(a.square().sum().item() for a, _ in old))
     assert values["lora/unet/update_A"] == pytest.approx(delta_a / norm_a, rel=1e-5)
     assert values["lora/unet/update_B"] == pytest.approx(0.5, rel=1e-5)  # B x 1.5: a change of half of B

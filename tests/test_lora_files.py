@@ -105,12 +105,15 @@ def test_old_text_encoder_names_without_text_model_load_the_same(models, trained
     for key, value in load_file(str(path)).items():
         for prefix in ("lora_te1_text_model_", "lora_te2_text_model_"):
             if key.startswith(prefix):
-                key = prefix.replace("text_model_", "") + key[len(prefix):]
+                key = prefix.replace("text_model_", "") + key[len(prefix) :]
         old[key] = value
     assert any(k.startswith("lora_te1_encoder_layers_") for k in old)
     old_path = tmp_path / "old.safetensors"
     save_file(old, str(old_path))
-    assert normalize_lora_key("lora_te1_encoder_layers_0_mlp_fc1.alpha") == "lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha"
+    assert (
+        normalize_lora_key("lora_te1_encoder_layers_0_mlp_fc1.alpha")
+        == "lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha"
+    )
     assert normalize_lora_key("lora_unet_middle_block_1_proj_in.alpha") == "lora_unet_middle_block_1_proj_in.alpha"
 
     network, weights = create_network_from_weights(1.0, old_path, None, _encoders(models), models.unet)

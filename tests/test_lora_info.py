@@ -58,8 +58,9 @@ def test_modules_per_component_dims_and_alphas(saved_lora, tiny_models):
     assert info["modules"] == len(network.unet_loras) + len(network.text_encoder_loras)
     assert comps["te1"]["dims"] == [4] and comps["te1"]["alphas"] == [1.0] and comps["te1"]["conv_modules"] == 0
     assert comps["unet"]["dims"] == [2, 4]  # Linear / 1x1 layers take dim 4, 3x3 convs conv_dim 2
-    conv3x3 = sum(1 for m in network.unet_loras if m.lora_down.weight.dim() == 4
-                  and tuple(m.lora_down.weight.shape[2:]) != (1, 1))
+    conv3x3 = sum(
+        1 for m in network.unet_loras if m.lora_down.weight.dim() == 4 and tuple(m.lora_down.weight.shape[2:]) != (1, 1)
+    )
     assert info["conv"] == {"modules": conv3x3, "dims": [2], "alphas": [1.0]} and conv3x3 > 0
     assert info["dtypes"] == ["float16"] and info["tensors"] == 3 * info["modules"]
     # UNet blocks in order, summing to the UNet's modules; SDXL's level 0 has ResNets only (conv LoRA).
@@ -99,12 +100,18 @@ def test_json_output_parses(saved_lora, capsys):
 def test_sd_scripts_metadata_without_param_groups(tmp_path):
     """A UNet-only sd-scripts file: LoRA+ read from ss_network_args (the specific ratio wins)."""
     path = tmp_path / "sd_scripts.safetensors"
-    save_file({
-        "lora_unet_middle_block_1_proj_in.lora_down.weight": torch.zeros(8, 16),
-        "lora_unet_middle_block_1_proj_in.lora_up.weight": torch.zeros(16, 8),
-        "lora_unet_middle_block_1_proj_in.alpha": torch.tensor(4.0),
-    }, str(path), metadata={"ss_network_module": "networks.lora",
-                            "ss_network_args": '{"loraplus_lr_ratio": "16", "loraplus_unet_lr_ratio": "8"}'})
+    save_file(
+        {
+            "lora_unet_middle_block_1_proj_in.lora_down.weight": torch.zeros(8, 16),
+            "lora_unet_middle_block_1_proj_in.lora_up.weight": torch.zeros(16, 8),
+            "lora_unet_middle_block_1_proj_in.alpha": torch.tensor(4.0),
+        },
+        str(path),
+        metadata={
+            "ss_network_module": "networks.lora",
+            "ss_network_args": '{"loraplus_lr_ratio": "16", "loraplus_unet_lr_ratio": "8"}',
+        },
+    )
     info = describe_lora(path)
     assert info["loraplus"] == {"enabled": True, "unet_ratio": 8.0, "text_encoder_ratio": 16.0}
     assert info["param_groups"] is None and info["unet_blocks"] == {"middle_block": 1}
@@ -113,13 +120,16 @@ def test_sd_scripts_metadata_without_param_groups(tmp_path):
 
 def test_file_without_metadata(tmp_path):
     path = tmp_path / "bare.safetensors"
-    save_file({
-        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 32),
-        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(128, 2),
-        "lora_unet_input_blocks_4_0_in_layers_2.lora_down.weight": torch.zeros(3, 32, 3, 3),
-        "lora_unet_input_blocks_4_0_in_layers_2.lora_up.weight": torch.zeros(64, 3, 1, 1),
-        "lora_unet_input_blocks_4_0_in_layers_2.alpha": torch.tensor(0.0),  # 0 means alpha = rank
-    }, str(path))
+    save_file(
+        {
+            "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 32),
+            "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(128, 2),
+            "lora_unet_input_blocks_4_0_in_layers_2.lora_down.weight": torch.zeros(3, 32, 3, 3),
+            "lora_unet_input_blocks_4_0_in_layers_2.lora_up.weight": torch.zeros(64, 3, 1, 1),
+            "lora_unet_input_blocks_4_0_in_layers_2.alpha": torch.tensor(0.0),  # 0 means alpha = rank
+        },
+        str(path),
+    )
     info = describe_lora(path)
     assert not info["has_metadata"] and info["param_groups"] is None
     assert info["loraplus"]["enabled"] is None
@@ -131,10 +141,16 @@ def test_file_without_metadata(tmp_path):
 
 def test_runs_from_the_repo_root(saved_lora):
     path, _, _ = saved_lora
-    proc = subprocess.run([sys.executable, "tools/lora_info.py", str(path)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "tools/lora_info.py", str(path)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     assert "LoRA+: on" in proc.stdout
-    missing = subprocess.run([sys.executable, "tools/lora_info.py", "missing.safetensors"], cwd=REPO_ROOT,
-                             capture_output=True, text=True, timeout=60)
+    missing = subprocess.run(
+        [sys.executable, "tools/lora_info.py", "missing.safetensors"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert missing.returncode == 2 and missing.stderr.strip() == "error: no such file: missing.safetensors"

@@ -108,20 +108,30 @@ def test_full_size_sdxl_has_sd_scripts_module_counts():
     assert "lora_unet_input_blocks_8_1_transformer_blocks_9_attn2_to_out_0" in names
     assert "lora_unet_output_blocks_2_1_transformer_blocks_9_ff_net_2" in names
     te_names = {t.lora_name for t in text_encoder_targets(te1, "lora_te1") + text_encoder_targets(te2, "lora_te2")}
-    assert {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj", "lora_te1_text_model_encoder_layers_11_mlp_fc2",
-            "lora_te2_text_model_encoder_layers_0_self_attn_out_proj",
-            "lora_te2_text_model_encoder_layers_31_mlp_fc2"} <= te_names
+    assert {
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+        "lora_te1_text_model_encoder_layers_11_mlp_fc2",
+        "lora_te2_text_model_encoder_layers_0_self_attn_out_proj",
+        "lora_te2_text_model_encoder_layers_31_mlp_fc2",
+    } <= te_names
     with_conv = {t.lora_name for t in unet_targets(unet, include_conv=True)}
     # One name per UNet level and kind (SDXL's upsamplers sit at index 2 after the attention: output_blocks_2_2_conv,
     # not the SD1.5-style output_blocks_2_1_conv).
     assert {
-        "lora_unet_input_blocks_1_0_in_layers_2", "lora_unet_input_blocks_2_0_emb_layers_1",
-        "lora_unet_input_blocks_3_0_op", "lora_unet_input_blocks_4_0_skip_connection",
-        "lora_unet_input_blocks_4_1_proj_in", "lora_unet_input_blocks_6_0_op",
-        "lora_unet_input_blocks_7_1_transformer_blocks_0_attn1_to_q", "lora_unet_middle_block_0_out_layers_3",
-        "lora_unet_middle_block_1_transformer_blocks_9_attn2_to_v", "lora_unet_middle_block_2_in_layers_2",
-        "lora_unet_output_blocks_0_0_skip_connection", "lora_unet_output_blocks_2_2_conv",
-        "lora_unet_output_blocks_5_2_conv", "lora_unet_output_blocks_5_1_proj_out",
+        "lora_unet_input_blocks_1_0_in_layers_2",
+        "lora_unet_input_blocks_2_0_emb_layers_1",
+        "lora_unet_input_blocks_3_0_op",
+        "lora_unet_input_blocks_4_0_skip_connection",
+        "lora_unet_input_blocks_4_1_proj_in",
+        "lora_unet_input_blocks_6_0_op",
+        "lora_unet_input_blocks_7_1_transformer_blocks_0_attn1_to_q",
+        "lora_unet_middle_block_0_out_layers_3",
+        "lora_unet_middle_block_1_transformer_blocks_9_attn2_to_v",
+        "lora_unet_middle_block_2_in_layers_2",
+        "lora_unet_output_blocks_0_0_skip_connection",
+        "lora_unet_output_blocks_2_2_conv",
+        "lora_unet_output_blocks_5_2_conv",
+        "lora_unet_output_blocks_5_1_proj_out",
         "lora_unet_output_blocks_8_0_out_layers_3",
     } <= with_conv
     assert "lora_unet_output_blocks_2_1_conv" not in with_conv
@@ -132,7 +142,17 @@ def test_full_size_sdxl_has_sd_scripts_module_counts():
 
     per_block = Counter(block_index(name) for name in names)
     assert dict(sorted(per_block.items())) == {
-        5: 22, 6: 22, 8: 102, 9: 102, 11: 102, 13: 102, 14: 102, 15: 102, 16: 22, 17: 22, 18: 22
+        5: 22,
+        6: 22,
+        8: 102,
+        9: 102,
+        11: 102,
+        13: 102,
+        14: 102,
+        15: 102,
+        16: 22,
+        17: 22,
+        18: 22,
     }
     with_conv = Counter(block_index(t.lora_name) for t in unet_targets(unet, include_conv=True))
     assert set(with_conv) == set(range(2, 22))  # conv_in (1), embeddings (0) and out (22) are never adapted
@@ -154,7 +174,12 @@ def test_full_size_sdxl_has_sd_scripts_module_counts():
             2e-4,
             {"textencoder": 5e-5, "textencoder plus": 8e-4, "unet": 2e-4, "unet plus": 8e-4},
         ),
-        ({"loraplus_text_encoder_lr_ratio": "2.5"}, None, 3e-4, {"textencoder": 1e-4, "textencoder plus": 2.5e-4, "unet": 3e-4}),
+        (
+            {"loraplus_text_encoder_lr_ratio": "2.5"},
+            None,
+            3e-4,
+            {"textencoder": 1e-4, "textencoder plus": 2.5e-4, "unet": 3e-4},
+        ),
         ({"loraplus_lr_ratio": "16"}, 0.0, None, {"unet": 1e-4, "unet plus": 1.6e-3}),
     ],
 )
@@ -288,7 +313,7 @@ def test_diffusers_load_lora_weights_matches_our_network(models, tiny_sdxl, tmp_
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl.diffusers_dir, local_files_only=True)
     pipe.load_lora_weights(str(path))
-    wrapped = {n for n, m in pipe.unet.named_modules() if hasattr(m, "lora_A") and len(getattr(m, "lora_A"))}
+    wrapped = {n for n, m in pipe.unet.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
     assert len(wrapped) == len(network.unet_loras)
     with torch.no_grad():
         theirs = pipe.unet(**inputs).sample
@@ -404,8 +429,14 @@ def test_block_dims_and_alphas_set_module_ranks(models):
     alphas = [1.0] * 23
     alphas[11], alphas[13] = 3.5, 0.0  # alpha 0 means alpha = rank
     network = lora.create_network(
-        1.0, 8, 2.0, models.vae, [models.text_encoder1, models.text_encoder2], models.unet,
-        block_dims=",".join(map(str, dims)), block_alphas=",".join(map(str, alphas)),
+        1.0,
+        8,
+        2.0,
+        models.vae,
+        [models.text_encoder1, models.text_encoder2],
+        models.unet,
+        block_dims=",".join(map(str, dims)),
+        block_alphas=",".join(map(str, alphas)),
     )
     seen = set()
     for module in network.unet_loras:
@@ -425,8 +456,11 @@ def test_conv_block_dims_and_zero_weight_blocks_with_conv(models):
     conv_dims = [3] * 23
     conv_dims[2], conv_dims[19] = 1, 0  # input_blocks_1, output_blocks_6
     network = _network(
-        models, conv_dim="5", conv_block_dims=",".join(map(str, conv_dims)),
-        conv_block_alphas=",".join(["1.5"] * 23), up_lr_weight="1,1,1,1,1,1,1,0,1",  # output_blocks_7 dropped
+        models,
+        conv_dim="5",
+        conv_block_dims=",".join(map(str, conv_dims)),
+        conv_block_alphas=",".join(["1.5"] * 23),
+        up_lr_weight="1,1,1,1,1,1,1,0,1",  # output_blocks_7 dropped
     )
     by_block: dict[int, set] = {}
     for module in network.unet_loras:
@@ -448,8 +482,14 @@ def test_conv_block_dims_and_zero_weight_blocks_with_conv(models):
 def test_network_from_weights_freezes_zero_weight_blocks(models):
     source = _network(models)
     network, _ = lora.create_network_from_weights(
-        1.0, None, models.vae, [models.text_encoder1, models.text_encoder2], models.unet,
-        weights_sd=source.state_dict(), down_lr_weight="1,1,1,1,0,1,1,1,1", block_lr_zero_threshold="0",
+        1.0,
+        None,
+        models.vae,
+        [models.text_encoder1, models.text_encoder2],
+        models.unet,
+        weights_sd=source.state_dict(),
+        down_lr_weight="1,1,1,1,0,1,1,1,1",
+        block_lr_zero_threshold="0",
     )
     frozen = [m for m in network.unet_loras if block_index(m.lora_name) == 5]
     assert frozen  # the file's modules stay (and are saved back unchanged)

@@ -22,8 +22,12 @@ A, B = "lora_down.weight", "lora_up.weight"
 
 def _table(rule: LoRAPlusRule) -> dict[tuple[str, str], tuple[str, float]]:
     """(LoRA name, parameter) -> (group, lr) for the dropped groups too."""
-    return {(name, side): (group.description, group.lr)
-            for name in NAMES for side in (A, B) for group in [group_of(rule, name, side)]}
+    return {
+        (name, side): (group.description, group.lr)
+        for name in NAMES
+        for side in (A, B)
+        for group in [group_of(rule, name, side)]
+    }
 
 
 def _expected(te: tuple[str, float, str, float], unet: dict[str, tuple[str, float, str, float]]):
@@ -39,8 +43,12 @@ def _same_unet(*row):
 
 # down: input_blocks 0-8 = blocks 1-9, block 5 (input_blocks_4) weighs 0.5; mid: blocks 10-12, block 11 weighs 2;
 # up: output_blocks 0-8 = blocks 13-21, block 18 weighs 0.05, not above the threshold: 0, dropped
-BLOCKS = {"down_lr_weight": "1,1,1,1,0.5,1,1,1,1", "mid_lr_weight": "0.25,2,0.25",
-          "up_lr_weight": "1,1,1,1,1,0.05,1,1,1", "block_lr_zero_threshold": "0.1"}
+BLOCKS = {
+    "down_lr_weight": "1,1,1,1,0.5,1,1,1,1",
+    "mid_lr_weight": "0.25,2,0.25",
+    "up_lr_weight": "1,1,1,1,1,0.05,1,1,1",
+    "block_lr_zero_threshold": "0.1",
+}
 
 CASES = {
     "no ratio: A and B share one group per component": (
@@ -69,11 +77,14 @@ CASES = {
     ),
     "block weights with a ratio: one group per block, lr x weight (x ratio for B), threshold -> 0": (
         LoRAPlusRule.from_network_args(1e-4, None, None, {**BLOCKS, "loraplus_lr_ratio": "16"}),
-        _expected(("textencoder", 1e-4, "textencoder plus", 1.6e-3), {
-            UNET5: ("unet_block5", 5e-5, "unet_block5 plus", 8e-4),
-            UNET11: ("unet_block11", 2e-4, "unet_block11 plus", 3.2e-3),
-            UNET18: ("unet_block18", 0.0, "unet_block18 plus", 0.0),
-        }),
+        _expected(
+            ("textencoder", 1e-4, "textencoder plus", 1.6e-3),
+            {
+                UNET5: ("unet_block5", 5e-5, "unet_block5 plus", 8e-4),
+                UNET11: ("unet_block11", 2e-4, "unet_block11 plus", 3.2e-3),
+                UNET18: ("unet_block18", 0.0, "unet_block18 plus", 0.0),
+            },
+        ),
     ),
 }
 
@@ -99,19 +110,22 @@ def test_grouped_orders_as_sd_scripts_and_drops_rate_zero():
         ("unet_block11", [f"{UNET11}.{A}"]),
         ("unet_block11 plus", [f"{UNET11}.{B}"]),
     ]  # block 18 (weight 0.05, under the threshold) is dropped: its parameters are in no group
-    assert [(g.component, g.plus, g.block) for g, _ in groups][1:3] == [("textencoder", True, None),
-                                                                        ("unet", False, 5)]
+    assert [(g.component, g.plus, g.block) for g, _ in groups][1:3] == [("textencoder", True, None), ("unet", False, 5)]
 
 
 def test_planned_groups_without_a_model():
     ratios = LoRAPlusRatios(unet=16.0, text_encoder=4.0)
     both = planned_groups(LoRAPlusRule.from_rates(1e-4, None, None, ratios), train_text_encoder=True, train_unet=True)
     assert {g.description: g.lr for g in both} == pytest.approx(
-        {"textencoder": 1e-4, "textencoder plus": 4e-4, "unet": 1e-4, "unet plus": 1.6e-3})
+        {"textencoder": 1e-4, "textencoder plus": 4e-4, "unet": 1e-4, "unet plus": 1.6e-3}
+    )
     unet_only = planned_groups(LoRAPlusRule.from_rates(1.0, None, [0.0]), train_text_encoder=True, train_unet=True)
     assert [(g.description, g.lr) for g in unet_only] == [("unet", 1.0)]
-    blocks = planned_groups(LoRAPlusRule.from_rates(1.0, block_lr_weights=block_lr_weights(BLOCKS)),
-                            train_text_encoder=False, train_unet=True)
+    blocks = planned_groups(
+        LoRAPlusRule.from_rates(1.0, block_lr_weights=block_lr_weights(BLOCKS)),
+        train_text_encoder=False,
+        train_unet=True,
+    )
     assert [g.block for g in blocks] == [b for b in range(1, 22) if b != 18]  # 0, 22: never adapted; 18: weight 0
     assert {g.description: g.lr for g in blocks}["unet_block11"] == 2.0
 
@@ -146,8 +160,9 @@ def test_fast_group_holds_the_tensors_peft_loraplus_puts_there():
     lr, ratio = 1e-4, 16.0
     optimizer = create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio)
     names = {id(p): name for name, p in model.named_parameters()}
-    peft_fast = {id(p) for g in optimizer.param_groups if g["lr"] == lr * ratio for p in g["params"]
-                 if "lora_B" in names[id(p)]}
+    peft_fast = {
+        id(p) for g in optimizer.param_groups if g["lr"] == lr * ratio for p in g["params"] if "lora_B" in names[id(p)]
+    }
     peft_slow = {id(p) for g in optimizer.param_groups if g["lr"] == lr for p in g["params"]}
 
     rule = LoRAPlusRule.from_rates(lr, ratios=LoRAPlusRatios(unet=ratio, text_encoder=ratio))

@@ -18,10 +18,17 @@ from library.config.build import loss_config
 from library.config.cli import add_loss_arguments
 from library.errors import UserInputError
 from library.train.loss import (
-    NoisedBatch, diffusion_loss, element_loss, huber_threshold, make_noise_scheduler, noise_batch, pyramid_noise,
+    LossOptions,
+    NoisedBatch,
+    diffusion_loss,
+    element_loss,
+    huber_threshold,
+    loss_metadata,
+    make_noise_scheduler,
+    noise_batch,
+    pyramid_noise,
 )
 from tests.loss_reference import epsilon_mse_loss
-from library.train.loss import LossOptions, loss_metadata
 
 B, C, H, W = 4, 4, 16, 16
 TIMESTEPS = torch.tensor([0, 100, 500, 999])
@@ -59,13 +66,16 @@ def _parse(*argv: str) -> argparse.Namespace:
 
 # --- Defaults: the plain epsilon MSE the trainer used before.
 
+
 def test_default_options_reproduce_epsilon_mse_loss_exactly():
     scheduler = make_noise_scheduler()
     latents, prediction, _ = _tensors()
     batch = noise_batch(scheduler, latents, LossOptions(), generator=torch.Generator().manual_seed(1))
     weights = torch.tensor([1.0, 0.5, 2.0, 1.0])
-    assert torch.equal(diffusion_loss(prediction, batch, weights, scheduler, LossOptions()),
-                       epsilon_mse_loss(prediction, batch.noise, weights))
+    assert torch.equal(
+        diffusion_loss(prediction, batch, weights, scheduler, LossOptions()),
+        epsilon_mse_loss(prediction, batch.noise, weights),
+    )
     assert batch.target is batch.noise and batch.huber_c is None
     assert torch.equal(batch.noisy, scheduler.add_noise(latents, batch.noise, batch.timesteps))
 
@@ -80,11 +90,21 @@ def test_default_noise_is_standard_normal():
 def test_a_fixed_generator_gives_the_same_batch_twice():
     scheduler = make_noise_scheduler()
     latents, _, _ = _tensors()
-    options = LossOptions(noise_offset=0.1, noise_offset_random_strength=True, adaptive_noise_scale=0.2,
-                          multires_noise_iterations=4, multires_noise_discount=0.5, ip_noise_gamma=0.1,
-                          ip_noise_gamma_random_strength=True, loss_type="huber", min_timestep=100, max_timestep=900)
-    first, second = (noise_batch(scheduler, latents, options, generator=torch.Generator().manual_seed(7))
-                     for _ in range(2))
+    options = LossOptions(
+        noise_offset=0.1,
+        noise_offset_random_strength=True,
+        adaptive_noise_scale=0.2,
+        multires_noise_iterations=4,
+        multires_noise_discount=0.5,
+        ip_noise_gamma=0.1,
+        ip_noise_gamma_random_strength=True,
+        loss_type="huber",
+        min_timestep=100,
+        max_timestep=900,
+    )
+    first, second = (
+        noise_batch(scheduler, latents, options, generator=torch.Generator().manual_seed(7)) for _ in range(2)
+    )
     for name in ("noisy", "target", "timesteps", "noise", "huber_c"):
         assert torch.equal(getattr(first, name), getattr(second, name)), name
     other = noise_batch(scheduler, latents, options, generator=torch.Generator().manual_seed(8))
@@ -101,6 +121,7 @@ def test_given_noise_and_timesteps_are_used_as_is():
 
 # --- Timesteps.
 
+
 def test_timesteps_stay_within_min_inclusive_max_exclusive():
     scheduler = make_noise_scheduler()
     latents = torch.zeros(512, 1, 2, 2)
@@ -112,12 +133,19 @@ def test_timesteps_stay_within_min_inclusive_max_exclusive():
 
 # --- Noise shaping.
 
+
 def test_noise_offset_adds_offset_times_normal_per_sample_and_channel():
     scheduler = make_noise_scheduler()
     latents = torch.zeros(B, C, H, W)
     zero_noise = torch.zeros(B, C, H, W)
-    batch = noise_batch(scheduler, latents, LossOptions(noise_offset=0.1), noise=zero_noise,
-                        timesteps=TIMESTEPS, generator=torch.Generator().manual_seed(3))
+    batch = noise_batch(
+        scheduler,
+        latents,
+        LossOptions(noise_offset=0.1),
+        noise=zero_noise,
+        timesteps=TIMESTEPS,
+        generator=torch.Generator().manual_seed(3),
+    )
     expected = 0.1 * torch.randn(B, C, 1, 1, generator=torch.Generator().manual_seed(3))
     assert torch.allclose(batch.noise, expected.expand(B, C, H, W))
 
@@ -139,8 +167,14 @@ def test_noise_offset_random_strength_stays_below_the_offset():
     scheduler = make_noise_scheduler()
     latents = torch.zeros(B, C, H, W)
     options = LossOptions(noise_offset=0.1, noise_offset_random_strength=True)
-    batch = noise_batch(scheduler, latents, options, noise=torch.zeros_like(latents), timesteps=TIMESTEPS,
-                        generator=torch.Generator().manual_seed(3))
+    batch = noise_batch(
+        scheduler,
+        latents,
+        options,
+        noise=torch.zeros_like(latents),
+        timesteps=TIMESTEPS,
+        generator=torch.Generator().manual_seed(3),
+    )
     g = torch.Generator().manual_seed(3)
     strength = 0.1 * torch.rand(1, generator=g).item()
     z = torch.randn(B, C, 1, 1, generator=g)
@@ -153,15 +187,26 @@ def test_adaptive_noise_scale_adds_the_channel_mean_magnitude_to_the_offset():
     channel_means = torch.tensor([0.5, -1.0, 2.0, 0.0])
     latents = channel_means.view(1, C, 1, 1).expand(B, C, H, W).clone()
     options = LossOptions(noise_offset=0.1, adaptive_noise_scale=0.2)
-    batch = noise_batch(scheduler, latents, options, noise=torch.zeros_like(latents), timesteps=TIMESTEPS,
-                        generator=torch.Generator().manual_seed(4))
+    batch = noise_batch(
+        scheduler,
+        latents,
+        options,
+        noise=torch.zeros_like(latents),
+        timesteps=TIMESTEPS,
+        generator=torch.Generator().manual_seed(4),
+    )
     z = torch.randn(B, C, 1, 1, generator=torch.Generator().manual_seed(4))
     strength = (0.1 + 0.2 * channel_means.abs()).view(1, C, 1, 1)
     assert torch.allclose(batch.noise[:, :, :1, :1], strength * z)
     # A negative scale can push the offset below 0: sd-scripts clamps it there.
-    negative = noise_batch(scheduler, latents, replace(options, adaptive_noise_scale=-1.0),
-                           noise=torch.zeros_like(latents), timesteps=TIMESTEPS,
-                           generator=torch.Generator().manual_seed(4))
+    negative = noise_batch(
+        scheduler,
+        latents,
+        replace(options, adaptive_noise_scale=-1.0),
+        noise=torch.zeros_like(latents),
+        timesteps=TIMESTEPS,
+        generator=torch.Generator().manual_seed(4),
+    )
     assert torch.equal(negative.noise[:, 2], torch.zeros(B, H, W))  # 0.1 - 2.0 < 0 -> no offset
 
 
@@ -194,8 +239,9 @@ def test_ip_noise_gamma_perturbs_the_input_but_not_the_target():
     scheduler = make_noise_scheduler()
     latents, noise, _ = _tensors()
     options = LossOptions(ip_noise_gamma=0.1)
-    batch = noise_batch(scheduler, latents, options, noise=noise, timesteps=TIMESTEPS,
-                        generator=torch.Generator().manual_seed(9))
+    batch = noise_batch(
+        scheduler, latents, options, noise=noise, timesteps=TIMESTEPS, generator=torch.Generator().manual_seed(9)
+    )
     assert torch.equal(batch.target, noise) and torch.equal(batch.noise, noise)
     z = torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(9))
     expected = scheduler.add_noise(latents, noise + 0.1 * z, TIMESTEPS)
@@ -207,8 +253,9 @@ def test_ip_noise_gamma_random_strength_draws_gamma_below_the_maximum():
     scheduler = make_noise_scheduler()
     latents, noise, _ = _tensors()
     options = LossOptions(ip_noise_gamma=0.1, ip_noise_gamma_random_strength=True)
-    batch = noise_batch(scheduler, latents, options, noise=noise, timesteps=TIMESTEPS,
-                        generator=torch.Generator().manual_seed(9))
+    batch = noise_batch(
+        scheduler, latents, options, noise=noise, timesteps=TIMESTEPS, generator=torch.Generator().manual_seed(9)
+    )
     g = torch.Generator().manual_seed(9)
     gamma = 0.1 * torch.rand(1, generator=g).item()
     z = torch.randn(B, C, H, W, generator=g)
@@ -217,6 +264,7 @@ def test_ip_noise_gamma_random_strength_draws_gamma_below_the_maximum():
 
 
 # --- Schedule and targets.
+
 
 def test_zero_terminal_snr_ends_at_zero_and_keeps_the_start():
     original = make_noise_scheduler().alphas_cumprod.double()
@@ -248,6 +296,7 @@ def test_v_parameterization_target_is_the_velocity():
 
 
 # --- Per-timestep weights.
+
 
 @pytest.mark.parametrize("v_prediction", [False, True])
 def test_min_snr_gamma_weights_each_sample_by_min_snr_gamma_over_snr(v_prediction):
@@ -309,6 +358,7 @@ def test_snr_weights_use_the_schedule_before_the_zero_terminal_rescale():
 
 # --- Loss types.
 
+
 def test_huber_loss_is_sd_scripts_pseudo_huber_per_element():
     d = torch.tensor([0.0, 0.01, 0.1, 1.0, -3.0]).view(1, 1, 1, 5)
     c = torch.tensor([0.1])
@@ -362,56 +412,105 @@ def test_huber_loss_through_the_entry_points():
     expected = (2 * 0.3 * ((d**2 + 0.09).sqrt() - 0.3)).mean(dim=(1, 2, 3)).mean()
     loss = diffusion_loss(prediction, batch, torch.ones(B), scheduler, options)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    with_zero_terminal = noise_batch(make_noise_scheduler(True), latents, LossOptions(loss_type="smooth_l1"),
-                                     noise=noise, timesteps=TIMESTEPS)
+    with_zero_terminal = noise_batch(
+        make_noise_scheduler(True), latents, LossOptions(loss_type="smooth_l1"), noise=noise, timesteps=TIMESTEPS
+    )
     assert torch.isfinite(with_zero_terminal.huber_c).all()  # sigma = inf at t=999 gives c, not NaN
     assert with_zero_terminal.huber_c[-1].item() == pytest.approx(0.1)
 
 
 # --- Flags and validation.
 
+
 def test_flag_defaults_give_the_default_options():
     assert loss_config(_parse()) == LossOptions()
 
 
 def test_flags_map_to_options():
-    options = loss_config(_parse(
-        "--noise_offset", "0.05", "--noise_offset_random_strength", "--adaptive_noise_scale", "0.01",
-        "--multires_noise_iterations", "6", "--multires_noise_discount", "0.4", "--min_snr_gamma", "5",
-        "--v_parameterization", "--scale_v_pred_loss_like_noise_pred", "--debiased_estimation_loss",
-        "--loss_type", "smooth_l1", "--huber_c", "0.2", "--huber_schedule", "exponential", "--huber_scale", "1.5",
-        "--zero_terminal_snr", "--ip_noise_gamma", "0.1", "--ip_noise_gamma_random_strength",
-        "--min_timestep", "100", "--max_timestep", "900"))
+    options = loss_config(
+        _parse(
+            "--noise_offset",
+            "0.05",
+            "--noise_offset_random_strength",
+            "--adaptive_noise_scale",
+            "0.01",
+            "--multires_noise_iterations",
+            "6",
+            "--multires_noise_discount",
+            "0.4",
+            "--min_snr_gamma",
+            "5",
+            "--v_parameterization",
+            "--scale_v_pred_loss_like_noise_pred",
+            "--debiased_estimation_loss",
+            "--loss_type",
+            "smooth_l1",
+            "--huber_c",
+            "0.2",
+            "--huber_schedule",
+            "exponential",
+            "--huber_scale",
+            "1.5",
+            "--zero_terminal_snr",
+            "--ip_noise_gamma",
+            "0.1",
+            "--ip_noise_gamma_random_strength",
+            "--min_timestep",
+            "100",
+            "--max_timestep",
+            "900",
+        )
+    )
     assert options == LossOptions(
-        noise_offset=0.05, noise_offset_random_strength=True, adaptive_noise_scale=0.01, multires_noise_iterations=6,
-        multires_noise_discount=0.4, min_snr_gamma=5.0, v_parameterization=True,
-        scale_v_pred_loss_like_noise_pred=True, debiased_estimation_loss=True, loss_type="smooth_l1", huber_c=0.2,
-        huber_schedule="exponential", huber_scale=1.5, zero_terminal_snr=True, ip_noise_gamma=0.1,
-        ip_noise_gamma_random_strength=True, min_timestep=100, max_timestep=900)
+        noise_offset=0.05,
+        noise_offset_random_strength=True,
+        adaptive_noise_scale=0.01,
+        multires_noise_iterations=6,
+        multires_noise_discount=0.4,
+        min_snr_gamma=5.0,
+        v_parameterization=True,
+        scale_v_pred_loss_like_noise_pred=True,
+        debiased_estimation_loss=True,
+        loss_type="smooth_l1",
+        huber_c=0.2,
+        huber_schedule="exponential",
+        huber_scale=1.5,
+        zero_terminal_snr=True,
+        ip_noise_gamma=0.1,
+        ip_noise_gamma_random_strength=True,
+        min_timestep=100,
+        max_timestep=900,
+    )
     assert options.timestep_range == (100, 900)
 
 
 def test_zero_means_off_as_in_sd_scripts():
-    options = loss_config(_parse("--noise_offset", "0", "--min_snr_gamma", "0",
-                                            "--multires_noise_iterations", "0", "--ip_noise_gamma", "0"))
+    options = loss_config(
+        _parse(
+            "--noise_offset", "0", "--min_snr_gamma", "0", "--multires_noise_iterations", "0", "--ip_noise_gamma", "0"
+        )
+    )
     assert options == LossOptions()
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["--min_timestep", "500", "--max_timestep", "500"], "--min_timestep"),
-    (["--min_timestep", "-1"], "--min_timestep"),
-    (["--max_timestep", "1001"], "--max_timestep"),
-    (["--min_timestep", "1000"], "--min_timestep"),
-    (["--min_snr_gamma", "-5"], "--min_snr_gamma"),
-    (["--noise_offset", "-0.1"], "--noise_offset"),
-    (["--adaptive_noise_scale", "0.1"], "--noise_offset"),
-    (["--scale_v_pred_loss_like_noise_pred"], "--v_parameterization"),
-    (["--loss_type", "huber", "--huber_c", "0"], "--huber_c"),
-    (["--huber_scale", "-1"], "--huber_scale"),
-    (["--multires_noise_iterations", "-2"], "--multires_noise_iterations"),
-    (["--multires_noise_discount", "-0.3"], "--multires_noise_discount"),
-    (["--ip_noise_gamma", "-0.1"], "--ip_noise_gamma"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--min_timestep", "500", "--max_timestep", "500"], "--min_timestep"),
+        (["--min_timestep", "-1"], "--min_timestep"),
+        (["--max_timestep", "1001"], "--max_timestep"),
+        (["--min_timestep", "1000"], "--min_timestep"),
+        (["--min_snr_gamma", "-5"], "--min_snr_gamma"),
+        (["--noise_offset", "-0.1"], "--noise_offset"),
+        (["--adaptive_noise_scale", "0.1"], "--noise_offset"),
+        (["--scale_v_pred_loss_like_noise_pred"], "--v_parameterization"),
+        (["--loss_type", "huber", "--huber_c", "0"], "--huber_c"),
+        (["--huber_scale", "-1"], "--huber_scale"),
+        (["--multires_noise_iterations", "-2"], "--multires_noise_iterations"),
+        (["--multires_noise_discount", "-0.3"], "--multires_noise_discount"),
+        (["--ip_noise_gamma", "-0.1"], "--ip_noise_gamma"),
+    ],
+)
 def test_bad_values_are_one_line_errors_naming_the_flag(argv, flag):
     with pytest.raises(UserInputError) as error:
         loss_config(_parse(*argv))
@@ -426,11 +525,20 @@ def test_unknown_loss_type_is_rejected_by_the_parser():
 
 def test_loss_metadata_defaults_match_sd_scripts():
     assert loss_metadata(LossOptions()) == {
-        "ss_noise_offset": "None", "ss_noise_offset_random_strength": "False", "ss_adaptive_noise_scale": "None",
-        "ss_multires_noise_iterations": "None", "ss_multires_noise_discount": "0.3", "ss_min_snr_gamma": "None",
-        "ss_debiased_estimation": "False", "ss_zero_terminal_snr": "False", "ss_ip_noise_gamma": "None",
-        "ss_ip_noise_gamma_random_strength": "False", "ss_loss_type": "l2", "ss_huber_schedule": "snr",
-        "ss_huber_c": "0.1", "ss_huber_scale": "1.0",
+        "ss_noise_offset": "None",
+        "ss_noise_offset_random_strength": "False",
+        "ss_adaptive_noise_scale": "None",
+        "ss_multires_noise_iterations": "None",
+        "ss_multires_noise_discount": "0.3",
+        "ss_min_snr_gamma": "None",
+        "ss_debiased_estimation": "False",
+        "ss_zero_terminal_snr": "False",
+        "ss_ip_noise_gamma": "None",
+        "ss_ip_noise_gamma_random_strength": "False",
+        "ss_loss_type": "l2",
+        "ss_huber_schedule": "snr",
+        "ss_huber_c": "0.1",
+        "ss_huber_scale": "1.0",
     }
 
 

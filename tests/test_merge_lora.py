@@ -68,8 +68,9 @@ def _outputs(m) -> dict[str, torch.Tensor]:
     context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
     pooled = torch.randn(2, m.text_encoder2.config.projection_dim, generator=g)
     time_ids = torch.tensor([[128.0, 128.0, 0.0, 0.0, 128.0, 128.0]] * 2)
-    noise_pred = unet(sample, torch.tensor([10, 500]), context,
-                      added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    noise_pred = unet(
+        sample, torch.tensor([10, 500]), context, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}
+    ).sample
     return {"unet": noise_pred, "te1": h1, "te2": out2.hidden_states[-2], "pooled": out2.text_embeds}
 
 
@@ -98,8 +99,12 @@ def _tensors(path) -> dict[str, torch.Tensor]:
 def _merge(tiny_sdxl, out, picks) -> Path:
     files = [str(path) for (_, path), _ in picks]
     ratios = [str(r) for _, r in picks]
-    assert merge_main(["--sd_model", str(tiny_sdxl.single_file), "--models", *files, "--ratios", *ratios,
-                       "--save_to", str(out)]) == 0
+    assert (
+        merge_main(
+            ["--sd_model", str(tiny_sdxl.single_file), "--models", *files, "--ratios", *ratios, "--save_to", str(out)]
+        )
+        == 0
+    )
     return out
 
 
@@ -161,8 +166,21 @@ def test_merge_two_loras_at_different_strengths(models, tiny_sdxl, lora_files, t
 
 def test_save_precision_casts_every_float_tensor(tiny_sdxl, lora_files, tmp_path):
     out = tmp_path / "merged_fp16.safetensors"
-    assert merge_main(["--sd_model", str(tiny_sdxl.single_file), "--models", str(lora_files["b"][1]),
-                       "--save_to", str(out), "--save_precision", "fp16"]) == 0
+    assert (
+        merge_main(
+            [
+                "--sd_model",
+                str(tiny_sdxl.single_file),
+                "--models",
+                str(lora_files["b"][1]),
+                "--save_to",
+                str(out),
+                "--save_precision",
+                "fp16",
+            ]
+        )
+        == 0
+    )
     base, merged = _tensors(tiny_sdxl.single_file), _tensors(out)
     assert {t.dtype for t in merged.values()} == {torch.float16}
     key = "model.diffusion_model.middle_block.1.proj_in.bias"  # untouched: only cast
@@ -178,14 +196,16 @@ def test_te2_qkv_update_their_third_of_in_proj():
 
 
 def test_names_map_to_single_file_keys():
-    table = lora_target_table({
-        "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_out.0.weight": (8, 8),
-        "model.diffusion_model.output_blocks.2.2.conv.weight": (8, 8, 3, 3),
-        "model.diffusion_model.input_blocks.4.1.norm.weight": (8,),
-        "conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc2.weight": (8, 32),
-        "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.weight": (32, 8),
-        "conditioner.embedders.1.model.transformer.resblocks.0.attn.out_proj.weight": (8, 8),
-    })
+    table = lora_target_table(
+        {
+            "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_out.0.weight": (8, 8),
+            "model.diffusion_model.output_blocks.2.2.conv.weight": (8, 8, 3, 3),
+            "model.diffusion_model.input_blocks.4.1.norm.weight": (8,),
+            "conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc2.weight": (8, 32),
+            "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.weight": (32, 8),
+            "conditioner.embedders.1.model.transformer.resblocks.0.attn.out_proj.weight": (8, 8),
+        }
+    )
     assert table["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_out_0"].key.endswith("to_out.0.weight")
     assert table["lora_unet_output_blocks_2_2_conv"].key.endswith("output_blocks.2.2.conv.weight")
     assert "lora_unet_input_blocks_4_1_norm" not in table  # 1-D: no LoRA target
@@ -209,18 +229,34 @@ def test_conv_delta_equals_the_composed_layers():
 
 def test_unknown_module_is_refused_in_one_line(tiny_sdxl, tmp_path):
     bogus = tmp_path / "bogus.safetensors"
-    save_file({
-        "lora_unet_input_blocks_99_1_proj_in.lora_down.weight": torch.zeros(2, 64),
-        "lora_unet_input_blocks_99_1_proj_in.lora_up.weight": torch.zeros(64, 2),
-        "lora_unet_input_blocks_99_1_proj_in.alpha": torch.tensor(1.0),
-        "lora_unet_middle_block_1_proj_in.lora_down.weight": torch.zeros(2, 128),
-        "lora_unet_middle_block_1_proj_in.lora_up.weight": torch.zeros(128, 2),
-    }, str(bogus))
+    save_file(
+        {
+            "lora_unet_input_blocks_99_1_proj_in.lora_down.weight": torch.zeros(2, 64),
+            "lora_unet_input_blocks_99_1_proj_in.lora_up.weight": torch.zeros(64, 2),
+            "lora_unet_input_blocks_99_1_proj_in.alpha": torch.tensor(1.0),
+            "lora_unet_middle_block_1_proj_in.lora_down.weight": torch.zeros(2, 128),
+            "lora_unet_middle_block_1_proj_in.lora_up.weight": torch.zeros(128, 2),
+        },
+        str(bogus),
+    )
     out = tmp_path / "out.safetensors"
     proc = subprocess.run(
-        [sys.executable, "tools/merge_lora.py", "--sd_model", str(tiny_sdxl.single_file), "--models", str(bogus),
-         "--ratios", "1", "--save_to", str(out)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "tools/merge_lora.py",
+            "--sd_model",
+            str(tiny_sdxl.single_file),
+            "--models",
+            str(bogus),
+            "--ratios",
+            "1",
+            "--save_to",
+            str(out),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -232,8 +268,10 @@ def test_unknown_module_is_refused_in_one_line(tiny_sdxl, tmp_path):
 def test_ratio_count_and_missing_files_are_one_line_errors(tiny_sdxl, lora_files, tmp_path, capsys):
     a = str(lora_files["a"][1])
     out = str(tmp_path / "o.safetensors")
-    assert merge_main(["--sd_model", str(tiny_sdxl.single_file), "--models", a, "--ratios", "1", "0.5",
-                       "--save_to", out]) == 2
+    assert (
+        merge_main(["--sd_model", str(tiny_sdxl.single_file), "--models", a, "--ratios", "1", "0.5", "--save_to", out])
+        == 2
+    )
     assert merge_main(["--sd_model", str(tmp_path / "missing.safetensors"), "--models", a, "--save_to", out]) == 2
     assert merge_main(["--sd_model", str(tiny_sdxl.single_file), "--models", a, "--save_to", a]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -247,8 +285,10 @@ def test_fp16_base_stays_fp16(tiny_sdxl, lora_files, tmp_path):
     save_file(base, str(base_file))
     out = tmp_path / "merged.safetensors"
     network, lora_path = lora_files["b"]
-    assert merge_main(["--sd_model", str(base_file), "--models", str(lora_path), "--ratios", "0.5",
-                       "--save_to", str(out)]) == 0
+    assert (
+        merge_main(["--sd_model", str(base_file), "--models", str(lora_path), "--ratios", "0.5", "--save_to", str(out)])
+        == 0
+    )
     merged = _tensors(out)
     assert {t.dtype for t in merged.values()} == {torch.float16}
     module = network.unet_loras[0]
@@ -261,26 +301,45 @@ def test_fp16_base_stays_fp16(tiny_sdxl, lora_files, tmp_path):
 
 def test_lora_for_another_model_is_refused_in_one_line(tiny_sdxl, tmp_path, capsys):
     wrong = tmp_path / "wrong.safetensors"
-    save_file({  # the right name, but a rank-2 LoRA for a 320-wide layer (full-size SDXL) on the tiny 128-wide one
-        "lora_unet_middle_block_1_proj_in.lora_down.weight": torch.zeros(2, 320),
-        "lora_unet_middle_block_1_proj_in.lora_up.weight": torch.zeros(320, 2),
-    }, str(wrong))
+    save_file(
+        {  # the right name, but a rank-2 LoRA for a 320-wide layer (full-size SDXL) on the tiny 128-wide one
+            "lora_unet_middle_block_1_proj_in.lora_down.weight": torch.zeros(2, 320),
+            "lora_unet_middle_block_1_proj_in.lora_up.weight": torch.zeros(320, 2),
+        },
+        str(wrong),
+    )
     out = tmp_path / "out.safetensors"
-    assert merge_main(["--sd_model", str(tiny_sdxl.single_file), "--models", str(wrong),
-                       "--save_to", str(out)]) == 2
+    assert merge_main(["--sd_model", str(tiny_sdxl.single_file), "--models", str(wrong), "--save_to", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: model.diffusion_model.middle_block.1.proj_in.weight: ")
     assert "another model" in err[0] and not out.exists()
 
 
-def test_a_merge_that_overflows_the_save_dtype_is_refused_and_writes_nothing(tiny_sdxl, lora_files, tmp_path,
-                                                                            capsys):
+def test_a_merge_that_overflows_the_save_dtype_is_refused_and_writes_nothing(tiny_sdxl, lora_files, tmp_path, capsys):
     out = tmp_path / "merged.safetensors"
     out.write_bytes(b"an earlier merge")
-    assert merge_main(["--sd_model", str(tiny_sdxl.single_file), "--models", str(lora_files["b"][1]), "--ratios",
-                       "1e9", "--save_to", str(out), "--save_precision", "fp16"]) == 3
+    assert (
+        merge_main(
+            [
+                "--sd_model",
+                str(tiny_sdxl.single_file),
+                "--models",
+                str(lora_files["b"][1]),
+                "--ratios",
+                "1e9",
+                "--save_to",
+                str(out),
+                "--save_precision",
+                "fp16",
+            ]
+        )
+        == 3
+    )
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: refusing to write {out}: ") and "weight holds NaN or infinite values after " \
-        "merging (as F16); lower the ratios or use --save_precision float" in err
+    assert (
+        err.startswith(f"error: refusing to write {out}: ")
+        and "weight holds NaN or infinite values after merging (as F16); lower the ratios or use --save_precision float"
+        in err
+    )
     assert len(err.splitlines()) == 1
     assert out.read_bytes() == b"an earlier merge" and [p.name for p in tmp_path.iterdir()] == ["merged.safetensors"]

@@ -23,8 +23,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from library.files.weight_files import TensorReader, find_component_weights
 from library.errors import UserInputError
+from library.files.weight_files import TensorReader, find_component_weights
 from library.model.loading import load_sdxl
 from networks.sdxl_keys import TensorSource, single_file_source, te2_source
 
@@ -115,8 +115,11 @@ def test_diffusers_folder_variants_shards_and_bin(tiny_sdxl, tmp_path, diffusers
 
 
 def test_plain_weights_are_preferred_to_the_fp16_variant(tmp_path):
-    for name in ["diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin",
-                 "diffusion_pytorch_model.safetensors"]:
+    for name in [
+        "diffusion_pytorch_model.fp16.safetensors",
+        "diffusion_pytorch_model.bin",
+        "diffusion_pytorch_model.safetensors",
+    ]:
         (tmp_path / name).write_bytes(b"")
     assert find_component_weights(tmp_path).name == "diffusion_pytorch_model.safetensors"
     assert find_component_weights(tmp_path / "nothing") is None
@@ -277,8 +280,14 @@ def measure_load(path: Path, dtype: str, linear: str = "") -> dict[str, int]:
     over fork/vfork + exec), so under pytest it reads at least pytest's own peak: it is reported, not asserted.
     """
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    done = subprocess.run([sys.executable, "-c", _MEASURE, str(path), dtype, linear], capture_output=True,
-                          text=True, cwd=REPO_ROOT, env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(path), dtype, linear],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -390,12 +399,18 @@ def test_reader_errors_are_user_errors(tmp_path):
 @pytest.mark.parametrize(
     ("name", "source"),
     [
-        ("text_model.encoder.layers.3.self_attn.q_proj.weight",
-         TensorSource("transformer.resblocks.3.attn.in_proj_weight", qkv_index=0)),
-        ("text_model.encoder.layers.3.self_attn.v_proj.bias",
-         TensorSource("transformer.resblocks.3.attn.in_proj_bias", qkv_index=2)),
-        ("text_model.encoder.layers.0.self_attn.out_proj.weight",
-         TensorSource("transformer.resblocks.0.attn.out_proj.weight")),
+        (
+            "text_model.encoder.layers.3.self_attn.q_proj.weight",
+            TensorSource("transformer.resblocks.3.attn.in_proj_weight", qkv_index=0),
+        ),
+        (
+            "text_model.encoder.layers.3.self_attn.v_proj.bias",
+            TensorSource("transformer.resblocks.3.attn.in_proj_bias", qkv_index=2),
+        ),
+        (
+            "text_model.encoder.layers.0.self_attn.out_proj.weight",
+            TensorSource("transformer.resblocks.0.attn.out_proj.weight"),
+        ),
         ("text_model.encoder.layers.31.mlp.fc1.bias", TensorSource("transformer.resblocks.31.mlp.c_fc.bias")),
         ("text_model.encoder.layers.9.layer_norm2.weight", TensorSource("transformer.resblocks.9.ln_2.weight")),
         ("text_model.embeddings.position_embedding.weight", TensorSource("positional_embedding")),
@@ -431,12 +446,15 @@ def test_tensor_source_rows_shapes_and_derivation():
 
 def test_single_file_sources_of_each_section():
     assert single_file_source("unet", "up_blocks.0.upsamplers.0.conv.weight").key == (
-        "model.diffusion_model.output_blocks.2.2.conv.weight")
+        "model.diffusion_model.output_blocks.2.2.conv.weight"
+    )
     assert single_file_source("text_encoder1", "encoder.layers.0.self_attn.q_proj.weight").key == (
-        "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight")
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+    )
     te2 = single_file_source("text_encoder2", "text_model.encoder.layers.2.self_attn.k_proj.weight")
     assert te2 == TensorSource("conditioner.embedders.1.model.transformer.resblocks.2.attn.in_proj_weight", 1)
     assert single_file_source("vae", "decoder.up_blocks.0.resnets.0.conv1.weight").key == (
-        "first_stage_model.decoder.up.3.block.0.conv1.weight")
+        "first_stage_model.decoder.up.3.block.0.conv1.weight"
+    )
     with pytest.raises(ValueError, match="not an SDXL component"):
         single_file_source("refiner", "x")

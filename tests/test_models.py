@@ -122,8 +122,15 @@ def test_config_resolution_order(tmp_path):
 
 
 def test_shipped_config_folder_is_complete():
-    for sub in ["unet/config.json", "vae/config.json", "text_encoder/config.json", "text_encoder_2/config.json",
-                "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer_2/merges.txt"]:
+    for sub in [
+        "unet/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "text_encoder_2/config.json",
+        "scheduler/scheduler_config.json",
+        "tokenizer/vocab.json",
+        "tokenizer_2/merges.txt",
+    ]:
         assert (SHIPPED_CONFIG_DIR / sub).is_file(), sub
     index = json.loads((SHIPPED_CONFIG_DIR / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionXLPipeline"
@@ -131,14 +138,19 @@ def test_shipped_config_folder_is_complete():
     assert vae["scaling_factor"] == 0.13025 and vae["force_upcast"] is True
     te2 = json.loads((SHIPPED_CONFIG_DIR / "text_encoder_2/config.json").read_text())
     assert (te2["hidden_size"], te2["num_hidden_layers"], te2["num_attention_heads"], te2["projection_dim"]) == (
-        1280, 32, 20, 1280)
+        1280,
+        32,
+        20,
+        1280,
+    )
     scheduler = json.loads((SHIPPED_CONFIG_DIR / "scheduler/scheduler_config.json").read_text())
     assert (scheduler["beta_start"], scheduler["beta_end"], scheduler["steps_offset"]) == (0.00085, 0.012, 1)
 
 
 def _write_safetensors_header(path, names):
-    header = json.dumps({n: {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]}
-                         for i, n in enumerate(names)}).encode()
+    header = json.dumps(
+        {n: {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]} for i, n in enumerate(names)}
+    ).encode()
     path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4 * len(names))
 
 
@@ -172,15 +184,21 @@ def test_check_model_path_errors(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 4)
     assert _one_line_error(tmp_path / "junk.safetensors") == (
         f"--pretrained_model_name_or_path: {tmp_path / 'junk.safetensors'}: not a safetensors file (too short); "
-        "the file is damaged or not a model: download or convert it again")
+        "the file is damaged or not a model: download or convert it again"
+    )
 
     lora = tmp_path / "lora.safetensors"
     _write_safetensors_header(lora, ["lora_unet_input_blocks_4_1_proj_in.lora_down.weight"])
     assert "is it a LoRA or a VAE" in _one_line_error(lora)
 
     sd15 = tmp_path / "sd15.safetensors"
-    _write_safetensors_header(sd15, ["model.diffusion_model.input_blocks.0.0.weight",
-                                     "cond_stage_model.transformer.text_model.final_layer_norm.weight"])
+    _write_safetensors_header(
+        sd15,
+        [
+            "model.diffusion_model.input_blocks.0.0.weight",
+            "cond_stage_model.transformer.text_model.final_layer_norm.weight",
+        ],
+    )
     assert "not an SDXL checkpoint" in _one_line_error(sd15)
 
 

@@ -37,8 +37,19 @@ def data(tmp_path_factory) -> Path:
 
 
 def _argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return tiny_train_argv(model, data, out, "--train_batch_size", "1", "--cache_latents", "--learning_rate", "1e-3",
-                           "--output_name", "run", *extra)
+    return tiny_train_argv(
+        model,
+        data,
+        out,
+        "--train_batch_size",
+        "1",
+        "--cache_latents",
+        "--learning_rate",
+        "1e-3",
+        "--output_name",
+        "run",
+        *extra,
+    )
 
 
 def _nan_loss_on_calls(monkeypatch, calls: set[int]) -> list[int]:
@@ -57,21 +68,33 @@ def _nan_loss_on_calls(monkeypatch, calls: set[int]) -> list[int]:
 def test_nan_loss_stops_the_run_and_keeps_every_earlier_file(tiny_sdxl, data, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    earlier = {out / "run.safetensors": b"the final file of an earlier run",
-               out / "run-step00000002.safetensors": b"a step file of an earlier run",
-               out / "run_param_groups.json": b"the groups of the earlier run's final file"}
+    earlier = {
+        out / "run.safetensors": b"the final file of an earlier run",
+        out / "run-step00000002.safetensors": b"a step file of an earlier run",
+        out / "run_param_groups.json": b"the groups of the earlier run's final file",
+    }
     for path, content in earlier.items():
         path.write_bytes(content)
     _nan_loss_on_calls(monkeypatch, {2})
-    assert train_network.main(_argv(tiny_sdxl.single_file, data, out, "--max_train_steps", "4",
-                                    "--save_every_n_steps", "1")) == 3
+    assert (
+        train_network.main(
+            _argv(tiny_sdxl.single_file, data, out, "--max_train_steps", "4", "--save_every_n_steps", "1")
+        )
+        == 3
+    )
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert errors == ["error: step 2: non-finite loss (nan); training stopped, no final file written (files saved "
-                      "before step 2 are kept): lower the learning rate, check the data, or let such steps be "
-                      "skipped with --max_nan_steps N"]
+    assert errors == [
+        "error: step 2: non-finite loss (nan); training stopped, no final file written (files saved "
+        "before step 2 are kept): lower the learning rate, check the data, or let such steps be "
+        "skipped with --max_nan_steps N"
+    ]
     assert {path: path.read_bytes() for path in earlier} == earlier  # byte-identical: nothing replaced
-    assert sorted(p.name for p in out.iterdir()) == ["run-step00000001.safetensors", "run-step00000002.safetensors",
-                                                     "run.safetensors", "run_param_groups.json"]  # no lock left
+    assert sorted(p.name for p in out.iterdir()) == [
+        "run-step00000001.safetensors",
+        "run-step00000002.safetensors",
+        "run.safetensors",
+        "run_param_groups.json",
+    ]  # no lock left
 
 
 def test_max_nan_steps_skips_updates_keeps_the_schedule_and_counts(tiny_sdxl, data, tmp_path, monkeypatch, capsys):
@@ -94,18 +117,38 @@ def test_max_nan_steps_skips_updates_keeps_the_schedule_and_counts(tiny_sdxl, da
     monkeypatch.setattr(setup_parts, "create_lora_network", network_with_nan_gradients_at_step_2)
     monkeypatch.setattr(loop_module, "backward_step", recording_step)
     out = tmp_path / "out"
-    assert train_network.main(_argv(tiny_sdxl.single_file, data, out, "--max_train_steps", "4", "--save_every_n_steps",
-                                    "1", "--loraplus_lr_ratio", "4", "--max_nan_steps", "2", "--lr_scheduler",
-                                    "linear")) == 0
+    assert (
+        train_network.main(
+            _argv(
+                tiny_sdxl.single_file,
+                data,
+                out,
+                "--max_train_steps",
+                "4",
+                "--save_every_n_steps",
+                "1",
+                "--loraplus_lr_ratio",
+                "4",
+                "--max_nan_steps",
+                "2",
+                "--lr_scheduler",
+                "linear",
+            )
+        )
+        == 0
+    )
     stdout = capsys.readouterr().out
-    assert "warning: step 2: non-finite gradients in parameter group 'unet plus' (norm nan); step skipped (1 of at " \
-           "most 2, --max_nan_steps)" in stdout
+    assert (
+        "warning: step 2: non-finite gradients in parameter group 'unet plus' (norm nan); step skipped (1 of at "
+        "most 2, --max_nan_steps)" in stdout
+    )
     assert "warning: step 3: non-finite loss (nan); step skipped (2 of at most 2" in stdout
     assert lrs == pytest.approx([1e-3, 0.75e-3, 0.5e-3, 0.25e-3])  # the skipped steps advanced the schedule too
     weights = [load_file(str(out / f"run-step{step:08d}.safetensors")) for step in (1, 2, 3)]
     weights.append(load_file(str(out / "run.safetensors")))
-    assert all(torch.equal(weights[0][k], weights[1][k]) and torch.equal(weights[0][k], weights[2][k])
-               for k in weights[0])  # steps 2 and 3 changed nothing
+    assert all(
+        torch.equal(weights[0][k], weights[1][k]) and torch.equal(weights[0][k], weights[2][k]) for k in weights[0]
+    )  # steps 2 and 3 changed nothing
     assert not all(torch.equal(weights[0][k], weights[3][k]) for k in weights[0])  # step 4 trained
     report = json.loads((out / "run_report.json").read_text())
     assert (report["steps"], report["non_finite_steps_skipped"]) == (4, 2)
@@ -121,11 +164,19 @@ def test_a_state_holding_nan_is_refused_and_the_earlier_state_kept(tiny_sdxl, da
 
     monkeypatch.setattr(loop_module, "save_step_checkpoint", poisoned_at_step_2)
     out = tmp_path / "out"
-    assert train_network.main(_argv(tiny_sdxl.single_file, data, out, "--max_train_steps", "3", "--save_every_n_steps",
-                                    "1", "--save_state")) == 3
+    assert (
+        train_network.main(
+            _argv(
+                tiny_sdxl.single_file, data, out, "--max_train_steps", "3", "--save_every_n_steps", "1", "--save_state"
+            )
+        )
+        == 3
+    )
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: refusing to write the state {out / 'run-step00000002-state'}: optimizer state exp_avg "
-                      "of parameter 0 holds NaN or infinite values; states written before are kept"]
+    assert errors == [
+        f"error: refusing to write the state {out / 'run-step00000002-state'}: optimizer state exp_avg "
+        "of parameter 0 holds NaN or infinite values; states written before are kept"
+    ]
     assert json.loads((out / "run-step00000001-state" / "train_state.json").read_text())["step"] == 1
     assert not (out / "run-step00000002-state").exists() and not list(out.glob(".*"))  # no half state, no temp
 
@@ -141,7 +192,8 @@ def test_ctrl_c_while_caching_is_one_line_and_propagates(tiny_sdxl, data, tmp_pa
     assert (stop.value.phase, stop.value.exit_code) == ("caching latents", 130)
     assert capsys.readouterr().err.splitlines() == [
         "interrupted (SIGINT) while caching latents: no LoRA or state was saved; the latents cached to disk so far "
-        "are kept and reused"]
+        "are kept and reused"
+    ]
     assert list(out.iterdir()) == []  # the lock is released
 
 
@@ -164,8 +216,9 @@ def test_a_second_run_on_a_held_output_is_refused_before_loading(tiny_sdxl, data
 
 def _start(command: list[str], logs: Path, cwd: Path = REPO) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(command, cwd=cwd, env=env, stdout=open(logs / "stdout", "w"),
-                            stderr=open(logs / "stderr", "w"))
+    return subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=open(logs / "stdout", "w"), stderr=open(logs / "stderr", "w")
+    )
 
 
 def _wait_for(condition, proc: subprocess.Popen, logs: Path, timeout: float = 300) -> None:
@@ -202,7 +255,9 @@ def test_sigterm_in_training_saves_and_the_printed_command_resumes_exactly(tiny_
     assert not (out / "run.lock").exists() and not (out / "run.safetensors").exists()
 
     assert train_network.main(command[2:]) == 0  # the printed command finishes the run
-    assert train_network.main(_argv(tiny_sdxl.single_file, data, tmp_path / "ref", "--max_train_steps", str(steps))) == 0
+    assert (
+        train_network.main(_argv(tiny_sdxl.single_file, data, tmp_path / "ref", "--max_train_steps", str(steps))) == 0
+    )
     want, got = load_file(str(tmp_path / "ref" / "run.safetensors")), load_file(str(out / "run.safetensors"))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)  # as if never stopped
 
@@ -216,9 +271,11 @@ def test_real_ctrl_c_stops_a_pytest_session_that_calls_main(tiny_sdxl, data, tmp
     (tmp_path / "test_caller.py").write_text(
         "from pathlib import Path\nimport train_network\n\n"
         f"def test_training():\n    train_network.main({argv!r})\n\n"
-        f"def test_after_it():\n    Path({str(marker)!r}).write_text('ran')\n")
-    proc = _start([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_caller.py"], tmp_path,
-                  cwd=tmp_path)
+        f"def test_after_it():\n    Path({str(marker)!r}).write_text('ran')\n"
+    )
+    proc = _start(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_caller.py"], tmp_path, cwd=tmp_path
+    )
     _wait_for(lambda: (out / "run-step00000001.safetensors").is_file(), proc, tmp_path)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=300) == 2  # pytest's "interrupted"
@@ -231,9 +288,11 @@ def test_real_ctrl_c_stops_a_pytest_session_that_calls_main(tiny_sdxl, data, tmp
 @posix_signals
 def test_sigterm_while_caching_is_one_line_without_traceback(tiny_sdxl, data, tmp_path):
     out = tmp_path / "out"
-    script = ("import sys, time\nimport library.train.setup_parts as setup\n"
-              "def slow(*args, **kwargs):\n    print('caching', flush=True)\n    time.sleep(300)\n"
-              "setup.cache_latents = slow\nimport train_network\nsys.exit(train_network.run(sys.argv[1:]))\n")
+    script = (
+        "import sys, time\nimport library.train.setup_parts as setup\n"
+        "def slow(*args, **kwargs):\n    print('caching', flush=True)\n    time.sleep(300)\n"
+        "setup.cache_latents = slow\nimport train_network\nsys.exit(train_network.run(sys.argv[1:]))\n"
+    )
     proc = _start([sys.executable, "-c", script, *_argv(tiny_sdxl.single_file, data, out)], tmp_path)
     _wait_for(lambda: "caching" in (tmp_path / "stdout").read_text(), proc, tmp_path)
     proc.send_signal(signal.SIGTERM)
@@ -241,5 +300,6 @@ def test_sigterm_while_caching_is_one_line_without_traceback(tiny_sdxl, data, tm
     stderr = (tmp_path / "stderr").read_text()
     assert "Traceback" not in stderr
     assert [line for line in stderr.splitlines() if "interrupted" in line] == [
-        "interrupted (SIGTERM) while caching latents: no LoRA or state was saved"]
+        "interrupted (SIGTERM) while caching latents: no LoRA or state was saved"
+    ]
     assert list(out.iterdir()) == []

@@ -37,9 +37,7 @@ def test_unknown_key_lists_the_valid_keys():
 
 
 def test_specific_ratio_beats_general():
-    ratios = LoRAPlusRatios.from_network_args(
-        {"loraplus_lr_ratio": "16", "loraplus_unet_lr_ratio": "4.5"}
-    )
+    ratios = LoRAPlusRatios.from_network_args({"loraplus_lr_ratio": "16", "loraplus_unet_lr_ratio": "4.5"})
     assert ratios == LoRAPlusRatios(unet=4.5, text_encoder=16.0)
     only_te = LoRAPlusRatios.from_network_args({"loraplus_text_encoder_lr_ratio": "2"})
     assert only_te == LoRAPlusRatios(unet=None, text_encoder=2.0)
@@ -98,6 +96,16 @@ def test_unknown_key_lists_the_block_keys_too():
     with pytest.raises(UserInputError) as info:
         parse_network_args(["down_lr_weights=1"])
     message = str(info.value)
-    for key in ("conv_dim", "loraplus_lr_ratio", "down_lr_weight", "mid_lr_weight", "up_lr_weight",
-                "block_lr_zero_threshold", "block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas"):
+    for key in (
+        "conv_dim",
+        "loraplus_lr_ratio",
+        "down_lr_weight",
+        "mid_lr_weight",
+        "up_lr_weight",
+        "block_lr_zero_threshold",
+        "block_dims",
+        "block_alphas",
+        "conv_block_dims",
+        "conv_block_alphas",
+    ):
         assert key in message

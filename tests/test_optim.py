@@ -31,11 +31,18 @@ ADAFACTOR_FIXED = {"relative_step": "False", "scale_parameter": "False", "warmup
 
 # First step of each optimizer on a gradient of ones, in units of its group's lr (weight decay averages out).
 FIRST_STEP = {
-    "AdamW": 1.0, "AdamW8bit": 1.0, "PagedAdamW": 1.0, "PagedAdamW8bit": 1.0, "PagedAdamW32bit": 1.0,
-    "Lion": 1.0, "Lion8bit": 1.0, "PagedLion8bit": 1.0,
+    "AdamW": 1.0,
+    "AdamW8bit": 1.0,
+    "PagedAdamW": 1.0,
+    "PagedAdamW8bit": 1.0,
+    "PagedAdamW32bit": 1.0,
+    "Lion": 1.0,
+    "Lion8bit": 1.0,
+    "PagedLion8bit": 1.0,
     "SGDNesterov": 1.9,  # torch: g + momentum * buf with buf = g, momentum 0.9 by default
     "SGDNesterov8bit": 1.0,  # bitsandbytes' SGD8bit takes nesterov=True and ignores it (as under sd-scripts)
-    "AdEMAMix8bit": 1.0005, "PagedAdEMAMix8bit": 1.0005,  # (m1 + alpha 5 * m2 (1 - beta3 0.9999)) / sqrt(v)
+    "AdEMAMix8bit": 1.0005,
+    "PagedAdEMAMix8bit": 1.0005,  # (m1 + alpha 5 * m2 (1 - beta3 0.9999)) / sqrt(v)
     "Adafactor": 1.0,  # relative_step=False: g / sqrt(g^2), RMS-clipped at 1
     "torch.optim.RMSprop": 10.0,  # g / sqrt((1 - alpha 0.99) g^2)
     "SGD": 1.0,  # a bare name is a torch.optim class, as in sd-scripts
@@ -183,23 +190,40 @@ def test_adafactor_relative_step_drops_the_lr_and_follows_its_own_schedule():
 @pytest.mark.parametrize(
     "name, scheduler_type, warmup, message",
     [
-        ("cosine", None, 0, "relative_step=True sets its own step size and cannot follow --lr_scheduler cosine: "
-                            "use --lr_scheduler adafactor, or pass --optimizer_args relative_step=False"),
+        (
+            "cosine",
+            None,
+            0,
+            "relative_step=True sets its own step size and cannot follow --lr_scheduler cosine: "
+            "use --lr_scheduler adafactor, or pass --optimizer_args relative_step=False",
+        ),
         ("constant", "StepLR", 0, "cannot follow --lr_scheduler_type StepLR"),
         ("adafactor", None, 10, "--lr_scheduler adafactor has no warmup \\(--lr_warmup_steps 10\\)"),
     ],
 )
 def test_adafactor_relative_step_refuses_other_schedules(name, scheduler_type, warmup, message):
     with pytest.raises(UserInputError, match=message):
-        build_lr_scheduler(name, build_optimizer("Adafactor", _equal_groups()[1], 1e-3, {}), total_steps=20,
-                           warmup=warmup, scheduler_type=scheduler_type)
-    assert schedule_problem(name, optimizer_type="adafactor", optimizer_args={}, warmup=warmup,
-                            scheduler_type=scheduler_type) is not None
+        build_lr_scheduler(
+            name,
+            build_optimizer("Adafactor", _equal_groups()[1], 1e-3, {}),
+            total_steps=20,
+            warmup=warmup,
+            scheduler_type=scheduler_type,
+        )
+    assert (
+        schedule_problem(
+            name, optimizer_type="adafactor", optimizer_args={}, warmup=warmup, scheduler_type=scheduler_type
+        )
+        is not None
+    )
 
 
 def test_adafactor_rules_refuse_with_one_line():
-    with pytest.raises(UserInputError, match="with relative_step=True sets its own step size and ignores the "
-                                             "learning rates per group \\(0 0.001, 1 0.016\\)"):
+    with pytest.raises(
+        UserInputError,
+        match="with relative_step=True sets its own step size and ignores the "
+        "learning rates per group \\(0 0.001, 1 0.016\\)",
+    ):
         build_optimizer("Adafactor", _twin_groups()[2], 1e-3, {})
     no_lr = [{"params": [torch.nn.Parameter(torch.ones(2))]}]
     with pytest.raises(UserInputError, match="relative_step=False needs a learning rate: give --learning_rate"):
@@ -235,8 +259,9 @@ def _sgd() -> torch.optim.Optimizer:
 def _transformers(name: str, warmup: int = 4, total: int = 20, **kwargs):
     from transformers.optimization import get_scheduler
 
-    return lambda opt: get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total,
-                                     scheduler_specific_kwargs=kwargs)
+    return lambda opt: get_scheduler(
+        name, opt, num_warmup_steps=warmup, num_training_steps=total, scheduler_specific_kwargs=kwargs
+    )
 
 
 def _diffusers(name: str, **kwargs):
@@ -252,15 +277,23 @@ SCHEDULE_CASES = {
     "linear": ({}, _transformers("linear")),
     "cosine": ({}, _transformers("cosine")),
     "cosine_with_restarts": ({"num_cycles": 3}, _transformers("cosine_with_restarts", num_cycles=3)),
-    "polynomial": ({"power": 2.0, "scheduler_args": {"lr_end": "1e-4"}},
-                   _transformers("polynomial", power=2.0, lr_end=1e-4)),
-    "cosine_with_min_lr": ({"min_lr_ratio": 0.1, "num_cycles": 1},
-                           _transformers("cosine_with_min_lr", num_cycles=0.5, min_lr_rate=0.1)),
-    "warmup_stable_decay": ({"decay": 6, "min_lr_ratio": 0.05},
-                            _transformers("warmup_stable_decay", num_decay_steps=6, num_cycles=0.5, min_lr_ratio=0.05)),
+    "polynomial": (
+        {"power": 2.0, "scheduler_args": {"lr_end": "1e-4"}},
+        _transformers("polynomial", power=2.0, lr_end=1e-4),
+    ),
+    "cosine_with_min_lr": (
+        {"min_lr_ratio": 0.1, "num_cycles": 1},
+        _transformers("cosine_with_min_lr", num_cycles=0.5, min_lr_rate=0.1),
+    ),
+    "warmup_stable_decay": (
+        {"decay": 6, "min_lr_ratio": 0.05},
+        _transformers("warmup_stable_decay", num_decay_steps=6, num_cycles=0.5, min_lr_ratio=0.05),
+    ),
     "inverse_sqrt": ({"timescale": 3}, _transformers("inverse_sqrt", timescale=3)),
-    "piecewise_constant": ({"warmup": 0, "scheduler_args": {"step_rules": "1:5,0.5:12,0.1"}},
-                           _diffusers("piecewise_constant", step_rules="1:5,0.5:12,0.1")),
+    "piecewise_constant": (
+        {"warmup": 0, "scheduler_args": {"step_rules": "1:5,0.5:12,0.1"}},
+        _diffusers("piecewise_constant", step_rules="1:5,0.5:12,0.1"),
+    ),
 }
 
 
@@ -288,24 +321,33 @@ def test_transformers_and_diffusers_agree_on_the_classic_schedules(name):
     optimizer = _sgd()
     ours = _curve(build_lr_scheduler(name, optimizer, total_steps=20, warmup=4, num_cycles=2, power=2.0), optimizer)
     optimizer = _sgd()
-    theirs = _curve(get_scheduler(name, optimizer, num_warmup_steps=4, num_training_steps=20, num_cycles=2,
-                                  power=2.0), optimizer)
+    theirs = _curve(
+        get_scheduler(name, optimizer, num_warmup_steps=4, num_training_steps=20, num_cycles=2, power=2.0), optimizer
+    )
     assert sum(ours, []) == pytest.approx(sum(theirs, []), rel=1e-12, abs=1e-15)
 
 
 def test_warmup_ratio_of_steps():
     assert warmup_steps(0.1, 50) == 5
     optimizer = _sgd()
-    curve = [lr_a for lr_a, _ in _curve(build_lr_scheduler("linear", optimizer, total_steps=50,
-                                                           warmup=warmup_steps(0.1, 50)), optimizer, 50)]
+    curve = [
+        lr_a
+        for lr_a, _ in _curve(
+            build_lr_scheduler("linear", optimizer, total_steps=50, warmup=warmup_steps(0.1, 50)), optimizer, 50
+        )
+    ]
     assert curve[:6] == pytest.approx([LRS[0] * k / 5 for k in range(6)])
     assert max(curve) == curve[5]
 
 
 def test_cosine_with_restarts_three_cycles_restart_three_times():
     optimizer = _sgd()
-    curve = [lr_a for lr_a, _ in _curve(build_lr_scheduler("cosine_with_restarts", optimizer, total_steps=60,
-                                                           warmup=0, num_cycles=3), optimizer, 60)]
+    curve = [
+        lr_a
+        for lr_a, _ in _curve(
+            build_lr_scheduler("cosine_with_restarts", optimizer, total_steps=60, warmup=0, num_cycles=3), optimizer, 60
+        )
+    ]
     starts = [step for step, lr in enumerate(curve) if lr == pytest.approx(LRS[0])]
     assert starts == [0, 20, 40]
     assert all(curve[s + 1] < curve[s] for s in range(60 - 1) if s + 1 not in starts)
@@ -313,8 +355,11 @@ def test_cosine_with_restarts_three_cycles_restart_three_times():
 
 def test_cosine_with_restarts_matches_formula():
     optimizer = _sgd()
-    seen = _curve(build_lr_scheduler("cosine_with_restarts", optimizer, total_steps=100, warmup=10, num_cycles=4,
-                                     power=1.0), optimizer, 100)
+    seen = _curve(
+        build_lr_scheduler("cosine_with_restarts", optimizer, total_steps=100, warmup=10, num_cycles=4, power=1.0),
+        optimizer,
+        100,
+    )
     for step, (lr_a, lr_b) in enumerate(seen):
         factor = step / 10 if step < 10 else 0.5 * (1.0 + math.cos(math.pi * ((4 * (step - 10) / 90) % 1.0)))
         assert lr_a == pytest.approx(LRS[0] * factor, abs=1e-12)
@@ -324,8 +369,16 @@ def test_cosine_with_restarts_matches_formula():
 def test_a_scheduler_class_by_path_with_literal_args():
     for path in ("torch.optim.lr_scheduler.StepLR", "StepLR"):
         optimizer = _sgd()
-        ours = _curve(build_lr_scheduler("constant", optimizer, total_steps=20, scheduler_type=path,
-                                         scheduler_args={"step_size": "5", "gamma": "0.5"}), optimizer)
+        ours = _curve(
+            build_lr_scheduler(
+                "constant",
+                optimizer,
+                total_steps=20,
+                scheduler_type=path,
+                scheduler_args={"step_size": "5", "gamma": "0.5"},
+            ),
+            optimizer,
+        )
         optimizer = _sgd()
         assert ours == _curve(torch.optim.lr_scheduler.StepLR(optimizer, step_size=5, gamma=0.5), optimizer)
     assert ours[5][0] == pytest.approx(LRS[0] / 2)
@@ -334,8 +387,12 @@ def test_a_scheduler_class_by_path_with_literal_args():
 @pytest.mark.parametrize(
     "name, keywords, message",
     [
-        ("constant", {"warmup": 3}, "--lr_scheduler constant has no warmup \\(--lr_warmup_steps 3\\); set "
-                                    "--lr_warmup_steps 0 or use --lr_scheduler constant_with_warmup"),
+        (
+            "constant",
+            {"warmup": 3},
+            "--lr_scheduler constant has no warmup \\(--lr_warmup_steps 3\\); set "
+            "--lr_warmup_steps 0 or use --lr_scheduler constant_with_warmup",
+        ),
         ("cosine_with_min_lr", {}, "cosine_with_min_lr needs --lr_scheduler_min_lr_ratio"),
         ("piecewise_constant", {}, "piecewise_constant needs --lr_scheduler_args step_rules="),
         ("constant_with_warmup", {"scheduler_args": {"x": "1"}}, "--lr_scheduler constant_with_warmup: .*'x'"),
@@ -359,7 +416,8 @@ def test_schedule_problem_runs_the_same_rules_before_any_model_loads():
     assert schedule_problem("adafactor", optimizer_type="Adafactor", optimizer_args={}) is None
     assert schedule_problem("cosine", optimizer_type="Adafactor", optimizer_args=ADAFACTOR_FIXED) is None
     assert "needs --lr_scheduler_min_lr_ratio" in schedule_problem(
-        "cosine_with_min_lr", optimizer_type="AdamW", optimizer_args={})
+        "cosine_with_min_lr", optimizer_type="AdamW", optimizer_args={}
+    )
     assert schedule_problem("cosine_with_min_lr", optimizer_type="AdamW", optimizer_args={}, min_lr_ratio=0.1) is None
 
 

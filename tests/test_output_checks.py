@@ -12,8 +12,8 @@ import pytest
 
 import train_network
 from library.errors import UserInputError
-from library.model.model_files import check_model_files
 from library.files.output_checks import METADATA_BYTES, check_output_folder, estimate_first_save
+from library.model.model_files import check_model_files
 from networks.lora import create_network
 from networks.lora_size import diffusers_lora_layers, lora_parameter_count, single_file_lora_layers
 from tests.cli_args import tiny_train_argv
@@ -40,29 +40,35 @@ def _one_error(capsys) -> str:
 
 
 # --- The LoRA's size from the header ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("network_args, train_unet, train_te", [
-    ({}, True, True),
-    ({"conv_dim": "2", "conv_alpha": "1"}, True, True),
-    ({}, True, False),
-    ({}, False, True),
-    ({"block_dims": ",".join(str(i % 4) for i in range(23)), "conv_block_dims": ",".join("2" * 23)}, True, True),
-    ({"down_lr_weight": "1,1,1,0,0,0,1,1,1"}, True, True),
-])
+@pytest.mark.parametrize(
+    "network_args, train_unet, train_te",
+    [
+        ({}, True, True),
+        ({"conv_dim": "2", "conv_alpha": "1"}, True, True),
+        ({}, True, False),
+        ({}, False, True),
+        ({"block_dims": ",".join(str(i % 4) for i in range(23)), "conv_block_dims": ",".join("2" * 23)}, True, True),
+        ({"down_lr_weight": "1,1,1,0,0,0,1,1,1"}, True, True),
+    ],
+)
 @pytest.mark.parametrize("layout", ["single_file", "diffusers"])
-def test_parameter_count_from_the_header_matches_the_built_network(tiny_sdxl, tiny_models, layout, network_args,
-                                                                   train_unet, train_te):
+def test_parameter_count_from_the_header_matches_the_built_network(
+    tiny_sdxl, tiny_models, layout, network_args, train_unet, train_te
+):
     from networks.block_weights import block_dims_and_alphas, block_lr_weights
 
     dim = 3
-    network = create_network(1.0, dim, 1.0, None, [tiny_models.text_encoder1, tiny_models.text_encoder2],
-                             tiny_models.unet, **network_args)
+    network = create_network(
+        1.0, dim, 1.0, None, [tiny_models.text_encoder1, tiny_models.text_encoder2], tiny_models.unet, **network_args
+    )
     network.apply_to([tiny_models.text_encoder1, tiny_models.text_encoder2], tiny_models.unet, train_te, train_unet)
     network.remove_from_model()
     expected = sum(p.numel() for p in network.state_dict().values())  # what the file holds: weights and alphas
 
     conv_dim = int(network_args["conv_dim"]) if "conv_dim" in network_args else None
-    blocks = block_dims_and_alphas(network_args, dim, 1.0, conv_dim, 1.0 if conv_dim else None,
-                                   block_lr_weights(network_args))
+    blocks = block_dims_and_alphas(
+        network_args, dim, 1.0, conv_dim, 1.0 if conv_dim else None, block_lr_weights(network_args)
+    )
     include_conv = bool(conv_dim) if blocks is None else blocks.conv_dims is not None
     path = tiny_sdxl.single_file if layout == "single_file" else tiny_sdxl.diffusers_dir
     shapes = check_model_files(path)
@@ -71,10 +77,12 @@ def test_parameter_count_from_the_header_matches_the_built_network(tiny_sdxl, ti
     else:
         parts = shapes.components
         layers = diffusers_lora_layers(parts["text_encoder1"], parts["text_encoder2"], parts["unet"], include_conv)
-    rank = None if blocks is None else (lambda layer: (blocks.dim_and_alpha(layer.lora_name, layer.is_conv3x3)
-                                                        or (0,))[0])
-    counted, tensors = lora_parameter_count(layers, dim=dim, conv_dim=conv_dim, train_unet=train_unet,
-                                            train_text_encoder=train_te, unet_rank=rank)
+    rank = (
+        None if blocks is None else (lambda layer: (blocks.dim_and_alpha(layer.lora_name, layer.is_conv3x3) or (0,))[0])
+    )
+    counted, tensors = lora_parameter_count(
+        layers, dim=dim, conv_dim=conv_dim, train_unet=train_unet, train_text_encoder=train_te, unet_rank=rank
+    )
     assert (counted, tensors) == (expected, len(network.state_dict()))
     names = {layer.lora_name for component in layers.values() for layer in component}
     assert {lora.lora_name for lora in network.unet_loras + network.text_encoder_loras} <= names
@@ -98,9 +106,25 @@ def test_estimate_covers_a_real_first_save(tiny_sdxl, data, tmp_path):
     from library.model.model_files import check_model_files as shapes_of
     from library.train.trainer import train
 
-    argv = tiny_train_argv(tiny_sdxl.single_file, data, tmp_path, "--max_train_steps", "1", "--save_state",
-                           "--ema_decay", "0.9", "--optimizer_type", "AdamW", "--output_name", "e", "--cache_latents",
-                           "--save_precision", "fp16", "--network_dim", "8")
+    argv = tiny_train_argv(
+        tiny_sdxl.single_file,
+        data,
+        tmp_path,
+        "--max_train_steps",
+        "1",
+        "--save_state",
+        "--ema_decay",
+        "0.9",
+        "--optimizer_type",
+        "AdamW",
+        "--output_name",
+        "e",
+        "--cache_latents",
+        "--save_precision",
+        "fp16",
+        "--network_dim",
+        "8",
+    )
     cfg = config_from_args(build_parser().parse_args(argv))
     estimate = first_save_estimate(shapes_of(tiny_sdxl.single_file), cfg.network, "AdamW", cfg.output, with_ema=True)
     train(cfg)
@@ -192,8 +216,9 @@ def test_too_little_free_space_is_one_line_before_loading(tiny_sdxl, data, tmp_p
     monkeypatch.setattr(output_checks.shutil, "disk_usage", nearly_full)
     monkeypatch.setattr("library.train.setup_parts.load_sdxl", _refuse_to_load)
     out = tmp_path / "out"
-    argv = tiny_train_argv(tiny_sdxl.single_file, data, out, "--save_state", "--ema_decay", "0.9",
-                           "--max_train_steps", "1")
+    argv = tiny_train_argv(
+        tiny_sdxl.single_file, data, out, "--save_state", "--ema_decay", "0.9", "--max_train_steps", "1"
+    )
     assert train_network.main(argv) == 2
     line = _one_error(capsys)
     assert line.startswith(f"error: --output_dir {out}: not enough free disk space for the first save: it needs about ")
@@ -201,5 +226,6 @@ def test_too_little_free_space_is_one_line_before_loading(tiny_sdxl, data, tmp_p
     assert asked == [tmp_path] and not out.exists()
     # With room to spare the same check passes.
     monkeypatch.setattr(output_checks.shutil, "disk_usage", lambda path: real(path)._replace(free=10 << 30))
-    output_checks.check_free_space(out, "--output_dir", estimate_first_save(10**6, 100, 4, ema=True, save_state=True,
-                                                                             optimizer_type="AdamW"))
+    output_checks.check_free_space(
+        out, "--output_dir", estimate_first_save(10**6, 100, 4, ema=True, save_state=True, optimizer_type="AdamW")
+    )

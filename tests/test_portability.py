@@ -16,16 +16,26 @@ import pytest
 from tests.cli_args import tiny_train_argv
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = sorted(p for p in ROOT.rglob("*.py") if not {".venv", "demo_out", "__pycache__"} & set(p.parts)
-                 and not any(part.startswith(".") for part in p.relative_to(ROOT).parts))
+SOURCES = sorted(
+    p
+    for p in ROOT.rglob("*.py")
+    if not {".venv", "demo_out", "__pycache__"} & set(p.parts)
+    and not any(part.startswith(".") for part in p.relative_to(ROOT).parts)
+)
 PROGRAM = [p for p in SOURCES if p.relative_to(ROOT).parts[0] != "tests"]
 """What users run: the two scripts, library/, networks/, tools/, bench/."""
 BLOCKER = ROOT / "tests" / "run_without_unix_modules.py"
 
 
 def _run_blocked(argv: list[str], env: dict[str, str] | None = None, timeout: int = 600):
-    return subprocess.run([sys.executable, str(BLOCKER), *argv], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(BLOCKER), *argv],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow
@@ -37,8 +47,19 @@ def test_cli_trains_without_unix_only_modules(tiny_sdxl, tmp_path):
     data = tmp_path / "data"
     make_demo_dataset(data, count=2, min_side=64, max_side=96, repeats=1, name="toy", seed=0)
     out = tmp_path / "out"
-    argv = tiny_train_argv(tiny_sdxl.single_file, data, out, "--max_train_steps", "1", "--network_dim", "2",
-                           "--logging_dir", str(tmp_path / "logs"), "--output_name", "win")
+    argv = tiny_train_argv(
+        tiny_sdxl.single_file,
+        data,
+        out,
+        "--max_train_steps",
+        "1",
+        "--network_dim",
+        "2",
+        "--logging_dir",
+        str(tmp_path / "logs"),
+        "--output_name",
+        "win",
+    )
     done = _run_blocked(["train_network.py", *argv])
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "win.safetensors").is_file()
@@ -50,8 +71,10 @@ def test_cli_trains_without_unix_only_modules(tiny_sdxl, tmp_path):
 def test_the_blocker_refuses_a_unix_import_from_project_code(tmp_path):
     """The check above can fail: code of ours importing `resource` stops, even after a library imported it."""
     script = tmp_path / "uses_resource.py"
-    script.write_text("import psutil  # its Linux backend imports resource: allowed, and now cached\n"
-                      "import resource\n", encoding="utf-8")
+    script.write_text(
+        "import psutil  # its Linux backend imports resource: allowed, and now cached\nimport resource\n",
+        encoding="utf-8",
+    )
     done = _run_blocked([str(script)], env={"UNIX_BLOCK_FROM": str(tmp_path)}, timeout=120)
     assert done.returncode != 0
     assert "ModuleNotFoundError: No module named 'resource' (Unix-only, imported by" in done.stderr
@@ -83,8 +106,12 @@ def _python310() -> str | None:
     candidates = [shutil.which("python3.10"), *pyenv, "/usr/bin/python3.10", "/usr/local/bin/python3.10"]
     for candidate in filter(None, candidates):
         try:
-            done = subprocess.run([candidate, "-c", "import sys; print(sys.version_info[:2] == (3, 10))"],
-                                  capture_output=True, text=True, timeout=60)
+            done = subprocess.run(
+                [candidate, "-c", "import sys; print(sys.version_info[:2] == (3, 10))"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
         except OSError:
             continue
         if done.stdout.strip() == "True":
@@ -110,8 +137,9 @@ sys.exit(1 if bad else 0)
 @needs_310
 def test_every_source_compiles_under_python_3_10():
     """requires-python says 3.10: no 3.11+ syntax anywhere (except*, ...). Compiled in memory, nothing written."""
-    done = subprocess.run([PYTHON310, "-c", _COMPILE_ALL, *map(str, SOURCES)], capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [PYTHON310, "-c", _COMPILE_ALL, *map(str, SOURCES)], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -128,8 +156,10 @@ def test_no_python_3_11_only_apis():
     is imported in one place only, `library.files.toml_io`, which falls back to `tomli` on 3.10."""
     problems = [
         f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
-        for path in SOURCES if path.name != "toml_io.py" and path != Path(__file__)
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if PY311_APIS.search(line)
+        for path in SOURCES
+        if path.name != "toml_io.py" and path != Path(__file__)
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if PY311_APIS.search(line)
     ]
     assert not problems, "\n".join(problems)
 
@@ -162,13 +192,22 @@ def test_config_files_parse_under_python_3_10(tmp_path):
     if has_tomli.returncode != 0:
         pytest.skip(f"{PYTHON310} has no tomli / tomli-w installed (pip install tomli tomli-w)")
     cfg = tmp_path / "train.toml"
-    cfg.write_text('[model]\npretrained_model_name_or_path = "m.safetensors"\n[saving]\noutput_dir = "out"\n'
-                   "[network]\nnetwork_dim = 16\ntext_encoder_lr = [1e-5, 2]\nvae = ''\n", encoding="utf-8")
+    cfg.write_text(
+        '[model]\npretrained_model_name_or_path = "m.safetensors"\n[saving]\noutput_dir = "out"\n'
+        "[network]\nnetwork_dim = 16\ntext_encoder_lr = [1e-5, 2]\nvae = ''\n",
+        encoding="utf-8",
+    )
     ds = tmp_path / "ds.toml"
     ds.write_text("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'x'\nnum_repeats = 3\n", encoding="utf-8")
     prompts = tmp_path / "p.toml"
     prompts.write_text('[prompt]\nsubset = [{prompt = "a cat"}, "a dog --w 640"]\n', encoding="utf-8")
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    done = subprocess.run([PYTHON310, "-c", _SMOKE_310, str(cfg), str(ds), str(prompts)], capture_output=True,
-                          text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": path}, timeout=120)
+    done = subprocess.run(
+        [PYTHON310, "-c", _SMOKE_310, str(cfg), str(ds), str(prompts)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": path},
+        timeout=120,
+    )
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

@@ -21,8 +21,11 @@ def test_fp16_on_cpu_stores_linear_weights_in_fp16_and_computes_fp32():
     plan = plan_precision(PrecisionRequest(mixed_precision="fp16"), "cpu")
     assert plan.mixed_precision == "no" and plan.compute_dtype == torch.float32
     assert plan.weight_dtype == torch.float32  # norms, biases, embeddings
-    assert plan.storage_dtypes() == {"unet": torch.float16, "text_encoder1": torch.float16,
-                                     "text_encoder2": torch.float16}
+    assert plan.storage_dtypes() == {
+        "unet": torch.float16,
+        "text_encoder1": torch.float16,
+        "text_encoder2": torch.float16,
+    }
     assert len(plan.notes) == 1 and "stored in fp16 and computed in fp32" in plan.notes[0]
 
 

@@ -15,12 +15,12 @@ import pytest
 import torch
 from torch import nn
 
-from library.config.cli import build_parser
 from library.config.build import config_from_args
-from library.model.loading import load_sdxl
-from library.model.fp8 import FP8_DTYPE
-from library.model.precision import PrecisionRequest, plan_precision
+from library.config.cli import build_parser
 from library.model.base_models import prepare_base_models
+from library.model.fp8 import FP8_DTYPE
+from library.model.loading import load_sdxl
+from library.model.precision import PrecisionRequest, plan_precision
 from library.train.trainer import train
 from tests.cli_args import tiny_train_argv
 from tools.make_demo_dataset import make_demo_dataset
@@ -49,9 +49,23 @@ def runs(tiny_sdxl, dataset, tmp_path_factory):
     results = {}
     for mode, flags in MODES.items():
         out = tmp_path_factory.mktemp(f"precision_{mode}")
-        argv = tiny_train_argv(tiny_sdxl.single_file, dataset, out, "--max_train_steps", str(STEPS),
-                               "--optimizer_type", "AdamW", "--learning_rate", "1e-3", "--cache_latents",
-                               "--network_dim", "4", "--output_name", mode, *flags)
+        argv = tiny_train_argv(
+            tiny_sdxl.single_file,
+            dataset,
+            out,
+            "--max_train_steps",
+            str(STEPS),
+            "--optimizer_type",
+            "AdamW",
+            "--learning_rate",
+            "1e-3",
+            "--cache_latents",
+            "--network_dim",
+            "4",
+            "--output_name",
+            mode,
+            *flags,
+        )
         result = train(config_from_args(build_parser().parse_args(argv)))
         results[mode] = (result, json.loads(result.report_path.read_text()))
     return results
@@ -77,8 +91,12 @@ def test_the_report_says_what_ran(runs):
     }
     for mode, (compute, unet, te, lora) in expected.items():
         precision = runs[mode][1]["precision"]
-        assert (precision["compute"], precision["unet_weights"], precision["text_encoder_weights"],
-                precision["lora"]) == (compute, unet, te, lora), mode
+        assert (
+            precision["compute"],
+            precision["unet_weights"],
+            precision["text_encoder_weights"],
+            precision["lora"],
+        ) == (compute, unet, te, lora), mode
 
 
 def test_report_has_step_time_throughput_and_peak_memory(runs):
@@ -99,21 +117,32 @@ def test_full_bf16_saves_a_lora_that_loads(runs):
     assert tensors and all(torch.isfinite(t.float()).all() for t in tensors.values())
 
 
-@pytest.mark.parametrize("flags, unet_linear, te_linear", [
-    (PrecisionRequest(fp8_base=True), FP8_DTYPE, FP8_DTYPE),
-    (PrecisionRequest(fp8_base_unet=True), FP8_DTYPE, torch.float32),
-    (PrecisionRequest(mixed_precision="fp16"), torch.float16, torch.float16),
-])
+@pytest.mark.parametrize(
+    "flags, unet_linear, te_linear",
+    [
+        (PrecisionRequest(fp8_base=True), FP8_DTYPE, FP8_DTYPE),
+        (PrecisionRequest(fp8_base_unet=True), FP8_DTYPE, torch.float32),
+        (PrecisionRequest(mixed_precision="fp16"), torch.float16, torch.float16),
+    ],
+)
 def test_loaded_and_prepared_models_really_store_their_weights_narrow(tiny_sdxl, flags, unet_linear, te_linear):
     plan = plan_precision(flags, "cpu")
-    models = load_sdxl(tiny_sdxl.single_file, dtype=plan.weight_dtype, linear_weight_dtypes=plan.storage_dtypes(),
-                       vae_dtype=plan.vae_dtype)
+    models = load_sdxl(
+        tiny_sdxl.single_file,
+        dtype=plan.weight_dtype,
+        linear_weight_dtypes=plan.storage_dtypes(),
+        vae_dtype=plan.vae_dtype,
+    )
     from library.model.precision import PrecisionConfig
 
-    prepare_base_models(models, plan, PrecisionConfig(request=flags, gradient_checkpointing=False), False,
-                        torch.device("cpu"))
-    for model, linear_dtype in ((models.unet, unet_linear), (models.text_encoder1, te_linear),
-                                (models.text_encoder2, te_linear)):
+    prepare_base_models(
+        models, plan, PrecisionConfig(request=flags, gradient_checkpointing=False), False, torch.device("cpu")
+    )
+    for model, linear_dtype in (
+        (models.unet, unet_linear),
+        (models.text_encoder1, te_linear),
+        (models.text_encoder2, te_linear),
+    ):
         layers = [m for m in model.modules() if type(m) in (nn.Linear, nn.Conv2d)]
         assert layers and {m.weight.dtype for m in layers} == {linear_dtype}
         norms = [m for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm))]

@@ -21,9 +21,15 @@ from tests.report_runs import PROMPTS, make_run
 
 # --- History schema ---------------------------------------------------------------------------------------------------
 def test_history_round_trips_with_nan_as_null():
-    section = history_section(first_step=0, losses=[0.5, math.nan, 0.3], lrs={"unet": [1e-4] * 3, "unet plus": [16e-4] * 3},
-                              validation=[(2, 0.4)], diagnostics=[(2, {"lora/unet/norm_B": 0.1})],
-                              settings={"unet_lr": 1e-4}, sample_prompts=["a cat"])
+    section = history_section(
+        first_step=0,
+        losses=[0.5, math.nan, 0.3],
+        lrs={"unet": [1e-4] * 3, "unet plus": [16e-4] * 3},
+        validation=[(2, 0.4)],
+        diagnostics=[(2, {"lora/unet/norm_B": 0.1})],
+        settings={"unet_lr": 1e-4},
+        sample_prompts=["a cat"],
+    )
     text = json.dumps(section, allow_nan=False)  # strict JSON: a NaN must have become null
     history = parse_history(json.loads(text)["history"])
     assert history.loss.steps == (1, 2, 3) and history.loss.values[0] == 0.5 and math.isnan(history.loss.values[1])
@@ -42,11 +48,21 @@ def test_lr_of_another_length_than_the_losses_is_refused():
 
 
 def test_a_resumed_run_keeps_the_steps_before_it_resumed():
-    first = history_section(first_step=0, losses=[0.5, 0.4, 0.3, 0.2], lrs={"unet": [1.0] * 4},
-                            validation=[(2, 0.45), (4, 0.25)], diagnostics=[(2, {"lora/unet/norm_B": 0.1})])
+    first = history_section(
+        first_step=0,
+        losses=[0.5, 0.4, 0.3, 0.2],
+        lrs={"unet": [1.0] * 4},
+        validation=[(2, 0.45), (4, 0.25)],
+        diagnostics=[(2, {"lora/unet/norm_B": 0.1})],
+    )
     # resumed from the state of step 2: steps 3-4 run again, with a new group
-    second = history_section(first_step=2, losses=[0.31, 0.21], lrs={"unet": [2.0] * 2, "unet plus": [3.0] * 2},
-                             validation=[(4, 0.26)], earlier=first["history"])
+    second = history_section(
+        first_step=2,
+        losses=[0.31, 0.21],
+        lrs={"unet": [2.0] * 2, "unet plus": [3.0] * 2},
+        validation=[(4, 0.26)],
+        earlier=first["history"],
+    )
     history = parse_history(second["history"])
     assert history.loss.steps == (1, 2, 3, 4) and history.loss.values == (0.5, 0.4, 0.31, 0.21)
     assert history.lr["unet"].values == (1.0, 1.0, 2.0, 2.0)
@@ -55,13 +71,16 @@ def test_a_resumed_run_keeps_the_steps_before_it_resumed():
     assert history.diagnostics["lora/unet/norm_B"].steps == (2,)
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda h: h.update(steps=[2, 1, 3, 4]), "must increase"),
-    (lambda h: h["loss"].pop(), "has 3 values for 4 steps"),
-    (lambda h: h.update(version=99), "version"),
-    (lambda h: h["lr"].update(unet="fast"), "list of numbers"),
-    (lambda h: h.update(validation=[[1, 2, 3]]), "pairs"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda h: h.update(steps=[2, 1, 3, 4]), "must increase"),
+        (lambda h: h["loss"].pop(), "has 3 values for 4 steps"),
+        (lambda h: h.update(version=99), "version"),
+        (lambda h: h["lr"].update(unet="fast"), "list of numbers"),
+        (lambda h: h.update(validation=[[1, 2, 3]]), "pairs"),
+    ],
+)
 def test_a_damaged_history_is_one_line_naming_the_file(tmp_path, damage, message):
     make_run(tmp_path, "run", steps=4, validate_every=2, sample_every=None)
     path = tmp_path / "run_report.json"
@@ -73,12 +92,15 @@ def test_a_damaged_history_is_one_line_naming_the_file(tmp_path, damage, message
 
 
 # --- Samples ----------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name, output_name, point, prompt, seed", [
-    ("my_lora_v2_000120_01_20250101120000_43.png", "my_lora_v2", SamplePoint(False, 120), 1, 43),
-    ("run_000001_e000003_00_20250101120000_7.png", "run_000001", SamplePoint(True, 3), 0, 7),
-    ("e000000_12_20250101120000_1.png", "", SamplePoint(True, 0), 12, 1),
-    ("x_1234567_00_20250101120000_1.png", "x", SamplePoint(False, 1234567), 0, 1),
-])
+@pytest.mark.parametrize(
+    "name, output_name, point, prompt, seed",
+    [
+        ("my_lora_v2_000120_01_20250101120000_43.png", "my_lora_v2", SamplePoint(False, 120), 1, 43),
+        ("run_000001_e000003_00_20250101120000_7.png", "run_000001", SamplePoint(True, 3), 0, 7),
+        ("e000000_12_20250101120000_1.png", "", SamplePoint(True, 0), 12, 1),
+        ("x_1234567_00_20250101120000_1.png", "x", SamplePoint(False, 1234567), 0, 1),
+    ],
+)
 def test_sample_names_parse_as_the_trainer_writes_them(name, output_name, point, prompt, seed):
     sample = parse_sample_name(Path(name))
     assert (sample.output_name, sample.point, sample.prompt, sample.seed) == (output_name, point, prompt, seed)
@@ -87,8 +109,13 @@ def test_sample_names_parse_as_the_trainer_writes_them(name, output_name, point,
 def test_other_files_and_other_runs_samples_are_not_taken(tmp_path):
     folder = tmp_path / "sample"
     folder.mkdir()
-    for name in ("a_000010_00_20250101120000_1.png", "a_000010_00_20250101130000_1.png",  # a rerun: newest wins
-                 "ab_000010_00_20250101120000_1.png", "a_000010_00_notes.png", "a_000010_00_20250101120000_1.jpg"):
+    for name in (
+        "a_000010_00_20250101120000_1.png",
+        "a_000010_00_20250101130000_1.png",  # a rerun: newest wins
+        "ab_000010_00_20250101120000_1.png",
+        "a_000010_00_notes.png",
+        "a_000010_00_20250101120000_1.jpg",
+    ):
         (folder / name).write_bytes(b"")
     samples = find_samples(tmp_path, "a")
     assert list(samples.images.values()) == [folder / "a_000010_00_20250101130000_1.png"]
@@ -99,11 +126,15 @@ def test_points_in_training_order_with_epochs_at_their_steps():
 
     points = [SamplePoint(True, 2), SamplePoint(False, 30), SamplePoint(True, 0), SamplePoint(False, 5)]
     samples = SampleSet({(p, 0): Path(f"{i}.png") for i, p in enumerate(points)})
-    assert samples.points(steps_per_epoch=10) == [SamplePoint(True, 0), SamplePoint(False, 5), SamplePoint(True, 2),
-                                                  SamplePoint(False, 30)]
+    assert samples.points(steps_per_epoch=10) == [
+        SamplePoint(True, 0),
+        SamplePoint(False, 5),
+        SamplePoint(True, 2),
+        SamplePoint(False, 30),
+    ]
 
 
-# --- Comparison ---------------------------------------------------------------------------------------------------------
+# --- Comparison -------------------------------------------------------------------------------------------------------
 @pytest.fixture
 def three_runs(tmp_path) -> list[Path]:
     return [make_run(tmp_path / f"ratio{r}", "lora", ratio=float(r), seed=r) for r in (16, 1, 4)]
@@ -155,8 +186,9 @@ def test_no_plain_lora_run_means_no_target(tmp_path):
 
 def test_runs_missing_parts_still_compare_and_say_what_is_missing(tmp_path, three_runs):
     old = make_run(tmp_path / "old", "old", ratio=1.0, history=False)  # a report from before the history
-    bare = make_run(tmp_path / "bare", "bare", ratio=8.0, validate_every=None, sample_every=None,
-                    diagnostics_every=None)
+    bare = make_run(
+        tmp_path / "bare", "bare", ratio=8.0, validate_every=None, sample_every=None, diagnostics_every=None
+    )
     comparison = compare_runs([*three_runs, old, bare])
     notes = {run.name: run.notes for run in comparison.runs}
     assert any("no training history" in note for note in notes["old"])
@@ -171,8 +203,14 @@ def test_runs_missing_parts_still_compare_and_say_what_is_missing(tmp_path, thre
 def test_comparison_writes_the_page_and_one_png_per_figure(three_runs, tmp_path):
     page = write_comparison(compare_runs(three_runs), tmp_path / "out")
     names = sorted(p.name for p in page.parent.iterdir())
-    assert names == ["compare.html", "learning_rate.png", "lora_diagnostics.png", "loss.png",
-                     "samples_prompt00.png", "samples_prompt01.png"]
+    assert names == [
+        "compare.html",
+        "learning_rate.png",
+        "lora_diagnostics.png",
+        "loss.png",
+        "samples_prompt00.png",
+        "samples_prompt01.png",
+    ]
     for name in names[1:]:
         assert (page.parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = page.read_text()
@@ -190,23 +228,26 @@ def test_tensorboard_logging_folder_is_read_with_its_settings(tmp_path):
 
     for ratio in (1.0, 16.0):
         writer = SummaryWriter(str(tmp_path / "logs" / f"run{int(ratio)}" / "network_train"))
-        for summary in hparams({"loraplus_unet_lr_ratio": ratio, "loraplus_text_encoder_lr_ratio": ratio,
-                                "unet_lr": 1e-4}, {"loss/average": 0.0}):
+        for summary in hparams(
+            {"loraplus_unet_lr_ratio": ratio, "loraplus_text_encoder_lr_ratio": ratio, "unet_lr": 1e-4},
+            {"loss/average": 0.0},
+        ):
             writer.file_writer.add_summary(summary)
         for step in range(1, 11):
             writer.add_scalar("loss", 1.0 / step, step)
             writer.add_scalar("lr/unet", 1e-4, step)
             writer.add_scalar("lr/unet plus", 1e-4 * ratio, step)
             if step % 5 == 0:
-                writer.add_scalar("loss/validation", 2.0 / (step * ratio ** 0.5), step)
+                writer.add_scalar("loss/validation", 2.0 / (step * ratio**0.5), step)
                 writer.add_scalar("lora/unet/norm_B", 0.01 * step * ratio, step)
         writer.close()
     comparison = compare_runs([tmp_path / "logs"], sort="loraplus_lr_ratio")
     assert comparison.labels == ["loraplus_lr_ratio=1", "loraplus_lr_ratio=16"]
     history = comparison.runs[1].history
     assert history.loss.steps == tuple(range(1, 11)) and history.lr["unet plus"].values[0] == pytest.approx(16e-4)
-    assert history.validation.steps == (5, 10) and history.diagnostics["lora/unet/norm_B"].values[1] == \
-        pytest.approx(1.6)
+    assert history.validation.steps == (5, 10) and history.diagnostics["lora/unet/norm_B"].values[1] == pytest.approx(
+        1.6
+    )
     assert reach(comparison).steps == [10, 5]
     assert any("no sample images" in note for note in comparison.runs[0].notes)
 
@@ -221,7 +262,7 @@ def test_compare_cli_writes_the_page_and_says_what_it_wrote(three_runs, tmp_path
     assert capsys.readouterr().err.count("\n") == 1
 
 
-# --- Run page -----------------------------------------------------------------------------------------------------------
+# --- Run page ---------------------------------------------------------------------------------------------------------
 def test_run_report_is_self_contained_and_escaped(tmp_path):
     make_run(tmp_path, "lora", ratio=16.0)
     report = json.loads((tmp_path / "lora_report.json").read_text())
@@ -238,8 +279,10 @@ def test_run_report_is_self_contained_and_escaped(tmp_path):
     assert "<script" not in text and "&lt;script&gt;alert(1)&lt;/script&gt; &amp; more" in text
     assert "<b>" not in text and "&lt;b&gt;conv_dim=4&lt;/b&gt;" in text
     assert not re.search(r"(?:src|href)=\"(?:https?:)?//", text)  # nothing fetched from a network
-    assert re.findall(r'<a href="([^"]*)"', text)[0] == (tmp_path / "sample").resolve().as_uri() + \
-        "/lora_e000000_00_20250101120000_42.png"  # each thumbnail links to its full-size file
+    assert (
+        re.findall(r'<a href="([^"]*)"', text)[0]
+        == (tmp_path / "sample").resolve().as_uri() + "/lora_e000000_00_20250101120000_42.png"
+    )  # each thumbnail links to its full-size file
     for heading in ("Loss", "Learning rate", "LoRA diagnostics", "Samples", "Parameter groups", "Settings", "Cost"):
         assert f"<h2>{heading}</h2>" in text
     assert "50.0 ms over 60 steps" in text and "3.00 GiB of 16.0 GiB" in text
@@ -268,11 +311,18 @@ def test_the_report_wing_imports_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys; import library.report.compare, library.report.run_page; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'networks') "
-            "or m.startswith(('library.train', 'library.model', 'library.data', 'library.config'))))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                            cwd=Path(__file__).resolve().parents[1])
+    code = (
+        "import sys; import library.report.compare, library.report.run_page; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'networks') "
+        "or m.startswith(('library.train', 'library.model', 'library.data', 'library.config'))))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert result.stdout.strip() == "[]"
 
 

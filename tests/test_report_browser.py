@@ -22,7 +22,9 @@ from tests.report_runs import make_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium is not installed: `apt-get install -y chromium` (.ci/run installs it when absent)")
+    CHROMIUM is None,
+    reason="chromium is not installed: `apt-get install -y chromium` (.ci/run installs it when absent)",
+)
 
 _COUNT_IMAGES = """<script>
 addEventListener("load", () => {
@@ -34,9 +36,21 @@ addEventListener("load", () => {
 
 
 def _chromium(tmp: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-               "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               "--hide-scrollbars", f"--user-data-dir={tmp / 'chromium-profile'}", *args]
+    command = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp / 'chromium-profile'}",
+        *args,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
 
 
@@ -108,8 +122,10 @@ def test_comparison_page_renders_with_every_figure_and_sample(tmp_path):
 def test_the_check_sees_an_image_that_does_not_decode_and_a_blank_page(tmp_path):
     """The two checks above can fail: a damaged image is counted as not decoded, a blank page as blank."""
     page = tmp_path / "broken.html"
-    page.write_text('<!DOCTYPE html><html><body><img src="data:image/png;base64,iVBORw0KGgoAAAA">'
-                    '<img src="data:image/png;base64,' + _tiny_png() + '"></body></html>')
+    page.write_text(
+        '<!DOCTYPE html><html><body><img src="data:image/png;base64,iVBORw0KGgoAAAA">'
+        '<img src="data:image/png;base64,' + _tiny_png() + '"></body></html>'
+    )
     assert decoded_images(page, tmp_path) == (2, 1)
     with pytest.raises(AssertionError, match="looks blank"):
         assert_not_blank(screenshot(page, tmp_path, height=600))

@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 import library.train.loop as loop_module
 import library.train.step as step_module
 import train_network
-from library.config.cli import build_parser
 from library.config.build import config_from_args
+from library.config.cli import build_parser
 from library.train.trainer import TrainingInterrupted, train
 from tests.cli_args import tiny_train_argv
 from tools.make_demo_dataset import make_demo_dataset
@@ -39,11 +39,36 @@ def data(tmp_path_factory) -> Path:
 
 
 def _argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return tiny_train_argv(model, data, out, "--train_batch_size", "1", "--max_train_epochs", "2",
-                           "--gradient_accumulation_steps", "2", "--optimizer_type", "AdamW", "--learning_rate",
-                           "1e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--network_dim", "4",
-                           "--network_dropout", "0.1", "--shuffle_caption", "--cache_latents", "--output_name", "run",
-                           "--ema_decay", "0.8", *extra)
+    return tiny_train_argv(
+        model,
+        data,
+        out,
+        "--train_batch_size",
+        "1",
+        "--max_train_epochs",
+        "2",
+        "--gradient_accumulation_steps",
+        "2",
+        "--optimizer_type",
+        "AdamW",
+        "--learning_rate",
+        "1e-3",
+        "--lr_scheduler",
+        "cosine",
+        "--lr_warmup_steps",
+        "2",
+        "--network_dim",
+        "4",
+        "--network_dropout",
+        "0.1",
+        "--shuffle_caption",
+        "--cache_latents",
+        "--output_name",
+        "run",
+        "--ema_decay",
+        "0.8",
+        *extra,
+    )
 
 
 def _train(argv: list[str]):
@@ -61,19 +86,33 @@ def test_the_run_has_the_planned_shape(uninterrupted):
     out, result = uninterrupted
     assert (result.steps, result.epochs, len(result.losses)) == (TOTAL_STEPS, 2, TOTAL_STEPS)
     # States at steps 2 and 4 (mid-epoch: 3 steps per epoch) and at the end.
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["run-state", "run-step00000002-state",
-                                                                   "run-step00000004-state"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [
+        "run-state",
+        "run-step00000002-state",
+        "run-step00000004-state",
+    ]
     state = json.loads((out / "run-step00000004-state" / "train_state.json").read_text())
     assert state == {"step": 4, "epoch": 2, "steps_in_epoch": 1}
 
 
 def test_resumed_twice_ends_with_identical_weights(uninterrupted, tiny_sdxl, data, tmp_path):
     out, reference = uninterrupted
-    first = _train(_argv(tiny_sdxl.single_file, data, tmp_path / "r1", "--resume", str(out / "run-step00000002-state"),
-                         "--save_every_n_steps", "2", "--save_state"))
+    first = _train(
+        _argv(
+            tiny_sdxl.single_file,
+            data,
+            tmp_path / "r1",
+            "--resume",
+            str(out / "run-step00000002-state"),
+            "--save_every_n_steps",
+            "2",
+            "--save_state",
+        )
+    )
     assert first.losses == reference.losses[2:]  # same noise, data, lr and optimizer state from step 3 on
-    second = _train(_argv(tiny_sdxl.single_file, data, tmp_path / "r2",
-                          "--resume", str(tmp_path / "r1" / "run-step00000004-state")))
+    second = _train(
+        _argv(tiny_sdxl.single_file, data, tmp_path / "r2", "--resume", str(tmp_path / "r1" / "run-step00000004-state"))
+    )
     assert second.losses == reference.losses[4:]
     want, got = load_file(str(reference.final_path)), load_file(str(second.final_path))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
@@ -111,8 +150,9 @@ def test_ctrl_c_saves_lora_and_state_and_resume_is_exact(uninterrupted, tiny_sdx
 
 @pytest.mark.skipif(os.name == "nt", reason="sends a POSIX signal")
 @pytest.mark.parametrize("where, saved_step", [("batch_loss", 3), ("apply_update", 4)])
-def test_sigterm_at_any_point_of_a_step_resumes_exactly(uninterrupted, tiny_sdxl, data, tmp_path, monkeypatch, where,
-                                                       saved_step):
+def test_sigterm_at_any_point_of_a_step_resumes_exactly(
+    uninterrupted, tiny_sdxl, data, tmp_path, monkeypatch, where, saved_step
+):
     """A real SIGTERM during step 4: in its first batch, after its noise and dropout were drawn (the step is
     dropped and the RNG put back: state of step 3), or in its optimizer update (the update and the step's
     bookkeeping finish first: state of step 4). Either way the resumed run ends where the uninterrupted one did."""
@@ -151,7 +191,7 @@ def test_ctrl_c_through_main_says_how_to_resume_and_propagates(tiny_sdxl, data, 
         train_network.main(argv)
     assert isinstance(stop.value, KeyboardInterrupt) and stop.value.exit_code == 130
     err = capsys.readouterr().err.split("\n")  # (progress bars use carriage returns: not line breaks here)
-    err = err[next(i for i, line in enumerate(err) if line.startswith("interrupted")):]
+    err = err[next(i for i, line in enumerate(err) if line.startswith("interrupted")) :]
     assert err[0] == f"interrupted (SIGINT) after step 0: LoRA saved to {tmp_path / 'run-step00000000.safetensors'}"
     state = tmp_path / "run-step00000000-state"
     assert err[1] == f"state saved to {state}; continue with:"
@@ -160,18 +200,44 @@ def test_ctrl_c_through_main_says_how_to_resume_and_propagates(tiny_sdxl, data, 
 
 
 def test_rotation_keeps_the_last_n_checkpoints_and_states(tiny_sdxl, data, tmp_path):
-    _train(_argv(tiny_sdxl.single_file, data, tmp_path, "--max_train_epochs", "4", "--save_every_n_epochs", "1",
-                 "--save_last_n_epochs", "2", "--save_every_n_steps", "1", "--save_last_n_steps", "2",
-                 "--save_state", "--save_last_n_steps_state", "1"))
+    _train(
+        _argv(
+            tiny_sdxl.single_file,
+            data,
+            tmp_path,
+            "--max_train_epochs",
+            "4",
+            "--save_every_n_epochs",
+            "1",
+            "--save_last_n_epochs",
+            "2",
+            "--save_every_n_steps",
+            "1",
+            "--save_last_n_steps",
+            "2",
+            "--save_state",
+            "--save_last_n_steps_state",
+            "1",
+        )
+    )
     names = sorted(p.name for p in tmp_path.iterdir())
     # 12 steps: step files of the last 2 steps before the end (10, 11), their newest state only; epochs 2 and 3
     # (epoch 4 is the final file) with their states (rotated with the files by default).
     assert [n for n in names if "-step" in n] == [
-        "run-step00000010-ema.safetensors", "run-step00000010.safetensors", "run-step00000011-ema.safetensors",
-        "run-step00000011-state", "run-step00000011.safetensors"]
+        "run-step00000010-ema.safetensors",
+        "run-step00000010.safetensors",
+        "run-step00000011-ema.safetensors",
+        "run-step00000011-state",
+        "run-step00000011.safetensors",
+    ]
     assert [n for n in names if n.startswith("run-0")] == [
-        "run-000002-ema.safetensors", "run-000002-state", "run-000002.safetensors", "run-000003-ema.safetensors",
-        "run-000003-state", "run-000003.safetensors"]
+        "run-000002-ema.safetensors",
+        "run-000002-state",
+        "run-000002.safetensors",
+        "run-000003-ema.safetensors",
+        "run-000003-state",
+        "run-000003.safetensors",
+    ]
     assert "run.safetensors" in names
 
 
@@ -182,8 +248,9 @@ def test_resume_from_a_folder_that_is_not_a_state_is_one_line(tiny_sdxl, data, t
 
 def test_resume_with_other_network_flags_is_one_line(uninterrupted, tiny_sdxl, data, tmp_path, capsys):
     out, _ = uninterrupted
-    argv = _argv(tiny_sdxl.single_file, data, tmp_path, "--resume", str(out / "run-step00000002-state"),
-                 "--network_dim", "8")
+    argv = _argv(
+        tiny_sdxl.single_file, data, tmp_path, "--resume", str(out / "run-step00000002-state"), "--network_dim", "8"
+    )
     assert train_network.main(argv) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: --resume") and "does not fit this run" in errors[0]

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from networks.sdxl_keys import (
-
     te1_state_dict_to_original,
     te2_state_dict_to_original,
     te_name_with_text_model,
@@ -33,26 +32,30 @@ UNET_PAIRS = [
     ("down_blocks.0.downsamplers.0.conv.bias", "input_blocks.3.0.op.bias"),
     ("down_blocks.1.resnets.0.time_emb_proj.weight", "input_blocks.4.0.emb_layers.1.weight"),
     ("down_blocks.1.resnets.0.conv_shortcut.weight", "input_blocks.4.0.skip_connection.weight"),
-    ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
-     "input_blocks.4.1.transformer_blocks.0.attn1.to_q"),
+    ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "input_blocks.4.1.transformer_blocks.0.attn1.to_q"),
     ("down_blocks.1.attentions.1.proj_in.weight", "input_blocks.5.1.proj_in.weight"),
     ("down_blocks.1.downsamplers.0.conv.weight", "input_blocks.6.0.op.weight"),
     ("down_blocks.2.resnets.1.norm2.bias", "input_blocks.8.0.out_layers.0.bias"),
-    ("down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k",
-     "input_blocks.8.1.transformer_blocks.9.attn2.to_k"),
+    ("down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k", "input_blocks.8.1.transformer_blocks.9.attn2.to_k"),
     ("mid_block.resnets.0.conv2.weight", "middle_block.0.out_layers.3.weight"),
     ("mid_block.attentions.0.proj_in", "middle_block.1.proj_in"),
-    ("mid_block.attentions.0.transformer_blocks.9.attn2.to_v.weight",
-     "middle_block.1.transformer_blocks.9.attn2.to_v.weight"),
+    (
+        "mid_block.attentions.0.transformer_blocks.9.attn2.to_v.weight",
+        "middle_block.1.transformer_blocks.9.attn2.to_v.weight",
+    ),
     ("mid_block.resnets.1.time_emb_proj", "middle_block.2.emb_layers.1"),
     ("up_blocks.0.resnets.0.conv_shortcut", "output_blocks.0.0.skip_connection"),
     ("up_blocks.0.attentions.2.proj_out.weight", "output_blocks.2.1.proj_out.weight"),
-    ("up_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj",
-     "output_blocks.0.1.transformer_blocks.0.ff.net.0.proj"),
+    (
+        "up_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj",
+        "output_blocks.0.1.transformer_blocks.0.ff.net.0.proj",
+    ),
     ("up_blocks.0.upsamplers.0.conv", "output_blocks.2.2.conv"),
     ("up_blocks.0.upsamplers.0.conv.weight", "output_blocks.2.2.conv.weight"),
-    ("up_blocks.1.attentions.1.transformer_blocks.1.attn1.to_out.0",
-     "output_blocks.4.1.transformer_blocks.1.attn1.to_out.0"),
+    (
+        "up_blocks.1.attentions.1.transformer_blocks.1.attn1.to_out.0",
+        "output_blocks.4.1.transformer_blocks.1.attn1.to_out.0",
+    ),
     ("up_blocks.1.upsamplers.0.conv.bias", "output_blocks.5.2.conv.bias"),
     ("up_blocks.2.resnets.2.conv2", "output_blocks.8.0.out_layers.3"),
     ("conv_norm_out.weight", "out.0.weight"),
@@ -183,8 +186,12 @@ def _fake_te2_state_dict(hidden=4, proj=3, layers=2):
         for name in ["q_proj", "k_proj", "v_proj", "out_proj"]:
             sd[f"{p}self_attn.{name}.weight"] = torch.randn(hidden, hidden)
             sd[f"{p}self_attn.{name}.bias"] = torch.randn(hidden)
-        for name, shape in [("layer_norm1", (hidden,)), ("layer_norm2", (hidden,)), ("mlp.fc1", (4 * hidden, hidden)),
-                            ("mlp.fc2", (hidden, 4 * hidden))]:
+        for name, shape in [
+            ("layer_norm1", (hidden,)),
+            ("layer_norm2", (hidden,)),
+            ("mlp.fc1", (4 * hidden, hidden)),
+            ("mlp.fc2", (hidden, 4 * hidden)),
+        ]:
             sd[f"{p}{name}.weight"] = torch.randn(shape)
             sd[f"{p}{name}.bias"] = torch.randn(shape[0])
     return sd
@@ -223,8 +230,12 @@ def test_single_file_prefixes_and_full_size_key_counts():
     from tools.make_tiny_sdxl import full_sdxl_shapes
 
     shapes = full_sdxl_shapes()
-    prefixes = ("model.diffusion_model.", "first_stage_model.", "conditioner.embedders.0.transformer.",
-                "conditioner.embedders.1.model.")
+    prefixes = (
+        "model.diffusion_model.",
+        "first_stage_model.",
+        "conditioner.embedders.0.transformer.",
+        "conditioner.embedders.1.model.",
+    )
     counts = {p: sum(k.startswith(p) for k in shapes) for p in prefixes}
     assert counts == {
         "model.diffusion_model.": 1680,

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from library.files.atomic import parse_temp_name, temp_affixes
+from library.files.atomic import old_folder_name, parse_old_folder_name, parse_temp_name, temp_affixes
+from library.files.stale_files import remove_stale_cache_temps, remove_stale_temp_files
 from library.train.sampling import sample_file_name
 from library.train.saving import LoRASaver, output_file_pattern
-from library.files.stale_files import remove_stale_cache_temps, remove_stale_temp_files
-from library.files.atomic import old_folder_name, parse_old_folder_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,8 +50,10 @@ def _own_names(output_name: str) -> list[str]:
     names = [p.name for p in files] + [saver.ema_path(p).name for p in files]
     names += [saver.state_path(p).name for p in files]
     names += [saver.param_groups_path.name, saver.report_path.name, f"{output_name}.toml"]
-    names += [sample_file_name(output_name, step=10, epoch=None, index=1, seed=5),
-              sample_file_name(output_name, step=0, epoch=3, index=0, seed=7)]
+    names += [
+        sample_file_name(output_name, step=10, epoch=None, index=1, seed=5),
+        sample_file_name(output_name, step=0, epoch=3, index=0, seed=7),
+    ]
     return names
 
 
@@ -81,8 +82,11 @@ def test_only_stale_temporaries_of_this_output_are_removed(tmp_path):
     out, sample = tmp_path, tmp_path / "sample"
     sample.mkdir()
     dead = _dead_pid()
-    stale = [_temp_file(sample if name.endswith(".png") else out, name, dead) for name in _own_names("run")
-             if not name.endswith("-state")]
+    stale = [
+        _temp_file(sample if name.endswith(".png") else out, name, dead)
+        for name in _own_names("run")
+        if not name.endswith("-state")
+    ]
     stale.append(_temp_file(out, "run.safetensors"))  # this process's own name: no write of ours is in flight
     prefix, suffix = temp_affixes("run-step00000040-state")
     stale.append(Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=out)))
@@ -96,10 +100,15 @@ def test_only_stale_temporaries_of_this_output_are_removed(tmp_path):
     with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as live:
         keep = [
             _temp_file(out, "run.safetensors", live.pid),  # a live writer's
-            _temp_file(out, "run-2.safetensors", dead), _temp_file(out, "run2.safetensors", dead),  # other outputs
+            _temp_file(out, "run-2.safetensors", dead),
+            _temp_file(out, "run2.safetensors", dead),  # other outputs
             _temp_file(out, "img_0064x0064_sdxl.npz", dead),  # not an output name
-            out / ".run.safetensors.tmp", out / "notes.tmp", out / ".hidden", out / "run.safetensors",
-            out / "run.lock", sample / "run_000010_01_20250101000000_5.png",
+            out / ".run.safetensors.tmp",
+            out / "notes.tmp",
+            out / ".hidden",
+            out / "run.safetensors",
+            out / "run.lock",
+            sample / "run_000010_01_20250101000000_5.png",
         ]
         for path in keep[4:]:
             path.write_bytes(b"user")
@@ -109,13 +118,21 @@ def test_only_stale_temporaries_of_this_output_are_removed(tmp_path):
     assert all(not path.exists() for path in stale) and [p for p in keep if not p.exists()] == []
     assert json.loads((out / "run-state" / "train_state.json").read_text()) == {"step": 3}
     assert remove_stale_temp_files(out, output_file_pattern("run")) == [keep[0]]  # its writer is gone now
-    assert remove_stale_temp_files(out, output_file_pattern("run")) == [] and remove_stale_temp_files(tmp_path / "missing", output_file_pattern("run")) == []
+    assert (
+        remove_stale_temp_files(out, output_file_pattern("run")) == []
+        and remove_stale_temp_files(tmp_path / "missing", output_file_pattern("run")) == []
+    )
 
 
 def _kill_when_ready(script: str) -> int:
     """Run `script` in a child, kill -9 it when it prints "ready"; returns its pid."""
-    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], cwd=REPO, stdout=subprocess.PIPE,
-                             text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    child = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     try:
         assert child.stdout.readline().strip() == "ready"
     finally:

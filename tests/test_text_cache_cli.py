@@ -24,10 +24,24 @@ def _argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def test_cached_text_outputs_with_variants_long_tokens_and_workers(tiny_sdxl, dataset_dir, tmp_path):
-    argv = _argv(tiny_sdxl.single_file, dataset_dir, tmp_path / "out", "--network_train_unet_only",
-                 "--cache_latents", "--cache_text_encoder_outputs_to_disk", "--text_encoder_cache_variants", "3",
-                 "--shuffle_caption", "--keep_tokens", "1", "--max_token_length", "150",
-                 "--max_data_loader_n_workers", "2", "--persistent_data_loader_workers")
+    argv = _argv(
+        tiny_sdxl.single_file,
+        dataset_dir,
+        tmp_path / "out",
+        "--network_train_unet_only",
+        "--cache_latents",
+        "--cache_text_encoder_outputs_to_disk",
+        "--text_encoder_cache_variants",
+        "3",
+        "--shuffle_caption",
+        "--keep_tokens",
+        "1",
+        "--max_token_length",
+        "150",
+        "--max_data_loader_n_workers",
+        "2",
+        "--persistent_data_loader_workers",
+    )
     assert train_network.main(argv) == 0
     assert (tmp_path / "out" / "last.safetensors").is_file()
     caches = sorted((dataset_dir / "2_toy").glob("*_te_outputs.npz"))
@@ -40,8 +54,9 @@ def test_cached_text_outputs_with_variants_long_tokens_and_workers(tiny_sdxl, da
 
 
 def test_long_tokens_train_without_cache(tiny_sdxl, dataset_dir, tmp_path):
-    argv = _argv(tiny_sdxl.single_file, dataset_dir, tmp_path / "out", "--max_token_length", "225",
-                 "--max_train_steps", "2")
+    argv = _argv(
+        tiny_sdxl.single_file, dataset_dir, tmp_path / "out", "--max_token_length", "225", "--max_train_steps", "2"
+    )
     assert train_network.main(argv) == 0
 
 
@@ -50,10 +65,14 @@ def test_long_tokens_train_without_cache(tiny_sdxl, dataset_dir, tmp_path):
     [
         (["--max_token_length", "100"], "--max_token_length 100 is not supported; use 75, 150 or 225"),
         (["--cache_text_encoder_outputs"], "--cache_text_encoder_outputs needs --network_train_unet_only"),
-        (["--cache_text_encoder_outputs_to_disk", "--network_train_unet_only", "--shuffle_caption"],
-         "add --text_encoder_cache_variants N"),
-        (["--cache_text_encoder_outputs", "--network_train_unet_only", "--text_encoder_cache_variants", "0"],
-         "--text_encoder_cache_variants 0 must be at least 1"),
+        (
+            ["--cache_text_encoder_outputs_to_disk", "--network_train_unet_only", "--shuffle_caption"],
+            "add --text_encoder_cache_variants N",
+        ),
+        (
+            ["--cache_text_encoder_outputs", "--network_train_unet_only", "--text_encoder_cache_variants", "0"],
+            "--text_encoder_cache_variants 0 must be at least 1",
+        ),
     ],
 )
 def test_bad_text_flags_are_one_line(tiny_sdxl, dataset_dir, tmp_path, capsys, extra, fragment):
@@ -65,14 +84,22 @@ def test_bad_text_flags_are_one_line(tiny_sdxl, dataset_dir, tmp_path, capsys, e
 
 def test_cached_text_outputs_train_like_encoding_every_step(tiny_sdxl, dataset_dir, tmp_path):
     """Same seed, fixed captions: the losses with cached outputs equal those of encoding every step."""
-    from library.config.cli import build_parser
     from library.config.build import config_from_args
+    from library.config.cli import build_parser
     from library.train.trainer import train
 
     losses = {}
     for name, extra in (("encoded", []), ("cached", ["--cache_text_encoder_outputs"])):
-        argv = _argv(tiny_sdxl.single_file, dataset_dir, tmp_path / name, "--network_train_unet_only",
-                     "--cache_latents", "--max_token_length", "150", *extra)
+        argv = _argv(
+            tiny_sdxl.single_file,
+            dataset_dir,
+            tmp_path / name,
+            "--network_train_unet_only",
+            "--cache_latents",
+            "--max_token_length",
+            "150",
+            *extra,
+        )
         losses[name] = train(config_from_args(build_parser().parse_args(argv))).losses
     assert len(losses["cached"]) == 4
     assert np.allclose(losses["cached"], losses["encoded"], rtol=1e-4, atol=1e-6), losses

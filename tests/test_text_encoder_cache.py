@@ -11,13 +11,18 @@ import pytest
 import torch
 
 import library.data.dataset
-from library.config.cli import build_parser
 from library.config.build import config_from_args
+from library.config.cli import build_parser
 from library.data.dataset import TrainDataset, scan_train_data_dir
-from library.errors import UserInputError
 from library.data.latent_cache import cache_latents
-from library.data.text_encoder_cache import (VARIANT_EPOCH_BASE, CachedTextDataset, cache_text_encoder_outputs,
-                                        pick_variant, te_cache_path)
+from library.data.text_encoder_cache import (
+    VARIANT_EPOCH_BASE,
+    CachedTextDataset,
+    cache_text_encoder_outputs,
+    pick_variant,
+    te_cache_path,
+)
+from library.errors import UserInputError
 from library.model.text_encoding import encode_captions
 from library.train.setup_parts import make_loader
 from tools.make_demo_dataset import make_demo_dataset
@@ -71,8 +76,7 @@ def test_pick_variant_is_a_fixed_even_hash():
 def test_each_distinct_caption_is_encoded_once(tmp_path):
     calls: list[list[str]] = []
     captions = ["a, b", "c, d", "a, b"]
-    cache = _cache(_images(tmp_path, 3), lambda i, e: captions[i], _fake_encoder(calls), batch_size=8,
-                   num_variants=3)
+    cache = _cache(_images(tmp_path, 3), lambda i, e: captions[i], _fake_encoder(calls), batch_size=8, num_variants=3)
     assert calls == [["a, b", "c, d"]]  # 3 images x 3 identical variants -> 2 captions, one batch
     assert torch.equal(cache.lookup(0, 1, 0)[0], cache.lookup(2, 5, 1)[0])
     assert not torch.equal(cache.lookup(0, 1, 0)[0], cache.lookup(1, 1, 0)[0])
@@ -142,19 +146,42 @@ def _dataset(tmp_path, model, *extra: str) -> TrainDataset:
     data = tmp_path / "data"
     if not data.exists():
         make_demo_dataset(data, count=4, min_side=64, max_side=128, repeats=2, name="toy", seed=0)
-    argv = ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir",
-            str(tmp_path / "out"), "--resolution", "64", "--enable_bucket", "--min_bucket_reso", "64",
-            "--max_bucket_reso", "128", "--caption_extension", ".txt", "--train_batch_size", "2", "--seed", "3",
-            "--network_train_unet_only", *extra]
+    argv = [
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--train_data_dir",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--resolution",
+        "64",
+        "--enable_bucket",
+        "--min_bucket_reso",
+        "64",
+        "--max_bucket_reso",
+        "128",
+        "--caption_extension",
+        ".txt",
+        "--train_batch_size",
+        "2",
+        "--seed",
+        "3",
+        "--network_train_unet_only",
+        *extra,
+    ]
     cfg = config_from_args(build_parser().parse_args(argv))
     return TrainDataset(scan_train_data_dir(cfg.data), cfg.data)
 
 
 def _cache_for(dataset, models, num_variants=1, max_token_length=75):
     return cache_text_encoder_outputs(
-        [r.path for r in dataset.records], lambda i, e: dataset[(i, e, 0)]["caption"],
-        lambda caps: encode_captions(models, caps, max_token_length), num_variants=num_variants,
-        seed=dataset.config.seed, length=max_token_length + 2, te1_width=models.text_encoder1.config.hidden_size,
+        [r.path for r in dataset.records],
+        lambda i, e: dataset[(i, e, 0)]["caption"],
+        lambda caps: encode_captions(models, caps, max_token_length),
+        num_variants=num_variants,
+        seed=dataset.config.seed,
+        length=max_token_length + 2,
+        te1_width=models.text_encoder1.config.hidden_size,
         show_progress=False,
     )
 
@@ -203,8 +230,9 @@ def test_cached_loader_never_decodes_an_image(tmp_path, tiny_sdxl, tiny_models, 
     accelerator = SimpleNamespace(num_processes=1, process_index=0)
     batches = {}
     for workers, persistent in ((0, False), (2, True)):
-        loop = SimpleNamespace(batch_size=2, seed=3, max_data_loader_n_workers=workers,
-                               persistent_data_loader_workers=persistent)
+        loop = SimpleNamespace(
+            batch_size=2, seed=3, max_data_loader_n_workers=workers, persistent_data_loader_workers=persistent
+        )
         loader, sampler = make_loader(dataset, loop, accelerator, cache)
         seen = []
         for epoch in (1, 2):

@@ -19,12 +19,12 @@ from library.config.cli import build_parser
 from library.config.config_file import parse_args, parser_actions
 from library.data.dataset_config import CLI_FALLBACK_KEYS, DatasetConfig, load_dataset_config
 from library.errors import UserInputError
-from library.train.sampling import load_sample_prompts
 from library.sdscripts_options import UNIMPLEMENTED_DATASET_KEYS, UNIMPLEMENTED_FLAGS
+from library.train.sampling import load_sample_prompts
 
 CLI = DatasetConfig().cli_values()
 GOOD = {
-    "config": 'network_dim = 8\n',
+    "config": "network_dim = 8\n",
     "dataset": "[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'images'\n",
     "prompts.toml": "[prompt]\n[[prompt.subset]]\nprompt = 'a cat'\n",
     "prompts.txt": "a cat --w 512\n",
@@ -70,10 +70,15 @@ def _argv(tmp_path: Path, kind: str, path: Path, model: Path) -> list[str]:
     return [*argv, "--train_data_dir", str(data), "--sample_prompts", str(path)]
 
 
-@pytest.mark.parametrize("kind, corruption", [
-    (kind, corruption) for kind in GOOD for corruption in CORRUPT
-    if (kind, corruption) != ("prompts.txt", "truncated")  # half a prompt line is still a prompt
-])
+@pytest.mark.parametrize(
+    "kind, corruption",
+    [
+        (kind, corruption)
+        for kind in GOOD
+        for corruption in CORRUPT
+        if (kind, corruption) != ("prompts.txt", "truncated")  # half a prompt line is still a prompt
+    ],
+)
 def test_broken_file_is_one_line_naming_it(tiny_sdxl, tmp_path, capsys, kind, corruption):
     """The model is a real one (the start-up check refuses a damaged model before any of these files)."""
     data, expected = CORRUPT[corruption]
@@ -101,8 +106,12 @@ def test_good_files_pass_the_checks(tmp_path):
         path = tmp_path / (f"good.{kind.split('.')[-1]}" if "." in kind else f"good_{kind}.toml")
         path.write_text(text, encoding="utf-8")
         if kind == "config":
-            assert parse_args(parser, ["--config_file", str(path), "--pretrained_model_name_or_path", "m",
-                                       "--output_dir", "o"]).network_dim == 8
+            assert (
+                parse_args(
+                    parser, ["--config_file", str(path), "--pretrained_model_name_or_path", "m", "--output_dir", "o"]
+                ).network_dim
+                == 8
+            )
         elif kind == "dataset":
             assert load_dataset_config(path, CLI).datasets[0].subsets[0].image_dir == Path("images")
         else:
@@ -112,8 +121,12 @@ def test_good_files_pass_the_checks(tmp_path):
 def test_bom_from_windows_editors_is_skipped(tmp_path):
     path = tmp_path / "bom.toml"
     path.write_bytes(b"\xef\xbb\xbf" + GOOD["config"].encode())
-    assert parse_args(build_parser(), ["--config_file", str(path), "--pretrained_model_name_or_path", "m",
-                                       "--output_dir", "o"]).network_dim == 8
+    assert (
+        parse_args(
+            build_parser(), ["--config_file", str(path), "--pretrained_model_name_or_path", "m", "--output_dir", "o"]
+        ).network_dim
+        == 8
+    )
 
 
 # --- TOML 1.0, read without loss (the `toml` 0.10 package rejected or mangled each of these) -----------------------
@@ -121,16 +134,19 @@ def test_config_file_mixed_number_array_is_toml_1_0(tmp_path):
     """`toml` 0.10: "Not a homogeneous array"; TOML 1.0 allows ints and floats in one array."""
     path = tmp_path / "train.toml"
     path.write_text("text_encoder_lr = [1e-5, 2]\n", encoding="utf-8")
-    args = parse_args(build_parser(), ["--config_file", str(path), "--pretrained_model_name_or_path", "m",
-                                       "--output_dir", "o"])
+    args = parse_args(
+        build_parser(), ["--config_file", str(path), "--pretrained_model_name_or_path", "m", "--output_dir", "o"]
+    )
     assert args.text_encoder_lr == [1e-5, 2.0]
 
 
 def test_dataset_config_keeps_every_array_element(tmp_path):
     """`toml` 0.10 loads `datasets = [{...}, {...}, 7]` as the first two tables and drops the 7 without a word;
     here the 7 is an error, and the TOML 1.0 inline form of two datasets gives two datasets."""
-    two = ("datasets = [{resolution = 64, subsets = [{image_dir = 'a'}]},\n"
-           "            {resolution = [64, 128], subsets = [{image_dir = 'b', num_repeats = 3}]}]\n")
+    two = (
+        "datasets = [{resolution = 64, subsets = [{image_dir = 'a'}]},\n"
+        "            {resolution = [64, 128], subsets = [{image_dir = 'b', num_repeats = 3}]}]\n"
+    )
     path = tmp_path / "two.toml"
     path.write_text(two, encoding="utf-8")
     config = load_dataset_config(path, CLI)
@@ -190,45 +206,79 @@ def test_sdscripts_options_that_are_off_load_with_one_note(tmp_path, caplog):
     notes = [r.getMessage() for r in caplog.records if "sd-scripts options" in r.getMessage()]
     assert len(notes) == 1
     listed = notes[0].rsplit(": ", 1)[1].split(", ")
-    assert listed == sorted(["v2", "vae", "clip_skip", "huggingface_repo_id", "huggingface_repo_visibility",
-                             "metadata_title", "no_metadata", "torch_compile", "dynamo_backend", "deepspeed",
-                             "zero_stage", "masked_loss", "scale_weight_norms", "base_weights_multiplier",
-                             "wandb_api_key", "log_config", "color_aug", "token_warmup_min", "token_warmup_step",
-                             "face_crop_aug_range"])
+    assert listed == sorted(
+        [
+            "v2",
+            "vae",
+            "clip_skip",
+            "huggingface_repo_id",
+            "huggingface_repo_visibility",
+            "metadata_title",
+            "no_metadata",
+            "torch_compile",
+            "dynamo_backend",
+            "deepspeed",
+            "zero_stage",
+            "masked_loss",
+            "scale_weight_norms",
+            "base_weights_multiplier",
+            "wandb_api_key",
+            "log_config",
+            "color_aug",
+            "token_warmup_min",
+            "token_warmup_step",
+            "face_crop_aug_range",
+        ]
+    )
     assert not hasattr(args, "vae") and not hasattr(args, "color_aug")  # nothing of them reaches the run
 
 
-@pytest.mark.parametrize("line, message", [
-    ("color_aug = true", "'color_aug' = true is an sd-scripts option this trainer does not implement and would "
-                         "change the run: remove it or set it to false"),
-    ("clip_skip = 2", "'clip_skip' = 2 is an sd-scripts option"),
-    ('vae = "sdxl_vae.safetensors"', "'vae' = \"sdxl_vae.safetensors\" is an sd-scripts option"),
-    ("token_warmup_min = 3", "remove it or set it to 1"),
-    ("deepspeed = true\nzero_stage = 3", "'deepspeed' = true"),
-    ("use_8bit_adam = true", "; use optimizer_type = \"AdamW8bit\""),
-    ('huggingface_repo_id = "me/lora"', "'huggingface_repo_id' = \"me/lora\""),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        (
+            "color_aug = true",
+            "'color_aug' = true is an sd-scripts option this trainer does not implement and would "
+            "change the run: remove it or set it to false",
+        ),
+        ("clip_skip = 2", "'clip_skip' = 2 is an sd-scripts option"),
+        ('vae = "sdxl_vae.safetensors"', "'vae' = \"sdxl_vae.safetensors\" is an sd-scripts option"),
+        ("token_warmup_min = 3", "remove it or set it to 1"),
+        ("deepspeed = true\nzero_stage = 3", "'deepspeed' = true"),
+        ("use_8bit_adam = true", '; use optimizer_type = "AdamW8bit"'),
+        ('huggingface_repo_id = "me/lora"', "'huggingface_repo_id' = \"me/lora\""),
+    ],
+)
 def test_sdscripts_options_that_are_on_are_refused_by_name(tmp_path, capsys, line, message):
     path = tmp_path / "on.toml"
     path.write_text(f"network_dim = 8\n[extra]\n{line}\n", encoding="utf-8")
-    assert train_network.main(["--config_file", str(path), "--pretrained_model_name_or_path", "m",
-                               "--output_dir", str(tmp_path / "out")]) == 2
+    assert (
+        train_network.main(
+            ["--config_file", str(path), "--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "out")]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: config file {path}: ") and message in err and len(err.splitlines()) == 1, err
 
 
 def test_dataset_keys_we_lack_follow_the_same_rule(tmp_path, caplog):
     path = tmp_path / "d.toml"
-    text = ("[general]\ncolor_aug = false\n[[datasets]]\nvalidation_split = 0.0\n"
-            "[[datasets.subsets]]\nimage_dir = 'x'\nalpha_mask = false\ntoken_warmup_min = 1\n")
+    text = (
+        "[general]\ncolor_aug = false\n[[datasets]]\nvalidation_split = 0.0\n"
+        "[[datasets.subsets]]\nimage_dir = 'x'\nalpha_mask = false\ntoken_warmup_min = 1\n"
+    )
     path.write_text(text, encoding="utf-8")
     with caplog.at_level(logging.WARNING):
         assert load_dataset_config(path, CLI).datasets[0].subsets[0].image_dir == Path("x")
     notes = [r.getMessage() for r in caplog.records if "sd-scripts keys" in r.getMessage()]
     assert len(notes) == 1 and notes[0].endswith("alpha_mask, color_aug, token_warmup_min, validation_split")
     path.write_text(text.replace("alpha_mask = false", "alpha_mask = true"), encoding="utf-8")
-    with pytest.raises(UserInputError, match=r"\[\[datasets.subsets\]\] #1: 'alpha_mask' = true is an sd-scripts "
-                                             "option this trainer does not implement"):
+    with pytest.raises(
+        UserInputError,
+        match=r"\[\[datasets.subsets\]\] #1: 'alpha_mask' = true is an sd-scripts "
+        "option this trainer does not implement",
+    ):
         load_dataset_config(path, CLI)
 
 

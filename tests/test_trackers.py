@@ -65,10 +65,29 @@ def data(tmp_path_factory) -> Path:
 def _argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     prompts = out.parent / "prompts.txt"
     prompts.write_text(PROMPTS, encoding="utf-8")
-    return tiny_train_argv(model, data, out, "--max_train_steps", "2", "--network_dim", "2", "--learning_rate",
-                           str(LR), "--loraplus_unet_lr_ratio", "16", "--optimizer_type", "AdamW",
-                           "--network_train_unet_only", "--cache_text_encoder_outputs", "--sample_prompts",
-                           str(prompts), "--sample_at_first", "--sample_every_n_steps", "2", *extra)
+    return tiny_train_argv(
+        model,
+        data,
+        out,
+        "--max_train_steps",
+        "2",
+        "--network_dim",
+        "2",
+        "--learning_rate",
+        str(LR),
+        "--loraplus_unet_lr_ratio",
+        "16",
+        "--optimizer_type",
+        "AdamW",
+        "--network_train_unet_only",
+        "--cache_text_encoder_outputs",
+        "--sample_prompts",
+        str(prompts),
+        "--sample_at_first",
+        "--sample_every_n_steps",
+        "2",
+        *extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +130,10 @@ def test_wandb_gets_the_settings_and_the_samples(wandb_run):
 
 
 def test_xformers_failing_on_its_first_call_falls_back_to_sdpa(wandb_run):
-    assert any("--xformers: xformers cannot run on this machine" in w and "using PyTorch SDPA attention instead" in w
-               for w in wandb_run.warnings), wandb_run.warnings
+    assert any(
+        "--xformers: xformers cannot run on this machine" in w and "using PyTorch SDPA attention instead" in w
+        for w in wandb_run.warnings
+    ), wandb_run.warnings
     report = json.loads((wandb_run.out / "last_report.json").read_text(encoding="utf-8"))
     assert report["attention"] == "sdpa"  # what ran, not what was asked for
 
@@ -176,9 +197,11 @@ def test_a_failing_tracker_is_one_warning_and_the_others_still_get_everything():
     trackers = [broken, working, imageless]
     image = np.zeros((64, 48, 3), np.uint8)
     assert log_sample_images(trackers, [("sample_0", image), ("sample_1", image)], 7) == [
-        "could not log sample images to fake: ConnectionError: offline (the images are saved in the sample folder)"]
+        "could not log sample images to fake: ConnectionError: offline (the images are saved in the sample folder)"
+    ]
     assert working.images == [(7, {"sample_0": [(64, 48, 3)]}), (7, {"sample_1": [(64, 48, 3)]})]
     assert imageless.images == []  # no log_images: nothing to send, no warning
     assert store_run_config(trackers, {"learning_rate": LR}, ["loss/average"]) == [
-        "could not record the run's settings in fake: ConnectionError: offline"]
+        "could not record the run's settings in fake: ConnectionError: offline"
+    ]
     assert working.config == imageless.config == {"learning_rate": LR}

@@ -31,11 +31,32 @@ def data(tmp_path_factory) -> Path:
 
 
 def _run(model: Path, data: Path, out: Path, ratio: int) -> tuple[object, list[StepInfo]]:
-    argv = tiny_train_argv(model, data, out, "--cache_latents", "--network_train_unet_only",
-                           "--cache_text_encoder_outputs", "--max_train_epochs", "2", "--optimizer_type", "AdamW",
-                           "--learning_rate", str(LR), "--lr_scheduler", "linear", "--loraplus_lr_ratio", str(ratio),
-                           "--validation_split", "0.34", "--validate_every_n_steps", "3", "--validate_every_n_epochs",
-                           "2", "--output_name", "run")
+    argv = tiny_train_argv(
+        model,
+        data,
+        out,
+        "--cache_latents",
+        "--network_train_unet_only",
+        "--cache_text_encoder_outputs",
+        "--max_train_epochs",
+        "2",
+        "--optimizer_type",
+        "AdamW",
+        "--learning_rate",
+        str(LR),
+        "--lr_scheduler",
+        "linear",
+        "--loraplus_lr_ratio",
+        str(ratio),
+        "--validation_split",
+        "0.34",
+        "--validate_every_n_steps",
+        "3",
+        "--validate_every_n_epochs",
+        "2",
+        "--output_name",
+        "run",
+    )
     seen: list[StepInfo] = []
     result = train(config_from_args(build_parser().parse_args(argv)), on_step=seen.append)
     return result, seen
@@ -44,8 +65,10 @@ def _run(model: Path, data: Path, out: Path, ratio: int) -> tuple[object, list[S
 @pytest.fixture(scope="module")
 def runs(tiny_sdxl, data, tmp_path_factory):
     """Ratio 4, then 16, then 4 again, in this one process."""
-    return [_run(tiny_sdxl.single_file, data, tmp_path_factory.mktemp(f"api_run{i}"), ratio)
-            for i, ratio in enumerate((4, 16, 4))]
+    return [
+        _run(tiny_sdxl.single_file, data, tmp_path_factory.mktemp(f"api_run{i}"), ratio)
+        for i, ratio in enumerate((4, 16, 4))
+    ]
 
 
 @pytest.mark.parametrize("index, ratio", [(0, 4), (1, 16)])
@@ -59,8 +82,9 @@ def test_on_step_sees_every_step_with_its_group_lrs(runs, index, ratio):
         assert not info.skipped
     # Validation at step 3 (every 3 steps) and at the end of epoch 2 (step 4; every 2 epochs).
     assert [info.step for info in seen if info.validation_loss is not None] == [3, 4]
-    assert result.validation_losses == [(info.step, info.validation_loss) for info in seen
-                                        if info.validation_loss is not None]
+    assert result.validation_losses == [
+        (info.step, info.validation_loss) for info in seen if info.validation_loss is not None
+    ]
     assert result.losses == [info.loss for info in seen]
     assert result.lrs == [dict(info.lrs) for info in seen]
 
@@ -75,7 +99,8 @@ def test_the_result_holds_what_a_sweep_needs_without_parsing_logs(runs):
     assert groups["unet plus"].lr == pytest.approx(16 * groups["unet"].lr) and groups["unet plus"].plus
     rows = json.loads((result.final_path.parent / "run_param_groups.json").read_text())
     assert [(r["description"], r["lr"], r["tensors"]) for r in rows] == [
-        (g.description, g.lr, g.tensors) for g in result.param_groups]
+        (g.description, g.lr, g.tensors) for g in result.param_groups
+    ]
 
 
 def test_runs_in_one_process_are_independent(runs):

@@ -30,13 +30,44 @@ def loraplus_run(tiny_sdxl, small_dataset, tmp_path_factory):
     """The seed command's options at tiny scale: LoRA+ 16 by flag, Lion, cosine restarts, fp8, epochs."""
     out = tmp_path_factory.mktemp("run")
     argv = _argv(
-        tiny_sdxl.single_file, small_dataset, out / "output",
-        "--cache_latents_to_disk", "--max_train_epochs", "4", "--save_every_n_epochs", "2", "--optimizer_type", "Lion",
-        "--learning_rate", str(LR), "--lr_scheduler", "cosine_with_restarts", "--lr_scheduler_num_cycles", "2",
-        "--lr_warmup_steps", "2", "--loraplus_lr_ratio", "16", "--save_precision", "fp16", "--fp8_base",
-        "--mixed_precision", "fp16", "--xformers", "--gradient_checkpointing", "--output_name", "tiny_lora",
-        "--logging_dir", str(out / "logs"), "--network_dim", "4", "--network_alpha", "1",
-        "--shuffle_caption", "--keep_tokens", "1",
+        tiny_sdxl.single_file,
+        small_dataset,
+        out / "output",
+        "--cache_latents_to_disk",
+        "--max_train_epochs",
+        "4",
+        "--save_every_n_epochs",
+        "2",
+        "--optimizer_type",
+        "Lion",
+        "--learning_rate",
+        str(LR),
+        "--lr_scheduler",
+        "cosine_with_restarts",
+        "--lr_scheduler_num_cycles",
+        "2",
+        "--lr_warmup_steps",
+        "2",
+        "--loraplus_lr_ratio",
+        "16",
+        "--save_precision",
+        "fp16",
+        "--fp8_base",
+        "--mixed_precision",
+        "fp16",
+        "--xformers",
+        "--gradient_checkpointing",
+        "--output_name",
+        "tiny_lora",
+        "--logging_dir",
+        str(out / "logs"),
+        "--network_dim",
+        "4",
+        "--network_alpha",
+        "1",
+        "--shuffle_caption",
+        "--keep_tokens",
+        "1",
     )
     assert train_network.main(argv) == 0
     return out
@@ -46,14 +77,21 @@ def test_writes_final_and_epoch_files(loraplus_run):
     files = sorted(p.name for p in (loraplus_run / "output").iterdir())
     # 4 epochs, save every 2: epoch 2 gets a numbered file, epoch 4 is the final file; the optimizer
     # groups are written beside them.
-    assert files == ["tiny_lora-000002.safetensors", "tiny_lora.safetensors", "tiny_lora_param_groups.json",
-                     "tiny_lora_report.json"]
+    assert files == [
+        "tiny_lora-000002.safetensors",
+        "tiny_lora.safetensors",
+        "tiny_lora_param_groups.json",
+        "tiny_lora_report.json",
+    ]
 
 
 def test_param_group_table_is_saved_as_json_and_in_metadata(loraplus_run):
     rows = json.loads((loraplus_run / "output" / "tiny_lora_param_groups.json").read_text())
     assert [(r["description"], r["plus"]) for r in rows] == [
-        ("textencoder", False), ("textencoder plus", True), ("unet", False), ("unet plus", True)
+        ("textencoder", False),
+        ("textencoder plus", True),
+        ("unet", False),
+        ("unet plus", True),
     ]
     assert [r["lr"] for r in rows] == pytest.approx([LR, LR * 16, LR, LR * 16])
     assert all(r["tensors"] > 0 and r["parameters"] > 0 for r in rows)
@@ -142,10 +180,10 @@ def test_latents_cached_to_disk_in_sd_scripts_format(loraplus_run, small_dataset
 
 def _fixed_noise_loss(models, network_file: Path | None, latents: torch.Tensor, captions: list[str]) -> float:
     """Loss at fixed timesteps and noise (no randomness), with or without a LoRA file applied."""
-    from library.train.loss import SDXL_VAE_SCALE, make_noise_scheduler
-    from tests.loss_reference import epsilon_mse_loss
     from library.model.text_encoding import encode_prompts, time_ids, tokenize
+    from library.train.loss import SDXL_VAE_SCALE, make_noise_scheduler
     from networks.lora import create_network_from_weights
+    from tests.loss_reference import epsilon_mse_loss
 
     network = None
     if network_file is not None:
@@ -183,9 +221,27 @@ def test_training_lowers_the_loss_on_its_data(tiny_sdxl, tiny_models, small_data
     """AdamW + LoRA+ 16 for 40 steps on 4 images: the fixed-noise loss on those images falls by over 2%."""
     out = tmp_path / "output"
     argv = _argv(
-        tiny_sdxl.single_file, small_dataset, out, "--cache_latents_to_disk", "--resolution", "64",
-        "--max_bucket_reso", "64", "--max_train_steps", "40", "--learning_rate", "3e-3", "--loraplus_lr_ratio", "16",
-        "--network_dim", "8", "--network_alpha", "8", "--network_train_unet_only", "--output_name", "fit",
+        tiny_sdxl.single_file,
+        small_dataset,
+        out,
+        "--cache_latents_to_disk",
+        "--resolution",
+        "64",
+        "--max_bucket_reso",
+        "64",
+        "--max_train_steps",
+        "40",
+        "--learning_rate",
+        "3e-3",
+        "--loraplus_lr_ratio",
+        "16",
+        "--network_dim",
+        "8",
+        "--network_alpha",
+        "8",
+        "--network_train_unet_only",
+        "--output_name",
+        "fit",
     )
     assert train_network.main(argv) == 0
     # With --max_bucket_reso 64 every image trains in the 64x64 bucket: its cache now holds 8x8 latents.
@@ -244,16 +300,36 @@ def test_empty_data_folder_is_one_line(tiny_sdxl, tmp_path, capsys):
 
 
 def test_ratio_given_two_ways_must_agree(tiny_sdxl, small_dataset, tmp_path, capsys):
-    argv = _argv(tiny_sdxl.single_file, small_dataset, tmp_path / "out", "--loraplus_lr_ratio", "16",
-                 "--network_args", "loraplus_lr_ratio=8")
+    argv = _argv(
+        tiny_sdxl.single_file,
+        small_dataset,
+        tmp_path / "out",
+        "--loraplus_lr_ratio",
+        "16",
+        "--network_args",
+        "loraplus_lr_ratio=8",
+    )
     assert train_network.main(argv) == 2
     assert "disagrees" in capsys.readouterr().err
 
 
 def test_prodigy_without_loraplus_trains(tiny_sdxl, small_dataset, tmp_path):
     out = tmp_path / "out"
-    argv = _argv(tiny_sdxl.single_file, small_dataset, out, "--optimizer_type", "Prodigy", "--learning_rate", "1.0",
-                 "--max_train_steps", "3", "--cache_latents", "--network_train_unet_only", "--output_name", "p")
+    argv = _argv(
+        tiny_sdxl.single_file,
+        small_dataset,
+        out,
+        "--optimizer_type",
+        "Prodigy",
+        "--learning_rate",
+        "1.0",
+        "--max_train_steps",
+        "3",
+        "--cache_latents",
+        "--network_train_unet_only",
+        "--output_name",
+        "p",
+    )
     assert train_network.main(argv) == 0
     with safe_open(str(out / "p.safetensors"), "pt") as f:
         assert f.metadata()["ss_optimizer"] == "prodigyopt.prodigy.Prodigy"
@@ -266,9 +342,23 @@ def test_continue_training_from_a_file_with_its_own_dims(loraplus_run, tiny_sdxl
     then barely moves them."""
     start = loraplus_run / "output" / "tiny_lora.safetensors"
     out = tmp_path / "out"
-    argv = _argv(tiny_sdxl.single_file, small_dataset, out, "--network_weights", str(start), "--dim_from_weights",
-                 "--network_dim", "16", "--max_train_steps", "1", "--learning_rate", "1e-9", "--cache_latents",
-                 "--output_name", "continued")
+    argv = _argv(
+        tiny_sdxl.single_file,
+        small_dataset,
+        out,
+        "--network_weights",
+        str(start),
+        "--dim_from_weights",
+        "--network_dim",
+        "16",
+        "--max_train_steps",
+        "1",
+        "--learning_rate",
+        "1e-9",
+        "--cache_latents",
+        "--output_name",
+        "continued",
+    )
     assert train_network.main(argv) == 0
     with safe_open(str(start), "pt") as f:
         before = {k: f.get_tensor(k).float() for k in f.keys()}
@@ -284,11 +374,22 @@ def test_dim_from_weights_needs_weights(tiny_sdxl, small_dataset, tmp_path, caps
     assert "--dim_from_weights needs --network_weights" in capsys.readouterr().err
 
 
-def test_weights_of_another_dim_without_dim_from_weights_is_one_line(loraplus_run, tiny_sdxl, small_dataset, tmp_path,
-                                                                     capsys):
+def test_weights_of_another_dim_without_dim_from_weights_is_one_line(
+    loraplus_run, tiny_sdxl, small_dataset, tmp_path, capsys
+):
     start = loraplus_run / "output" / "tiny_lora.safetensors"  # dim 4
-    argv = _argv(tiny_sdxl.single_file, small_dataset, tmp_path / "o", "--network_weights", str(start),
-                 "--network_dim", "8", "--max_train_steps", "1", "--cache_latents")
+    argv = _argv(
+        tiny_sdxl.single_file,
+        small_dataset,
+        tmp_path / "o",
+        "--network_weights",
+        str(start),
+        "--network_dim",
+        "8",
+        "--max_train_steps",
+        "1",
+        "--cache_latents",
+    )
     assert train_network.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --network_weights") and "has rank 4, but this run asks for 8" in err

@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from library.config.cli import build_parser
 from library.config.build import config_from_args
+from library.config.cli import build_parser
 from library.train.optim import ADAPTIVE_OPTIMIZER_TYPES, OPTIMIZER_TYPES
 from library.train.trainer import train
 from tests.cli_args import tiny_train_argv
@@ -45,8 +45,19 @@ def _scalars(logs: Path, tag: str) -> list[float]:
 @pytest.mark.parametrize("optimizer", [name for name in OPTIMIZER_TYPES if name not in ADAPTIVE_OPTIMIZER_TYPES])
 def test_every_optimizer_trains_and_saves(tiny_sdxl, data, tmp_path, optimizer):
     args = ["--optimizer_args", "relative_step=False", "scale_parameter=False"] if optimizer == "Adafactor" else []
-    result = _train(tiny_sdxl.single_file, data, tmp_path, "--optimizer_type", optimizer, "--max_train_steps", "2",
-                    "--learning_rate", "1e-3", "--network_train_unet_only", *args)
+    result = _train(
+        tiny_sdxl.single_file,
+        data,
+        tmp_path,
+        "--optimizer_type",
+        optimizer,
+        "--max_train_steps",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--network_train_unet_only",
+        *args,
+    )
     assert result.steps == 2 and all(np.isfinite(result.losses))
     tensors = load_file(str(result.final_path))
     ups = [t for k, t in tensors.items() if k.endswith("lora_up.weight")]
@@ -58,10 +69,26 @@ def test_scheduler_counts_steps_with_gradient_accumulation(tiny_sdxl, data, tmp_
     # 2 warmup steps is the library's own curve over those 6 steps.
     from diffusers.optimization import get_scheduler
 
-    result = _train(tiny_sdxl.single_file, data, tmp_path / "out", "--train_batch_size", "1",
-                    "--gradient_accumulation_steps", "2", "--max_train_epochs", "3", "--lr_scheduler", "cosine",
-                    "--lr_warmup_steps", "2", "--learning_rate", "1e-3", "--logging_dir", str(tmp_path / "logs"),
-                    "--network_train_unet_only")
+    result = _train(
+        tiny_sdxl.single_file,
+        data,
+        tmp_path / "out",
+        "--train_batch_size",
+        "1",
+        "--gradient_accumulation_steps",
+        "2",
+        "--max_train_epochs",
+        "3",
+        "--lr_scheduler",
+        "cosine",
+        "--lr_warmup_steps",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--logging_dir",
+        str(tmp_path / "logs"),
+        "--network_train_unet_only",
+    )
     assert (result.steps, result.epochs) == (6, 3)
     param = torch.nn.Parameter(torch.zeros(1))
     reference = get_scheduler("cosine", torch.optim.SGD([param], lr=1e-3), num_warmup_steps=2, num_training_steps=6)
@@ -75,8 +102,21 @@ def test_scheduler_counts_steps_with_gradient_accumulation(tiny_sdxl, data, tmp_
 
 def test_loss_options_reach_the_training_loss(tiny_sdxl, data, tmp_path):
     base = _train(tiny_sdxl.single_file, data, tmp_path / "a", "--max_train_steps", "2")
-    weighted = _train(tiny_sdxl.single_file, data, tmp_path / "b", "--max_train_steps", "2", "--min_snr_gamma", "1",
-                      "--loss_type", "huber", "--huber_schedule", "constant", "--noise_offset", "0.05")
+    weighted = _train(
+        tiny_sdxl.single_file,
+        data,
+        tmp_path / "b",
+        "--max_train_steps",
+        "2",
+        "--min_snr_gamma",
+        "1",
+        "--loss_type",
+        "huber",
+        "--huber_schedule",
+        "constant",
+        "--noise_offset",
+        "0.05",
+    )
     assert weighted.losses != base.losses
     with safe_open(str(weighted.final_path), "pt") as f:
         meta = f.metadata()
@@ -88,11 +128,34 @@ def validated_runs(tiny_sdxl, data, tmp_path_factory):
     runs = []
     for ratio in ("4", "4", "16"):
         out = tmp_path_factory.mktemp(f"validated_{ratio}")
-        runs.append((out, _train(tiny_sdxl.single_file, data, out, "--max_train_steps", "4",
-                                 "--validation_split", "0.25", "--validate_every_n_steps", "2",
-                                 "--loraplus_lr_ratio", ratio, "--learning_rate", "1e-3", "--network_dropout", "0.1",
-                                 "--logging_dir", str(out / "logs"), "--ema_decay", "0.9", "--save_every_n_steps",
-                                 "2")))
+        runs.append(
+            (
+                out,
+                _train(
+                    tiny_sdxl.single_file,
+                    data,
+                    out,
+                    "--max_train_steps",
+                    "4",
+                    "--validation_split",
+                    "0.25",
+                    "--validate_every_n_steps",
+                    "2",
+                    "--loraplus_lr_ratio",
+                    ratio,
+                    "--learning_rate",
+                    "1e-3",
+                    "--network_dropout",
+                    "0.1",
+                    "--logging_dir",
+                    str(out / "logs"),
+                    "--ema_decay",
+                    "0.9",
+                    "--save_every_n_steps",
+                    "2",
+                ),
+            )
+        )
     return runs
 
 
@@ -118,12 +181,17 @@ def test_validation_is_logged_and_recorded(validated_runs):
 def test_ema_files_hold_the_average_of_the_weights(validated_runs):
     out, result = validated_runs[0]
     assert sorted(p.name for p in out.glob("*.safetensors")) == [
-        "run-ema.safetensors", "run-step00000002-ema.safetensors", "run-step00000002.safetensors", "run.safetensors"]
+        "run-ema.safetensors",
+        "run-step00000002-ema.safetensors",
+        "run-step00000002.safetensors",
+        "run.safetensors",
+    ]
     final, ema = load_file(str(out / "run.safetensors")), load_file(str(out / "run-ema.safetensors"))
     assert final.keys() == ema.keys()
     ups = [k for k in final if k.endswith("lora_up.weight")]
-    assert all(torch.equal(final[k.replace("lora_up.weight", "alpha")], ema[k.replace("lora_up.weight", "alpha")])
-               for k in ups)
+    assert all(
+        torch.equal(final[k.replace("lora_up.weight", "alpha")], ema[k.replace("lora_up.weight", "alpha")]) for k in ups
+    )
     # B starts at 0 and the EMA lags behind it: smaller in norm, not equal.
     assert sum(ema[k].norm() for k in ups) < sum(final[k].norm() for k in ups)
     with safe_open(str(out / "run-ema.safetensors"), "pt") as f:
@@ -133,14 +201,33 @@ def test_ema_files_hold_the_average_of_the_weights(validated_runs):
 def test_samples_are_written_named_and_logged(tiny_sdxl, data, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square --w 64 --h 64 --s 2 --d 5\na blue circle --n green --w 64 --h 64 --s 2\n")
-    _train(tiny_sdxl.single_file, data, tmp_path / "out", "--max_train_steps", "2", "--sample_prompts", str(prompts),
-           "--sample_every_n_steps", "2", "--sample_at_first", "--sample_sampler", "euler_a", "--logging_dir",
-           str(tmp_path / "logs"), "--cache_text_encoder_outputs", "--network_train_unet_only")
+    _train(
+        tiny_sdxl.single_file,
+        data,
+        tmp_path / "out",
+        "--max_train_steps",
+        "2",
+        "--sample_prompts",
+        str(prompts),
+        "--sample_every_n_steps",
+        "2",
+        "--sample_at_first",
+        "--sample_sampler",
+        "euler_a",
+        "--logging_dir",
+        str(tmp_path / "logs"),
+        "--cache_text_encoder_outputs",
+        "--network_train_unet_only",
+    )
     names = sorted(p.name for p in (tmp_path / "out" / "sample").iterdir())
     assert len(names) == 4
     # sd-scripts' names: before training "e000000" (epoch 0), then the step; the prompt index; its seed last.
-    assert [n.split("_")[1:3] for n in names] == [["000002", "00"], ["000002", "01"], ["e000000", "00"],
-                                                  ["e000000", "01"]]
+    assert [n.split("_")[1:3] for n in names] == [
+        ["000002", "00"],
+        ["000002", "01"],
+        ["e000000", "00"],
+        ["e000000", "01"],
+    ]
     assert names[0].endswith("_5.png") and names[2].endswith("_5.png")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -151,27 +238,60 @@ def test_samples_are_written_named_and_logged(tiny_sdxl, data, tmp_path):
 
 
 def test_log_prefix_and_tracker_name_name_the_run_folder(tiny_sdxl, data, tmp_path):
-    _train(tiny_sdxl.single_file, data, tmp_path / "out", "--max_train_steps", "1", "--logging_dir",
-           str(tmp_path / "logs"), "--log_prefix", "ratio16-", "--log_tracker_name", "sweep", "--log_with",
-           "tensorboard")
+    _train(
+        tiny_sdxl.single_file,
+        data,
+        tmp_path / "out",
+        "--max_train_steps",
+        "1",
+        "--logging_dir",
+        str(tmp_path / "logs"),
+        "--log_prefix",
+        "ratio16-",
+        "--log_tracker_name",
+        "sweep",
+        "--log_with",
+        "tensorboard",
+    )
     (run_dir,) = (tmp_path / "logs").iterdir()
     assert run_dir.name.startswith("ratio16-")
     assert list((run_dir / "sweep").glob("events.out.tfevents.*"))
 
 
 def test_validation_with_cached_text_encoder_outputs(tiny_sdxl, data, tmp_path):
-    result = _train(tiny_sdxl.single_file, data, tmp_path, "--max_train_steps", "2", "--validation_split", "0.25",
-                    "--validate_every_n_steps", "1", "--cache_text_encoder_outputs", "--network_train_unet_only")
+    result = _train(
+        tiny_sdxl.single_file,
+        data,
+        tmp_path,
+        "--max_train_steps",
+        "2",
+        "--validation_split",
+        "0.25",
+        "--validate_every_n_steps",
+        "1",
+        "--cache_text_encoder_outputs",
+        "--network_train_unet_only",
+    )
     assert [step for step, _ in result.validation_losses] == [1, 2]
     assert all(np.isfinite(loss) for _, loss in result.validation_losses)
 
 
 def test_samples_at_epoch_ends_are_named_by_epoch(tiny_sdxl, data, tmp_path):
     prompts = tmp_path / "prompts.toml"
-    prompts.write_text('[prompt]\nwidth = 64\nheight = 64\nsample_steps = 2\n\n[[prompt.subset]]\nprompt = "a cat"\n'
-                       "seed = 7\n")
-    _train(tiny_sdxl.single_file, data, tmp_path / "out", "--max_train_epochs", "2", "--sample_prompts", str(prompts),
-           "--sample_every_n_epochs", "1")
+    prompts.write_text(
+        '[prompt]\nwidth = 64\nheight = 64\nsample_steps = 2\n\n[[prompt.subset]]\nprompt = "a cat"\nseed = 7\n'
+    )
+    _train(
+        tiny_sdxl.single_file,
+        data,
+        tmp_path / "out",
+        "--max_train_epochs",
+        "2",
+        "--sample_prompts",
+        str(prompts),
+        "--sample_every_n_epochs",
+        "1",
+    )
     names = sorted(p.name for p in (tmp_path / "out" / "sample").iterdir())
     assert [n.split("_")[1:3] for n in names] == [["e000001", "00"], ["e000002", "00"]]
     assert all(n.endswith("_7.png") for n in names)

@@ -23,22 +23,36 @@ from library.train.validation import (
     scan_validation_dir,
     split_records,
     validation_logs,
-    validation_metadata,
     validation_loss,
+    validation_metadata,
     validation_timesteps,
 )
 from tools.make_demo_dataset import make_demo_dataset
 
 
-def records_of(folders: dict[str, int], repeats: int = 3, is_reg: bool = False, dataset_index: int = 0,
-               root: Path = Path("/data")) -> list[ImageRecord]:
+def records_of(
+    folders: dict[str, int], repeats: int = 3, is_reg: bool = False, dataset_index: int = 0, root: Path = Path("/data")
+) -> list[ImageRecord]:
     """Fake records (no files): `folders` maps a folder name to its number of images."""
     records = []
     for folder, count in folders.items():
         options = SubsetConfig(root / folder, num_repeats=repeats, is_reg=is_reg)
         for i in range(count):
-            records.append(ImageRecord(root / folder / f"{i:03d}.png", folder, "toy", repeats, "toy",
-                                       (64, 64), (64, 64), (64, 64), (0, 0), options, dataset_index))
+            records.append(
+                ImageRecord(
+                    root / folder / f"{i:03d}.png",
+                    folder,
+                    "toy",
+                    repeats,
+                    "toy",
+                    (64, 64),
+                    (64, 64),
+                    (64, 64),
+                    (0, 0),
+                    options,
+                    dataset_index,
+                )
+            )
     return records
 
 
@@ -107,9 +121,21 @@ def test_config_defaults_and_values(tmp_path):
     cfg = validation_config(parse(), seed=42)
     assert not cfg.enabled and cfg.seed == 42 and cfg.timesteps == (200, 400, 600, 800)
     assert not cfg.is_due(5) and not cfg.is_due(5, epoch_end=1)
-    cfg = validation_config(parse("--validation_split", "0.1", "--validation_seed", "7",
-                                            "--max_validation_steps", "3", "--min_timestep", "100",
-                                            "--max_timestep", "900"), seed=42)
+    cfg = validation_config(
+        parse(
+            "--validation_split",
+            "0.1",
+            "--validation_seed",
+            "7",
+            "--max_validation_steps",
+            "3",
+            "--min_timestep",
+            "100",
+            "--max_timestep",
+            "900",
+        ),
+        seed=42,
+    )
     assert (cfg.split, cfg.seed, cfg.max_steps, cfg.timesteps) == (0.1, 7, 3, (260, 420, 580, 740))
     cfg = validation_config(parse("--validation_data_dir", str(tmp_path)), seed=0)
     assert cfg.enabled and cfg.data_dir == tmp_path
@@ -124,15 +150,18 @@ def test_is_due_follows_sd_scripts():
     assert [e for e in range(1, 6) if cfg.is_due(0, epoch_end=e)] == [2, 4]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (("--validation_split", "1.0"), "must be in \\[0, 1\\)"),
-    (("--validation_split", "-0.1"), "must be in \\[0, 1\\)"),
-    (("--validate_every_n_steps", "10"), "needs validation images"),
-    (("--validate_every_n_epochs", "1"), "needs validation images"),
-    (("--validation_split", "0.1", "--validate_every_n_steps", "0"), "at least 1"),
-    (("--validation_split", "0.1", "--max_validation_steps", "0"), "at least 1"),
-    (("--validation_data_dir", "/no/such/folder"), "is not a folder"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("--validation_split", "1.0"), "must be in \\[0, 1\\)"),
+        (("--validation_split", "-0.1"), "must be in \\[0, 1\\)"),
+        (("--validate_every_n_steps", "10"), "needs validation images"),
+        (("--validate_every_n_epochs", "1"), "needs validation images"),
+        (("--validation_split", "0.1", "--validate_every_n_steps", "0"), "at least 1"),
+        (("--validation_split", "0.1", "--max_validation_steps", "0"), "at least 1"),
+        (("--validation_data_dir", "/no/such/folder"), "is not a folder"),
+    ],
+)
 def test_config_errors_are_one_line(argv, message):
     with pytest.raises(UserInputError, match=message) as error:
         validation_config(parse(*argv), seed=0)
@@ -153,14 +182,21 @@ def test_timesteps_match_sd_scripts_linspace():
 
 
 def test_modules_import_without_torch():
-    code = "import sys, library.train.validation, library.train.ema; assert 'torch' not in sys.modules, 'torch imported'"
+    code = (
+        "import sys, library.train.validation, library.train.ema; assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
 def test_validation_metadata_uses_sd_scripts_keys():
     meta = validation_metadata(ValidationConfig(split=0.1, seed=3, every_n_steps=50))
-    assert meta == {"ss_validation_seed": "3", "ss_validation_split": "0.1", "ss_max_validation_steps": "None",
-                    "ss_validate_every_n_epochs": "None", "ss_validate_every_n_steps": "50"}
+    assert meta == {
+        "ss_validation_seed": "3",
+        "ss_validation_split": "0.1",
+        "ss_max_validation_steps": "None",
+        "ss_validate_every_n_epochs": "None",
+        "ss_validate_every_n_steps": "50",
+    }
 
 
 def test_validation_logs():
@@ -172,16 +208,30 @@ def test_validation_logs():
 
 
 def demo_config(root: Path, **overrides) -> DatasetConfig:
-    fields = dict(train_data_dir=root, caption_extension=".txt", resolution=(64, 64), enable_bucket=True,
-                  min_bucket_reso=64, max_bucket_reso=128, batch_size=2, seed=3)
+    fields = dict(
+        train_data_dir=root,
+        caption_extension=".txt",
+        resolution=(64, 64),
+        enable_bucket=True,
+        min_bucket_reso=64,
+        max_bucket_reso=128,
+        batch_size=2,
+        seed=3,
+    )
     fields.update(overrides)
     return DatasetConfig(**fields)
 
 
 def test_validation_set_is_fixed_and_unaugmented(tmp_path):
     make_demo_dataset(tmp_path / "train", count=8, min_side=64, max_side=128, repeats=2, name="toy", seed=0)
-    cfg = demo_config(tmp_path / "train", flip_aug=True, random_crop=True, shuffle_caption=True,
-                      caption_dropout_rate=0.5, caption_tag_dropout_rate=0.5)
+    cfg = demo_config(
+        tmp_path / "train",
+        flip_aug=True,
+        random_crop=True,
+        shuffle_caption=True,
+        caption_dropout_rate=0.5,
+        caption_tag_dropout_rate=0.5,
+    )
     _, val = split_records(scan_train_data_dir(cfg), 0.5, seed=0)
     vset = build_validation_set(val, cfg, batch_size=2, seed=0)
     assert sum(len(keys) for keys in vset.batches) == len(val) == 4
@@ -189,8 +239,9 @@ def test_validation_set_is_fixed_and_unaugmented(tmp_path):
     first, second = list(vset.iter_batches()), list(vset.iter_batches())
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a["images"], b["images"]) and a["captions"] == b["captions"]
-    by_key = {key[0]: caption for keys, batch in zip(vset.batches, first)
-              for key, caption in zip(keys, batch["captions"])}
+    by_key = {
+        key[0]: caption for keys, batch in zip(vset.batches, first) for key, caption in zip(keys, batch["captions"])
+    }
     assert all(by_key[i] == vset.dataset.records[i].caption for i in by_key)  # as written: no shuffle or dropout
     for i in range(len(vset.dataset)):  # centre crop, not flipped
         example = vset.dataset[(i, 0, 0)]
@@ -218,16 +269,18 @@ class FakeModel:
 
     def __call__(self, batch: dict, timesteps: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         self.seen.append(timesteps)
-        noised = noise_batch(self.scheduler, batch["latents"], LossOptions(noise_offset=0.1), timesteps=timesteps,
-                             generator=generator)
+        noised = noise_batch(
+            self.scheduler, batch["latents"], LossOptions(noise_offset=0.1), timesteps=timesteps, generator=generator
+        )
         prediction = noised.noisy * self.weight
         return torch.nn.functional.mse_loss(prediction, noised.target)
 
 
 def fake_batches(count: int = 3, size: int = 2) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
-    return [{"latents": torch.randn(size, 4, 4, 4, generator=gen), "loss_weights": torch.ones(size)}
-            for _ in range(count)]
+    return [
+        {"latents": torch.randn(size, 4, 4, 4, generator=gen), "loss_weights": torch.ones(size)} for _ in range(count)
+    ]
 
 
 def test_validation_loss_is_deterministic_and_leaves_the_rng_alone():
@@ -261,6 +314,7 @@ def test_validation_loss_uses_the_fixed_timesteps():
 
 def test_validation_loss_fixes_global_draws_too():
     """A stray global draw (VAE posterior sampling, say) inside compute_loss is seeded, and forgotten after."""
+
     def compute(batch, timesteps, generator):
         return (batch["latents"] + torch.randn(batch["latents"].shape)).square().mean()
 
@@ -290,17 +344,25 @@ def test_validation_loss_on_tiny_sdxl_with_a_lora(tiny_models):
     m = tiny_models
     scheduler, options = make_noise_scheduler(), LossOptions()
     gen = torch.Generator().manual_seed(0)
-    batches = [{
-        "latents": torch.randn(2, 4, 8, 8, generator=gen), "captions": ["toy, red square", "toy, blue circle"],
-        "original_sizes_hw": torch.tensor([[64, 64]] * 2), "crop_top_lefts": torch.zeros(2, 2, dtype=torch.long),
-        "target_sizes_hw": torch.tensor([[64, 64]] * 2), "loss_weights": torch.ones(2),
-    } for _ in range(2)]
+    batches = [
+        {
+            "latents": torch.randn(2, 4, 8, 8, generator=gen),
+            "captions": ["toy, red square", "toy, blue circle"],
+            "original_sizes_hw": torch.tensor([[64, 64]] * 2),
+            "crop_top_lefts": torch.zeros(2, 2, dtype=torch.long),
+            "target_sizes_hw": torch.tensor([[64, 64]] * 2),
+            "loss_weights": torch.ones(2),
+        }
+        for _ in range(2)
+    ]
 
     def compute_loss(batch, timesteps, generator):  # the trainer's batch_loss, cut down
         context, pooled = encode_captions(m, batch["captions"], 75)
         noised = noise_batch(scheduler, batch["latents"], options, timesteps=timesteps, generator=generator)
-        added = {"text_embeds": pooled,
-                 "time_ids": time_ids(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"])}
+        added = {
+            "text_embeds": pooled,
+            "time_ids": time_ids(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]),
+        }
         prediction = m.unet(noised.noisy, noised.timesteps, context, added_cond_kwargs=added).sample
         return diffusion_loss(prediction, noised, batch["loss_weights"], scheduler, options)
 

@@ -36,13 +36,16 @@ def planted_xformers(tmp_path, monkeypatch):
 
 def test_an_xformers_that_fails_to_import_is_not_planned(planted_xformers):
     planted_xformers(BROKEN_OPS)
-    assert xformers_problem("cuda") == ("importing it failed: OSError: libcudart.so.11.0: cannot open shared object "
-                                        "file: No such file or directory")
+    assert xformers_problem("cuda") == (
+        "importing it failed: OSError: libcudart.so.11.0: cannot open shared object file: No such file or directory"
+    )
     plan = plan_precision(PrecisionRequest(xformers=True), "cuda")
     assert plan.attention == "sdpa"
-    assert plan.notes == ("--xformers: xformers cannot run on this machine (importing it failed: OSError: "
-                          "libcudart.so.11.0: cannot open shared object file: No such file or directory); using "
-                          "PyTorch SDPA attention instead",)
+    assert plan.notes == (
+        "--xformers: xformers cannot run on this machine (importing it failed: OSError: "
+        "libcudart.so.11.0: cannot open shared object file: No such file or directory); using "
+        "PyTorch SDPA attention instead",
+    )
 
 
 def test_an_xformers_that_imports_is_planned_on_cuda_only(planted_xformers):
@@ -65,7 +68,8 @@ def test_enabling_xformers_that_raises_falls_back_to_sdpa(tiny_models, monkeypat
         assert set_attention(unet, "xformers") == "sdpa"
     assert [r.getMessage() for r in caplog.records] == [
         "--xformers: xformers cannot run on this machine (RuntimeError: CUDA error: no kernel image is available for "
-        "execution on the device); using PyTorch SDPA attention instead"]
+        "execution on the device); using PyTorch SDPA attention instead"
+    ]
     processors = unet.attn_processors.values()
     assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors)
     assert set_attention(unet, "sliced") == "sliced" and set_attention(unet, "sdpa") == "sdpa"

@@ -30,9 +30,15 @@ from library.errors import UserInputError  # noqa: E402
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="compare_runs.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", metavar="RUN", help="output folder, report JSON, or TensorBoard log folder")
-    parser.add_argument("--sort", default=None, metavar="SETTING",
-                        help="order the runs by this setting (e.g. loraplus_lr_ratio, unet_lr); default: as given")
-    parser.add_argument("--out", default="compare_out", help="folder for compare.html and the PNGs (default: %(default)s)")
+    parser.add_argument(
+        "--sort",
+        default=None,
+        metavar="SETTING",
+        help="order the runs by this setting (e.g. loraplus_lr_ratio, unet_lr); default: as given",
+    )
+    parser.add_argument(
+        "--out", default="compare_out", help="folder for compare.html and the PNGs (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     from library.report.compare import compare_runs, write_comparison
 

@@ -27,19 +27,51 @@ from library.errors import UserInputError  # noqa: E402
 COMPONENTS = ("te1", "te2", "unet")
 _SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 _BLOCK = re.compile(r"lora_unet_(input_blocks|output_blocks|down_blocks|up_blocks)_(\d+)_")
-_BLOCK_ORDER = {"input_blocks": 0, "down_blocks": 0, "middle_block": 1, "mid_block": 1, "output_blocks": 2,
-                "up_blocks": 2, "other": 3}
+_BLOCK_ORDER = {
+    "input_blocks": 0,
+    "down_blocks": 0,
+    "middle_block": 1,
+    "mid_block": 1,
+    "output_blocks": 2,
+    "up_blocks": 2,
+    "other": 3,
+}
 _DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 # The ss_* keys worth a glance, in display order (the JSON keeps their raw string values).
 HIGHLIGHT_KEYS = (
-    "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_network_dropout",
-    "ss_loraplus_lr_ratio", "ss_loraplus_unet_lr_ratio", "ss_loraplus_text_encoder_lr_ratio",
-    "ss_sd_model_name", "ss_sd_model_hash", "ss_new_sd_model_hash", "ss_base_model_version",
-    "ss_steps", "ss_epoch", "ss_max_train_steps", "ss_num_epochs", "ss_resolution", "ss_num_train_images",
-    "ss_optimizer", "ss_learning_rate", "ss_unet_lr", "ss_text_encoder_lr", "ss_lr_scheduler", "ss_lr_warmup_steps",
-    "ss_mixed_precision", "ss_seed", "ss_training_started_at", "ss_training_finished_at", "ss_output_name",
-    "modelspec.title", "modelspec.architecture", "sshs_model_hash",
+    "ss_network_module",
+    "ss_network_dim",
+    "ss_network_alpha",
+    "ss_network_args",
+    "ss_network_dropout",
+    "ss_loraplus_lr_ratio",
+    "ss_loraplus_unet_lr_ratio",
+    "ss_loraplus_text_encoder_lr_ratio",
+    "ss_sd_model_name",
+    "ss_sd_model_hash",
+    "ss_new_sd_model_hash",
+    "ss_base_model_version",
+    "ss_steps",
+    "ss_epoch",
+    "ss_max_train_steps",
+    "ss_num_epochs",
+    "ss_resolution",
+    "ss_num_train_images",
+    "ss_optimizer",
+    "ss_learning_rate",
+    "ss_unet_lr",
+    "ss_text_encoder_lr",
+    "ss_lr_scheduler",
+    "ss_lr_warmup_steps",
+    "ss_mixed_precision",
+    "ss_seed",
+    "ss_training_started_at",
+    "ss_training_finished_at",
+    "ss_output_name",
+    "modelspec.title",
+    "modelspec.architecture",
+    "sshs_model_hash",
 )
 
 
@@ -84,8 +116,11 @@ def _json_or_none(text: str | None) -> Any:
         return None
 
 
-def _loraplus(metadata: Mapping[str, str], network_args: Mapping[str, Any] | None,
-              param_groups: Sequence[Mapping[str, Any]] | None) -> dict[str, Any]:
+def _loraplus(
+    metadata: Mapping[str, str],
+    network_args: Mapping[str, Any] | None,
+    param_groups: Sequence[Mapping[str, Any]] | None,
+) -> dict[str, Any]:
     """Whether LoRA+ was on and its ratios: from the param groups when recorded, else from the ratios.
 
     The trainer's own keys (``ss_loraplus_unet_lr_ratio``...) hold the effective ratios; sd-scripts' files only
@@ -93,10 +128,12 @@ def _loraplus(metadata: Mapping[str, str], network_args: Mapping[str, Any] | Non
     """
     args = network_args or {}
     general = _float(metadata.get("ss_loraplus_lr_ratio")) or _float(args.get("loraplus_lr_ratio"))
-    unet = (_float(metadata.get("ss_loraplus_unet_lr_ratio")) or _float(args.get("loraplus_unet_lr_ratio"))
-            or general)
-    text_encoder = (_float(metadata.get("ss_loraplus_text_encoder_lr_ratio"))
-                    or _float(args.get("loraplus_text_encoder_lr_ratio")) or general)
+    unet = _float(metadata.get("ss_loraplus_unet_lr_ratio")) or _float(args.get("loraplus_unet_lr_ratio")) or general
+    text_encoder = (
+        _float(metadata.get("ss_loraplus_text_encoder_lr_ratio"))
+        or _float(args.get("loraplus_text_encoder_lr_ratio"))
+        or general
+    )
     if param_groups:
         enabled: bool | None = any(bool(g.get("plus")) for g in param_groups)
     elif unet is not None or text_encoder is not None:
@@ -120,8 +157,11 @@ def describe_lora(path: str | Path) -> dict[str, Any]:
             metadata = dict(f.metadata() or {})
             shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
             dtypes = sorted({_DTYPE_NAMES.get(f.get_slice(k).get_dtype(), f.get_slice(k).get_dtype()) for k in shapes})
-            alphas = {key[: -len(".alpha")]: float(f.get_tensor(key).float().item())
-                      for key in shapes if key.endswith(".alpha")}
+            alphas = {
+                key[: -len(".alpha")]: float(f.get_tensor(key).float().item())
+                for key in shapes
+                if key.endswith(".alpha")
+            }
     except Exception as error:  # safetensors raises its own error types for a broken header
         raise UserInputError(f"cannot read {path}: {error}") from None
 
@@ -134,8 +174,9 @@ def describe_lora(path: str | Path) -> dict[str, Any]:
         dim = shape[0]
         alpha = alphas.get(name) or float(dim)  # absent or 0: alpha = rank
         is_conv = len(shape) == 4 and tuple(shape[2:]) != (1, 1)
-        entry = components.setdefault(_component(name), {"modules": 0, "dims": set(), "alphas": set(),
-                                                         "conv_modules": 0})
+        entry = components.setdefault(
+            _component(name), {"modules": 0, "dims": set(), "alphas": set(), "conv_modules": 0}
+        )
         entry["modules"] += 1
         entry["dims"].add(dim)
         entry["alphas"].add(alpha)
@@ -183,8 +224,13 @@ def _numbers(values: Sequence[float]) -> str:
 
 def _table(rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ["  " + "  ".join(cell.rjust(w) if i in right else cell.ljust(w)
-                              for i, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
+    return [
+        "  "
+        + "  ".join(
+            cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))
+        ).rstrip()
+        for row in rows
+    ]
 
 
 def _timestamp(value: str | None) -> str | None:
@@ -205,12 +251,20 @@ def _training_lines(meta: Mapping[str, str], network_args: Any) -> list[str]:
     rows = [
         ("network", f("ss_network_module"), f("ss_network_dim", "dim {}"), f("ss_network_alpha", "alpha {}"), args),
         ("base model", f("ss_sd_model_name"), f("ss_sd_model_hash", "hash {}"), f("ss_base_model_version")),
-        ("progress", f("ss_steps", "{} steps"), f("ss_epoch", "epoch {}"),
-         f("ss_max_train_steps", "(of {} steps" + (epochs or "") + ")")),
+        (
+            "progress",
+            f("ss_steps", "{} steps"),
+            f("ss_epoch", "epoch {}"),
+            f("ss_max_train_steps", "(of {} steps" + (epochs or "") + ")"),
+        ),
         ("data", f("ss_resolution", "resolution {}"), f("ss_num_train_images", "{} images"), f("ss_seed", "seed {}")),
         ("optimizer", f("ss_optimizer")),
-        ("learning rate", f("ss_learning_rate", "lr {}"), f("ss_unet_lr", "unet {}"),
-         f("ss_text_encoder_lr", "text encoder {}")),
+        (
+            "learning rate",
+            f("ss_learning_rate", "lr {}"),
+            f("ss_unet_lr", "unet {}"),
+            f("ss_text_encoder_lr", "text encoder {}"),
+        ),
         ("scheduler", f("ss_lr_scheduler"), f("ss_lr_warmup_steps", "warmup {}")),
         ("precision", f("ss_mixed_precision", "mixed {}")),
         ("trained", _timestamp(meta.get("ss_training_started_at")), finished and f"-> {finished}"),
@@ -226,16 +280,23 @@ def format_lora_info(info: Mapping[str, Any]) -> str:
     size = info["size_bytes"] / 2**20
     lines = [f"{info['file']}: {size:.1f} MiB, {info['tensors']} tensors ({', '.join(info['dtypes']) or '-'})"]
     comps = info["components"]
-    lines.append(f"modules: {info['modules']}" + (" (" + ", ".join(f"{c} {e['modules']}" for c, e in comps.items())
-                                                 + ")" if comps else ""))
+    lines.append(
+        f"modules: {info['modules']}"
+        + (" (" + ", ".join(f"{c} {e['modules']}" for c, e in comps.items()) + ")" if comps else "")
+    )
     if comps:
         rows = [("component", "modules", "dims", "alphas", "conv 3x3")]
-        rows += [(c, str(e["modules"]), _numbers(e["dims"]), _numbers(e["alphas"]), str(e["conv_modules"] or "-"))
-                 for c, e in comps.items()]
+        rows += [
+            (c, str(e["modules"]), _numbers(e["dims"]), _numbers(e["alphas"]), str(e["conv_modules"] or "-"))
+            for c, e in comps.items()
+        ]
         lines += _table(rows, right=(1,))
     conv = info["conv"]
-    lines.append(f"conv LoRA (3x3): {conv['modules']} modules, dim {_numbers(conv['dims'])}, "
-                 f"alpha {_numbers(conv['alphas'])}" if conv["modules"] else "conv LoRA (3x3): none")
+    lines.append(
+        f"conv LoRA (3x3): {conv['modules']} modules, dim {_numbers(conv['dims'])}, alpha {_numbers(conv['alphas'])}"
+        if conv["modules"]
+        else "conv LoRA (3x3): none"
+    )
     if info["unet_blocks"]:
         lines.append("UNet modules by block:")
         by_kind: dict[str, list[str]] = {}
@@ -251,9 +312,11 @@ def format_lora_info(info: Mapping[str, Any]) -> str:
     if plus["enabled"] is None:
         lines.append("LoRA+: unknown (no training metadata)")
     elif plus["enabled"]:
-        ratios = [f"{label} lr x{ratio:g}" for label, ratio in (("unet", plus["unet_ratio"]),
-                                                                ("text encoder", plus["text_encoder_ratio"]))
-                  if ratio is not None]
+        ratios = [
+            f"{label} lr x{ratio:g}"
+            for label, ratio in (("unet", plus["unet_ratio"]), ("text encoder", plus["text_encoder_ratio"]))
+            if ratio is not None
+        ]
         lines.append("LoRA+: on" + (f" ({', '.join(ratios)})" if ratios else ""))
     else:
         lines.append("LoRA+: off")
@@ -269,9 +332,16 @@ def format_lora_info(info: Mapping[str, Any]) -> str:
     if info["param_groups"]:
         lines.append("parameter groups:")
         rows = [("component", "group", "tensors", "parameters", "lr")]
-        rows += [(str(g.get("component", "?")), "plus (B)" if g.get("plus") else "base", str(g.get("tensors", "?")),
-                  f"{g['parameters']:,}" if isinstance(g.get("parameters"), int) else "?",
-                  f"{g['lr']:.3g}" if isinstance(g.get("lr"), (int, float)) else "?") for g in info["param_groups"]]
+        rows += [
+            (
+                str(g.get("component", "?")),
+                "plus (B)" if g.get("plus") else "base",
+                str(g.get("tensors", "?")),
+                f"{g['parameters']:,}" if isinstance(g.get("parameters"), int) else "?",
+                f"{g['lr']:.3g}" if isinstance(g.get("lr"), (int, float)) else "?",
+            )
+            for g in info["param_groups"]
+        ]
         lines += _table(rows, right=(2, 3))
     return "\n".join(lines)
 

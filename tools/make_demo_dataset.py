@@ -45,8 +45,13 @@ def demo_size(aspect: tuple[int, int], min_side: int, max_side: int, rng: random
     return (long_side, short_side) if aspect[0] >= aspect[1] else (short_side, long_side)
 
 
-def draw_demo_image(size: tuple[int, int], shape: str, colour: tuple[int, int, int],
-                    background: tuple[int, int, int], rng: random.Random) -> Image.Image:
+def draw_demo_image(
+    size: tuple[int, int],
+    shape: str,
+    colour: tuple[int, int, int],
+    background: tuple[int, int, int],
+    rng: random.Random,
+) -> Image.Image:
     """One picture: `shape` in `colour` on `background`, with a lighter band for a little structure."""
     width, height = size
     image = Image.new("RGB", size, background)

@@ -39,15 +39,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineErrorParser(prog="merge_lora.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sd_model", required=True, help="SDXL single file (.safetensors, original layout)")
     parser.add_argument("--models", nargs="+", required=True, help="LoRA files (.safetensors) to merge")
-    parser.add_argument("--ratios", type=float, nargs="+", default=None,
-                        help="strength of each LoRA, one per --models entry (default: 1.0 each)")
+    parser.add_argument(
+        "--ratios",
+        type=float,
+        nargs="+",
+        default=None,
+        help="strength of each LoRA, one per --models entry (default: 1.0 each)",
+    )
     parser.add_argument("--save_to", required=True, help="output single file (.safetensors)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="float",
-                        help="dtype the merge is computed in (float is recommended)")
-    parser.add_argument("--save_precision", choices=PRECISIONS, default=None,
-                        help="dtype of every floating-point tensor of the output (default: keep the base file's)")
-    parser.add_argument("--no_metadata", action="store_true",
-                        help="write no metadata (by default it records the base model, the LoRAs and their ratios)")
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default="float", help="dtype the merge is computed in (float is recommended)"
+    )
+    parser.add_argument(
+        "--save_precision",
+        choices=PRECISIONS,
+        default=None,
+        help="dtype of every floating-point tensor of the output (default: keep the base file's)",
+    )
+    parser.add_argument(
+        "--no_metadata",
+        action="store_true",
+        help="write no metadata (by default it records the base model, the LoRAs and their ratios)",
+    )
     return parser
 
 
@@ -93,24 +106,28 @@ def merge_metadata(
     loras = []
     for path, ratio in zip(models, ratios):
         _, lora_metadata, _ = read_safetensors_header(path)
-        loras.append({
-            "file": path.name,
-            "ratio": ratio,
-            "title": lora_metadata.get("modelspec.title"),
-            "sshs_model_hash": lora_metadata.get("sshs_model_hash"),
-            "ss_sd_model_name": lora_metadata.get("ss_sd_model_name"),
-        })
+        loras.append(
+            {
+                "file": path.name,
+                "ratio": ratio,
+                "title": lora_metadata.get("modelspec.title"),
+                "sshs_model_hash": lora_metadata.get("sshs_model_hash"),
+                "ss_sd_model_name": lora_metadata.get("ss_sd_model_name"),
+            }
+        )
     titles = [base_metadata.get("modelspec.title") or base.stem]
     titles += [lora["title"] or path.stem for lora, path in zip(loras, models)]
     metadata = dict(base_metadata)
-    metadata.update({
-        "format": "pt",
-        "modelspec.merged_from": ", ".join(titles),
-        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "merge_lora": json.dumps(
-            {"base": base.name, "loras": loras, "precision": precision, "save_precision": save_precision}
-        ),
-    })
+    metadata.update(
+        {
+            "format": "pt",
+            "modelspec.merged_from": ", ".join(titles),
+            "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "merge_lora": json.dumps(
+                {"base": base.name, "loras": loras, "precision": precision, "save_precision": save_precision}
+            ),
+        }
+    )
     return metadata
 
 
@@ -125,8 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from library.files.lora_merge import LoRAToMerge, merge_loras_into_single_file
 
         models = [Path(m) for m in args.models]
-        metadata = None if args.no_metadata else merge_metadata(
-            Path(args.sd_model), models, ratios, args.precision, args.save_precision
+        metadata = (
+            None
+            if args.no_metadata
+            else merge_metadata(Path(args.sd_model), models, ratios, args.precision, args.save_precision)
         )
         started = time.perf_counter()
         report = merge_loras_into_single_file(

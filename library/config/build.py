@@ -17,8 +17,15 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from library.config.checks import (check_network_trains, check_optimizer_fits_groups, check_output_room,
-                                   check_resume, check_text_encoder_cache, first_save_estimate, planned_group_lrs)
+from library.config.checks import (
+    check_network_trains,
+    check_optimizer_fits_groups,
+    check_output_room,
+    check_resume,
+    check_text_encoder_cache,
+    first_save_estimate,
+    planned_group_lrs,
+)
 from library.data.dataset_config import DatasetConfig, load_dataset_config
 from library.errors import UserInputError
 from library.files.lora_io import check_lora_file
@@ -28,10 +35,14 @@ from library.model.precision import PrecisionConfig, PrecisionRequest, check_pre
 from library.model.text_encoding import check_max_token_length
 from library.train.ema import EMAConfig
 from library.train.loss import HUBER_SCHEDULES, LOSS_TYPES, NUM_TRAIN_TIMESTEPS, LossOptions
-from library.train.optim import (canonical_optimizer_type, canonical_scheduler, optimizer_class, schedule_problem,
-                                 scheduler_class)
-from library.train.run_config import (LoopConfig, ModelConfig, NetworkConfig, OptimizerConfig, OutputConfig,
-                                      TrainConfig)
+from library.train.optim import (
+    canonical_optimizer_type,
+    canonical_scheduler,
+    optimizer_class,
+    schedule_problem,
+    scheduler_class,
+)
+from library.train.run_config import LoopConfig, ModelConfig, NetworkConfig, OptimizerConfig, OutputConfig, TrainConfig
 from library.train.sampling import SamplingConfig, make_sampling_config
 from library.train.validation import ValidationConfig, validation_timesteps
 from networks.network_args import LORAPLUS_KEYS, LoRAPlusRatios, merge_loraplus_flags, parse_network_args
@@ -51,8 +62,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     check_network_trains(network, optimizer)
     check_optimizer_fits_groups(
         optimizer.optimizer_type,
-        planned_group_lrs(optimizer.learning_rate, optimizer.unet_lr, optimizer.text_encoder_lr, network.loraplus,
-                          network.train_unet, network.train_text_encoder),
+        planned_group_lrs(
+            optimizer.learning_rate,
+            optimizer.unet_lr,
+            optimizer.text_encoder_lr,
+            network.loraplus,
+            network.train_unet,
+            network.train_text_encoder,
+        ),
         network.args,
         optimizer.optimizer_args,
     )
@@ -64,8 +81,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         check_resume(output.resume, loop, with_ema=ema is not None)
     check_output_room(output, first_save_estimate(shapes, network, optimizer.optimizer_type, output, ema is not None))
     return TrainConfig(
-        model=model_config(args), data=data, network=network, optimizer=optimizer, precision=precision, loop=loop,
-        output=output, loss=loss_config(args), sampling=sampling_config(args), validation=validation_config(args, seed),
+        model=model_config(args),
+        data=data,
+        network=network,
+        optimizer=optimizer,
+        precision=precision,
+        loop=loop,
+        output=output,
+        loss=loss_config(args),
+        sampling=sampling_config(args),
+        validation=validation_config(args, seed),
         ema=ema,
     )
 
@@ -143,8 +168,12 @@ def data_config(args: argparse.Namespace, seed: int) -> DatasetConfig:
     ignored = [flag for flag, value in (("--train_data_dir", data_dir), ("--reg_data_dir", reg_dir)) if value]
     if ignored:  # as sd-scripts: the file's image_dir entries win
         logging.getLogger(__name__).warning("ignoring %s: --dataset_config lists the image folders", ", ".join(ignored))
-    return replace(data, train_data_dir=None, reg_data_dir=None,
-                   dataset_config=load_dataset_config(Path(args.dataset_config), data.cli_values()))
+    return replace(
+        data,
+        train_data_dir=None,
+        reg_data_dir=None,
+        dataset_config=load_dataset_config(Path(args.dataset_config), data.cli_values()),
+    )
 
 
 def _data_folders(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
@@ -178,10 +207,14 @@ def network_config(args: argparse.Namespace) -> NetworkConfig:
     network_args = merge_loraplus_flags(
         parse_network_args(args.network_args), {key: getattr(args, key) for key in LORAPLUS_KEYS}
     )
-    if weights is not None and not args.dim_from_weights and not any(k.startswith(("block_", "conv_block_"))
-                                                                       for k in network_args):
-        check_weights_fit_dims(weights, args.network_dim,
-                               int(network_args["conv_dim"]) if "conv_dim" in network_args else None)
+    if (
+        weights is not None
+        and not args.dim_from_weights
+        and not any(k.startswith(("block_", "conv_block_")) for k in network_args)
+    ):
+        check_weights_fit_dims(
+            weights, args.network_dim, int(network_args["conv_dim"]) if "conv_dim" in network_args else None
+        )
     return NetworkConfig(
         module=args.network_module,
         dim=args.network_dim,
@@ -221,9 +254,15 @@ def optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
     scheduler_args = parse_key_values(args.lr_scheduler_args, "--lr_scheduler_args")
     if args.lr_scheduler_type:
         scheduler_class(args.lr_scheduler_type)
-    problem = schedule_problem(args.lr_scheduler, optimizer_type=optimizer_type, optimizer_args=optimizer_args,
-                               warmup=args.lr_warmup_steps, scheduler_type=args.lr_scheduler_type or None,
-                               scheduler_args=scheduler_args, min_lr_ratio=args.lr_scheduler_min_lr_ratio)
+    problem = schedule_problem(
+        args.lr_scheduler,
+        optimizer_type=optimizer_type,
+        optimizer_args=optimizer_args,
+        warmup=args.lr_warmup_steps,
+        scheduler_type=args.lr_scheduler_type or None,
+        scheduler_args=scheduler_args,
+        min_lr_ratio=args.lr_scheduler_min_lr_ratio,
+    )
     if problem:
         raise UserInputError(problem)
     text_encoder_lr = list(args.text_encoder_lr) if args.text_encoder_lr else None
@@ -292,28 +331,43 @@ def check_run_length(max_train_steps: int, max_train_epochs: int | None) -> None
     """A run of no steps would only write the untrained LoRA (B = 0: a file that changes nothing): refuse it."""
     if max_train_epochs is not None:
         if max_train_epochs <= 0:
-            raise UserInputError(f"--max_train_epochs {max_train_epochs} trains nothing (it overrides "
-                                 "--max_train_steps): give 1 or more")
+            raise UserInputError(
+                f"--max_train_epochs {max_train_epochs} trains nothing (it overrides --max_train_steps): give 1 or more"
+            )
     elif max_train_steps <= 0:
-        raise UserInputError(f"--max_train_steps {max_train_steps} trains nothing: give 1 or more (or --max_train_epochs)")
+        raise UserInputError(
+            f"--max_train_steps {max_train_steps} trains nothing: give 1 or more (or --max_train_epochs)"
+        )
 
 
 def precision_config(args: argparse.Namespace) -> PrecisionConfig:
     """The precision flags as given (what this device can run is decided at start-up, see `plan_precision`)."""
     request = PrecisionRequest(
-        mixed_precision=args.mixed_precision, fp8_base=args.fp8_base, fp8_base_unet=args.fp8_base_unet,
-        full_fp16=args.full_fp16, full_bf16=args.full_bf16, no_half_vae=args.no_half_vae, xformers=args.xformers,
+        mixed_precision=args.mixed_precision,
+        fp8_base=args.fp8_base,
+        fp8_base_unet=args.fp8_base_unet,
+        full_fp16=args.full_fp16,
+        full_bf16=args.full_bf16,
+        no_half_vae=args.no_half_vae,
+        xformers=args.xformers,
         mem_eff_attn=args.mem_eff_attn,
     )
     check_precision_flags(request)
     if args.lowram and args.highvram:
         raise UserInputError("--lowram and --highvram exclude each other")
-    return PrecisionConfig(request=request, gradient_checkpointing=args.gradient_checkpointing, lowram=args.lowram,
-                           highvram=args.highvram)
+    return PrecisionConfig(
+        request=request, gradient_checkpointing=args.gradient_checkpointing, lowram=args.lowram, highvram=args.highvram
+    )
 
 
-SAVE_EVERY_FLAGS = ("save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs", "save_last_n_steps",
-                    "save_last_n_epochs_state", "save_last_n_steps_state")
+SAVE_EVERY_FLAGS = (
+    "save_every_n_epochs",
+    "save_every_n_steps",
+    "save_last_n_epochs",
+    "save_last_n_steps",
+    "save_last_n_epochs_state",
+    "save_last_n_steps_state",
+)
 
 
 def output_config(args: argparse.Namespace) -> OutputConfig:
@@ -366,15 +420,18 @@ def loss_config(args: argparse.Namespace) -> LossOptions:
     multires = _off_if_zero(args.multires_noise_iterations, "--multires_noise_iterations")
     if args.multires_noise_discount < 0:
         raise UserInputError(
-            f"--multires_noise_discount must be >= 0, got {args.multires_noise_discount}: 0.3 is the default")
+            f"--multires_noise_discount must be >= 0, got {args.multires_noise_discount}: 0.3 is the default"
+        )
     if args.scale_v_pred_loss_like_noise_pred and not args.v_parameterization:
         raise UserInputError(
-            "--scale_v_pred_loss_like_noise_pred applies to v-prediction only: add --v_parameterization or drop it")
+            "--scale_v_pred_loss_like_noise_pred applies to v-prediction only: add --v_parameterization or drop it"
+        )
     _check_timesteps(args.min_timestep, args.max_timestep)
     _check_huber(args.loss_type, args.huber_c, args.huber_scale)
     if args.huber_schedule not in HUBER_SCHEDULES:
         raise UserInputError(
-            f"--huber_schedule {args.huber_schedule!r} is unknown: use one of {', '.join(HUBER_SCHEDULES)}")
+            f"--huber_schedule {args.huber_schedule!r} is unknown: use one of {', '.join(HUBER_SCHEDULES)}"
+        )
     return LossOptions(
         noise_offset=noise_offset,
         noise_offset_random_strength=bool(args.noise_offset_random_strength),
@@ -412,7 +469,8 @@ def _check_timesteps(low: int | None, high: int | None) -> None:
     if not 0 <= lo < hi <= NUM_TRAIN_TIMESTEPS:
         raise UserInputError(
             f"timesteps: need 0 <= --min_timestep < --max_timestep <= {NUM_TRAIN_TIMESTEPS}, got {lo} and {hi}: "
-            "fix the two values")
+            "fix the two values"
+        )
 
 
 def _check_huber(loss_type: str, c: float, scale: float) -> None:
@@ -426,9 +484,13 @@ def _check_huber(loss_type: str, c: float, scale: float) -> None:
 
 def sampling_config(args: argparse.Namespace) -> SamplingConfig | None:
     """The sampling flags, the prompt file read and checked (None: nothing would ever be sampled)."""
-    return make_sampling_config(args.sample_prompts, sampler=args.sample_sampler,
-                                every_n_steps=args.sample_every_n_steps, every_n_epochs=args.sample_every_n_epochs,
-                                at_first=args.sample_at_first)
+    return make_sampling_config(
+        args.sample_prompts,
+        sampler=args.sample_sampler,
+        every_n_steps=args.sample_every_n_steps,
+        every_n_epochs=args.sample_every_n_epochs,
+        at_first=args.sample_at_first,
+    )
 
 
 def validation_config(args: argparse.Namespace, seed: int) -> ValidationConfig:
@@ -441,8 +503,9 @@ def validation_config(args: argparse.Namespace, seed: int) -> ValidationConfig:
     if split > 0 and data_dir is not None:
         raise UserInputError("--validation_split and --validation_data_dir both give validation images: keep one")
     if data_dir is not None and not data_dir.is_dir():
-        raise UserInputError(f"--validation_data_dir {data_dir} is not a folder: point it at a folder of N_name "
-                             "subfolders")
+        raise UserInputError(
+            f"--validation_data_dir {data_dir} is not a folder: point it at a folder of N_name subfolders"
+        )
     every_steps = _at_least_one(args.validate_every_n_steps, "--validate_every_n_steps")
     every_epochs = _at_least_one(args.validate_every_n_epochs, "--validate_every_n_epochs")
     max_steps = _at_least_one(args.max_validation_steps, "--max_validation_steps")
@@ -453,8 +516,13 @@ def validation_config(args: argparse.Namespace, seed: int) -> ValidationConfig:
     high = getattr(args, "max_timestep", None)
     timesteps = validation_timesteps(0 if low is None else low, NUM_TRAIN_TIMESTEPS if high is None else high)
     return ValidationConfig(
-        split=split, data_dir=data_dir, seed=seed if args.validation_seed is None else args.validation_seed,
-        every_n_steps=every_steps, every_n_epochs=every_epochs, max_steps=max_steps, timesteps=timesteps,
+        split=split,
+        data_dir=data_dir,
+        seed=seed if args.validation_seed is None else args.validation_seed,
+        every_n_steps=every_steps,
+        every_n_epochs=every_epochs,
+        max_steps=max_steps,
+        timesteps=timesteps,
     )
 
 

@@ -19,10 +19,16 @@ from library.model.precision import save_dtype
 from library.train.optim import is_adaptive, per_group_lr_problem
 from library.train.run_config import LoopConfig, NetworkConfig, OptimizerConfig, OutputConfig
 from library.train.train_state import check_resume_folder, saved_progress
-from networks.block_weights import (EMBEDDING_BLOCK, LR_WEIGHT_KEYS, OUT_BLOCK, block_dims_and_alphas, block_index,
-                                    block_lr_weights)
-from networks.loraplus import LoRAPlusRule, planned_groups
+from networks.block_weights import (
+    EMBEDDING_BLOCK,
+    LR_WEIGHT_KEYS,
+    OUT_BLOCK,
+    block_dims_and_alphas,
+    block_index,
+    block_lr_weights,
+)
 from networks.lora_size import diffusers_lora_layers, lora_parameter_count, single_file_lora_layers
+from networks.loraplus import LoRAPlusRule, planned_groups
 from networks.network_args import LoRAPlusRatios
 
 
@@ -34,22 +40,34 @@ def check_network_trains(network: NetworkConfig, optimizer: OptimizerConfig) -> 
     if network.weights is not None and network.dim_from_weights:
         file_names = [key.partition(".")[0] for key in read_safetensors_header(network.weights)[0]]
     check_something_trains(
-        optimizer.learning_rate, optimizer.unet_lr, optimizer.text_encoder_lr, network.train_unet,
+        optimizer.learning_rate,
+        optimizer.unet_lr,
+        optimizer.text_encoder_lr,
+        network.train_unet,
         network.train_text_encoder,
         unet_empty=unet_without_modules(network.args, network.dim, network.alpha, file_names),
-        text_encoder_empty=("the --network_weights file has no text-encoder modules"
-                            if file_names is not None and not any(n.startswith("lora_te") for n in file_names)
-                            else None),
+        text_encoder_empty=(
+            "the --network_weights file has no text-encoder modules"
+            if file_names is not None and not any(n.startswith("lora_te") for n in file_names)
+            else None
+        ),
     )
 
 
 def check_something_trains(
-    learning_rate: float, unet_lr: float | None, text_encoder_lr: list[float] | None,
-    train_unet: bool, train_text_encoder: bool, unet_empty: str | None = None, text_encoder_empty: str | None = None,
+    learning_rate: float,
+    unet_lr: float | None,
+    text_encoder_lr: list[float] | None,
+    train_unet: bool,
+    train_text_encoder: bool,
+    unet_empty: str | None = None,
+    text_encoder_empty: str | None = None,
 ) -> None:
     """Refuse a run in which no LoRA weight would change: each component is not trained, at lr 0, or gets no
     modules (`unet_empty` / `text_encoder_empty` say why, e.g. every block lr weight is 0)."""
-    te_lr, te_flag = (text_encoder_lr[0], "--text_encoder_lr") if text_encoder_lr else (learning_rate, "--learning_rate")
+    te_lr, te_flag = (
+        (text_encoder_lr[0], "--text_encoder_lr") if text_encoder_lr else (learning_rate, "--learning_rate")
+    )
     u_lr, u_flag = (unet_lr, "--unet_lr") if unet_lr is not None else (learning_rate, "--learning_rate")
     reasons = []
     for name, trained, excluded_by, lr, flag, empty in (
@@ -64,13 +82,17 @@ def check_something_trains(
             reasons.append(f"{name}: {empty}")
         else:
             return
-    advice = "give a learning rate above 0" if all("learning rate 0" in r or "not trained" in r for r in reasons) \
+    advice = (
+        "give a learning rate above 0"
+        if all("learning rate 0" in r or "not trained" in r for r in reasons)
         else "change one of these"
+    )
     raise UserInputError(f"nothing would train ({'; '.join(reasons)}): {advice}")
 
 
-def unet_without_modules(network_args: dict[str, str], dim: int, alpha: float,
-                         weights_names: list[str] | None) -> str | None:
+def unet_without_modules(
+    network_args: dict[str, str], dim: int, alpha: float, weights_names: list[str] | None
+) -> str | None:
     """Why the UNet would get no trained LoRA module from the block network_args (every block lr weight or block
     dim 0), or None. `weights_names`: the module names of --network_weights under --dim_from_weights."""
     lr_weights = block_lr_weights(network_args)
@@ -86,8 +108,9 @@ def unet_without_modules(network_args: dict[str, str], dim: int, alpha: float,
         return "every block lr weight is 0 (down/mid/up_lr_weight)"
     conv_dim = int(network_args["conv_dim"]) if "conv_dim" in network_args else None
     blocks = block_dims_and_alphas(network_args, dim, alpha, conv_dim, None, lr_weights)
-    if blocks is not None and not any(blocks.dims[b] > 0 or (blocks.conv_dims is not None and blocks.conv_dims[b] > 0)
-                                      for b in adapted):
+    if blocks is not None and not any(
+        blocks.dims[b] > 0 or (blocks.conv_dims is not None and blocks.conv_dims[b] > 0) for b in adapted
+    ):
         return "every block dim is 0 (block_dims, conv_block_dims)"
     return None
 
@@ -116,7 +139,9 @@ def planned_group_lrs(
 
 
 def check_optimizer_fits_groups(
-    optimizer_type: str, group_lrs: dict[str, float], network_args: dict[str, str],
+    optimizer_type: str,
+    group_lrs: dict[str, float],
+    network_args: dict[str, str],
     optimizer_args: dict[str, str] | None = None,
 ) -> None:
     """Refuse, before any model loads, an optimizer that would crash on (or ignore) per-group rates."""
@@ -133,8 +158,12 @@ def check_optimizer_fits_groups(
 
 
 # --- The text-encoder cache ------------------------------------------------------------------------------------------
-CAPTION_VARYING_FLAGS = ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate",
-                         "caption_dropout_every_n_epochs")
+CAPTION_VARYING_FLAGS = (
+    "shuffle_caption",
+    "caption_dropout_rate",
+    "caption_tag_dropout_rate",
+    "caption_dropout_every_n_epochs",
+)
 """Flags (and `DatasetConfig` fields) that make an image's caption change between uses."""
 
 
@@ -143,8 +172,10 @@ def check_text_encoder_cache(loop: LoopConfig, data: DatasetConfig, train_text_e
     if not loop.cache_text_encoder_outputs:
         return
     if train_text_encoder:
-        raise UserInputError("--cache_text_encoder_outputs needs --network_train_unet_only: text-encoder LoRA "
-                             "cannot train on cached text-encoder outputs")
+        raise UserInputError(
+            "--cache_text_encoder_outputs needs --network_train_unet_only: text-encoder LoRA "
+            "cannot train on cached text-encoder outputs"
+        )
     varying = [f"--{name}" for name in CAPTION_VARYING_FLAGS if getattr(data, name)]
     if varying and loop.text_encoder_cache_variants == 1:
         raise UserInputError(
@@ -174,8 +205,10 @@ def check_resume_trains(resume: Path, max_train_steps: int, max_train_epochs: in
         done = progress.step >= max_train_steps
         length = f"--max_train_steps {max_train_steps}"
     if done:
-        raise UserInputError(f"--resume {resume}: that state is at step {progress.step} (epoch {progress.epoch}), "
-                             f"already the end of {length}; nothing would train: give a longer run")
+        raise UserInputError(
+            f"--resume {resume}: that state is at step {progress.step} (epoch {progress.epoch}), "
+            f"already the end of {length}; nothing would train: give a longer run"
+        )
 
 
 # --- The output folders and the first save ----------------------------------------------------------------------------
@@ -198,17 +231,23 @@ def first_save_estimate(
         tensors = len(entries)
     else:
         parameters, tensors = _planned_lora_size(shapes, network)
-    return estimate_first_save(parameters, tensors, save_dtype(output.save_precision).itemsize, ema=with_ema,
-                               save_state=bool(output.save_state or output.save_state_on_train_end),
-                               optimizer_type=optimizer_type)
+    return estimate_first_save(
+        parameters,
+        tensors,
+        save_dtype(output.save_precision).itemsize,
+        ema=with_ema,
+        save_state=bool(output.save_state or output.save_state_on_train_end),
+        optimizer_type=optimizer_type,
+    )
 
 
 def _planned_lora_size(shapes: ModelShapes, network: NetworkConfig) -> tuple[int, int]:
     """(parameters, tensors) of the LoRA the network flags build on a model of these shapes."""
     network_args = network.args
     conv_dim = int(network_args["conv_dim"]) if "conv_dim" in network_args else None
-    blocks = block_dims_and_alphas(network_args, network.dim, network.alpha, conv_dim,
-                                   1.0 if conv_dim else None, block_lr_weights(network_args))  # alphas: no size
+    blocks = block_dims_and_alphas(
+        network_args, network.dim, network.alpha, conv_dim, 1.0 if conv_dim else None, block_lr_weights(network_args)
+    )  # alphas: no size
     include_conv = bool(conv_dim) if blocks is None else blocks.conv_dims is not None
     if shapes.single_file is not None:
         layers = single_file_lora_layers(shapes.single_file, include_conv)
@@ -218,5 +257,11 @@ def _planned_lora_size(shapes: ModelShapes, network: NetworkConfig) -> tuple[int
     unet_rank = None
     if blocks is not None:
         unet_rank = lambda layer: (blocks.dim_and_alpha(layer.lora_name, layer.is_conv3x3) or (0,))[0]  # noqa: E731
-    return lora_parameter_count(layers, dim=network.dim, conv_dim=conv_dim, train_unet=network.train_unet,
-                                train_text_encoder=network.train_text_encoder, unet_rank=unet_rank)
+    return lora_parameter_count(
+        layers,
+        dim=network.dim,
+        conv_dim=conv_dim,
+        train_unet=network.train_unet,
+        train_text_encoder=network.train_text_encoder,
+        unet_rank=unet_rank,
+    )

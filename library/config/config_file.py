@@ -3,7 +3,8 @@
 sd-scripts reads the file into a namespace and accepts any key, so a typo (or a flag it no longer has) is
 silently ignored: that once turned LoRA+ into a no-op for every GUI user. Here the file is turned into
 command-line tokens placed *before* the real command line and parsed once by the same parser, so:
-- the valid keys are the parser's own flags, whatever `library.config.cli` declares at the time (no list to keep in sync);
+- the valid keys are the parser's own flags, whatever `library.config.cli` declares at the time (no list to keep
+  in sync);
 - every value is checked and converted exactly as on the command line (`network_dim = 16.5` fails as
   `--network_dim 16.5` would);
 - the command line wins, because argparse keeps the last value of a flag (a list flag is replaced, not extended).
@@ -28,10 +29,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from library.files.atomic import write_text_atomic
 from library.errors import UserInputError
-from library.sdscripts_options import UNIMPLEMENTED_FLAGS, is_off, refusal
+from library.files.atomic import write_text_atomic
 from library.files.toml_io import TomlFileError, dumps, read_toml
+from library.sdscripts_options import UNIMPLEMENTED_FLAGS, is_off, refusal
 
 logger = logging.getLogger(__name__)
 
@@ -71,16 +72,19 @@ def config_tokens(parser: argparse.ArgumentParser, path: Path) -> list[str]:
     """The TOML file as command-line tokens: flat keys, or keys in tables one level deep (any table name)."""
     doc = _read_toml(path)
     if not doc:  # most likely a save that never finished: training on the defaults instead would be a surprise
-        raise UserInputError(f"config file {path} holds no arguments (it is empty or only comments); write them "
-                             "into it, or leave out --config_file")
+        raise UserInputError(
+            f"config file {path} holds no arguments (it is empty or only comments); write them "
+            "into it, or leave out --config_file"
+        )
     actions = file_actions(parser)
     values: dict[str, Any] = {}
     foreign: dict[str, Any] = {}  # sd-scripts options we lack
     unknown: list[tuple[str, str | None]] = []
     for key, value, table in _flatten(doc, path):
         if key in COMMAND_LINE_ONLY:
-            raise UserInputError(f"config file {path}: '{key}' cannot be set inside a config file; "
-                                 f"give --{key} on the command line")
+            raise UserInputError(
+                f"config file {path}: '{key}' cannot be set inside a config file; give --{key} on the command line"
+            )
         if key in values or key in foreign:
             raise UserInputError(f"config file {path}: key '{key}' is set twice; keep one")
         if key in actions:
@@ -95,8 +99,12 @@ def config_tokens(parser: argparse.ArgumentParser, path: Path) -> list[str]:
         if not is_off(UNIMPLEMENTED_FLAGS, key, foreign):
             raise UserInputError(f"config file {path}: {refusal(UNIMPLEMENTED_FLAGS, key, value)}")
     if foreign:
-        logger.warning("note: config file %s: ignoring sd-scripts options this trainer does not implement, all off "
-                       "or without effect here: %s", path, ", ".join(sorted(foreign)))
+        logger.warning(
+            "note: config file %s: ignoring sd-scripts options this trainer does not implement, all off "
+            "or without effect here: %s",
+            path,
+            ", ".join(sorted(foreign)),
+        )
     return [token for key, value in values.items() for token in _tokens(actions[key], key, value, path)]
 
 
@@ -143,8 +151,10 @@ def write_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> P
     An existing file is never replaced (as sd-scripts): it may be the user's commented config."""
     path = config_path(args.config_file) if args.config_file else Path(args.output_dir) / f"{args.output_name}.toml"
     if path.exists():
-        raise UserInputError(f"--output_config: {path} already exists and is kept; remove it or give --config_file "
-                             "a new path to write the arguments to")
+        raise UserInputError(
+            f"--output_config: {path} already exists and is kept; remove it or give --config_file "
+            "a new path to write the arguments to"
+        )
     try:
         write_text_atomic(path, config_toml(parser, args))
     except OSError as error:
@@ -169,13 +179,14 @@ def _flatten(doc: dict[str, Any], path: Path) -> Iterator[tuple[str, Any, str | 
             continue
         for inner, inner_value in value.items():
             if isinstance(inner_value, dict):
-                raise UserInputError(f"config file {path}: table [{key}.{inner}] is nested too deep; "
-                                     "put the keys at the top or in tables one level deep")
+                raise UserInputError(
+                    f"config file {path}: table [{key}.{inner}] is nested too deep; "
+                    "put the keys at the top or in tables one level deep"
+                )
             yield inner, inner_value, key
 
 
-def _unknown_keys_message(unknown: list[tuple[str, str | None]], actions: dict[str, argparse.Action],
-                          prog: str) -> str:
+def _unknown_keys_message(unknown: list[tuple[str, str | None]], actions: dict[str, argparse.Action], prog: str) -> str:
     """All unknown keys in one line (a GUI file may carry several), each with its nearest valid key."""
     candidates = [key for key in actions if key not in COMMAND_LINE_ONLY]
     parts = []
@@ -228,6 +239,7 @@ def _lenient(parser: argparse.ArgumentParser, where: str | None = None) -> Itera
     for action in required:
         action.required = False
     if where is not None:
+
         def error(message: str) -> NoReturn:  # shadows the method on this instance only
             raise UserInputError(f"{where}: {message}")
 

@@ -48,7 +48,7 @@ class CaptionOptions:
             every = self.caption_dropout_every_n_epochs
             raise UserInputError(f"caption_dropout_every_n_epochs {every} must be 0 or more")
         if not self.caption_separator:
-            raise UserInputError("caption_separator must not be empty (sd-scripts' default is \",\")")
+            raise UserInputError('caption_separator must not be empty (sd-scripts\' default is ",")')
 
 
 def caption_path(image_path: Path, caption_extension: str) -> Path:

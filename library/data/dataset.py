@@ -24,7 +24,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from library.data.buckets import crop_offsets, make_bucket_resolutions, no_upscale_bucket, resize_to_cover, select_bucket
+from library.data.buckets import (
+    crop_offsets,
+    make_bucket_resolutions,
+    no_upscale_bucket,
+    resize_to_cover,
+    select_bucket,
+)
 from library.data.captions import caption_path, process_caption, read_caption
 from library.data.dataset_config import (
     BucketConfig,
@@ -33,8 +39,8 @@ from library.data.dataset_config import (
     DatasetSectionConfig,
     SubsetConfig,
 )
-from library.errors import UserInputError
 from library.data.images import IMAGE_EXTENSIONS, image_size, is_image_file, load_image_rgb
+from library.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +141,8 @@ def _subset_folders(root: Path) -> tuple[list[tuple[Path, int, str]], list[str]]
         if parsed is None:
             logger.warning(
                 "skipping folder %s: its name does not start with a repeat count; rename it to N_name, e.g. 10_%s",
-                folder, folder.name,
+                folder,
+                folder.name,
             )
             skipped.append(folder.name)
         elif parsed[0] == 0:
@@ -172,9 +179,14 @@ def folder_subsets(root: Path, cfg: DatasetConfig, *, is_reg: bool) -> tuple[lis
     folders, skipped = _subset_folders(root)
     subsets = [
         SubsetConfig(
-            image_dir=folder, num_repeats=repeats, class_tokens=class_tokens,
-            caption_extension=cfg.caption_extension, is_reg=is_reg, flip_aug=cfg.flip_aug,
-            random_crop=cfg.random_crop, caption=cfg.caption_options,
+            image_dir=folder,
+            num_repeats=repeats,
+            class_tokens=class_tokens,
+            caption_extension=cfg.caption_extension,
+            is_reg=is_reg,
+            flip_aug=cfg.flip_aug,
+            random_crop=cfg.random_crop,
+            caption=cfg.caption_options,
         )
         for folder, repeats, class_tokens in folders
     ]
@@ -243,8 +255,11 @@ def scan_train_data_dir(cfg: DatasetConfig) -> list[ImageRecord]:
             balanced = balance_reg_repeats(train_count, [r.num_repeats for r in reg])
             reg_count = sum(r.num_repeats for r in reg)
             if reg_count > train_count:
-                logger.warning("%d regularisation images with repeats for %d training images: some are not used",
-                               reg_count, train_count)
+                logger.warning(
+                    "%d regularisation images with repeats for %d training images: some are not used",
+                    reg_count,
+                    train_count,
+                )
             reg = [dataclasses.replace(r, num_repeats=n) for r, n in zip(reg, balanced)]
         records += train + reg
     if not any(not r.is_reg for r in records):
@@ -257,7 +272,10 @@ def scan_train_data_dir(cfg: DatasetConfig) -> list[ImageRecord]:
 
 
 def _scan_subset(
-    subset: SubsetConfig, section: DatasetSectionConfig, dataset_index: int, buckets: Sequence[Size],
+    subset: SubsetConfig,
+    section: DatasetSectionConfig,
+    dataset_index: int,
+    buckets: Sequence[Size],
     skip_bad_images: bool,
 ) -> list[ImageRecord]:
     folder = subset.image_dir
@@ -296,10 +314,25 @@ def _make_record(
         ) from None
     caption = read_caption(path, subset.caption_extension, subset.class_tokens)
     if not caption and not caption_path(path, subset.caption_extension).is_file():
-        logger.warning("no caption for %s: no %s file and no class tokens, so it trains with an empty caption",
-                       path, subset.caption_extension)
-    return ImageRecord(path, subset.name, subset.class_tokens, subset.num_repeats, caption, size, bucket, resized,
-                       crop, subset, dataset_index, section.batch_size)
+        logger.warning(
+            "no caption for %s: no %s file and no class tokens, so it trains with an empty caption",
+            path,
+            subset.caption_extension,
+        )
+    return ImageRecord(
+        path,
+        subset.name,
+        subset.class_tokens,
+        subset.num_repeats,
+        caption,
+        size,
+        bucket,
+        resized,
+        crop,
+        subset,
+        dataset_index,
+        section.batch_size,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -360,8 +393,9 @@ class TrainDataset(torch.utils.data.Dataset):
         if record.options is not None:
             return record.options
         cfg = self.config
-        return dataclasses.replace(_DEFAULT_OPTIONS, flip_aug=cfg.flip_aug, random_crop=cfg.random_crop,
-                                   caption=cfg.caption_options)
+        return dataclasses.replace(
+            _DEFAULT_OPTIONS, flip_aug=cfg.flip_aug, random_crop=cfg.random_crop, caption=cfg.caption_options
+        )
 
     # -- latents -----------------------------------------------------------------------------------------
 
@@ -410,8 +444,12 @@ class TrainDataset(torch.utils.data.Dataset):
         """Whether any used record's caption changes between uses (shuffle, caption or tag dropout)."""
         for index, record in enumerate(self.records):
             caption = self.options(index).caption
-            if record.used and (caption.shuffle_caption or caption.caption_dropout_rate > 0
-                                or caption.caption_dropout_every_n_epochs > 0 or caption.caption_tag_dropout_rate > 0):
+            if record.used and (
+                caption.shuffle_caption
+                or caption.caption_dropout_rate > 0
+                or caption.caption_dropout_every_n_epochs > 0
+                or caption.caption_tag_dropout_rate > 0
+            ):
                 return True
         return False
 
@@ -509,13 +547,21 @@ class TrainDataset(torch.utils.data.Dataset):
             if key not in entries:
                 caption = options.caption
                 entries[key] = {
-                    "dataset": record.dataset_index, "image_dir": record.subset, "img_count": 0,
+                    "dataset": record.dataset_index,
+                    "image_dir": record.subset,
+                    "img_count": 0,
                     "num_repeats": options.num_repeats if record.options else record.num_repeats,
-                    "class_tokens": record.class_tokens, "is_reg": record.is_reg, "flip_aug": options.flip_aug,
-                    "random_crop": options.random_crop, "shuffle_caption": caption.shuffle_caption,
-                    "keep_tokens": caption.keep_tokens, "keep_tokens_separator": caption.keep_tokens_separator,
-                    "caption_separator": caption.caption_separator, "caption_prefix": caption.caption_prefix,
-                    "caption_suffix": caption.caption_suffix, "caption_dropout_rate": caption.caption_dropout_rate,
+                    "class_tokens": record.class_tokens,
+                    "is_reg": record.is_reg,
+                    "flip_aug": options.flip_aug,
+                    "random_crop": options.random_crop,
+                    "shuffle_caption": caption.shuffle_caption,
+                    "keep_tokens": caption.keep_tokens,
+                    "keep_tokens_separator": caption.keep_tokens_separator,
+                    "caption_separator": caption.caption_separator,
+                    "caption_prefix": caption.caption_prefix,
+                    "caption_suffix": caption.caption_suffix,
+                    "caption_dropout_rate": caption.caption_dropout_rate,
                     "caption_dropout_every_n_epochs": caption.caption_dropout_every_n_epochs,
                     "caption_tag_dropout_rate": caption.caption_tag_dropout_rate,
                 }

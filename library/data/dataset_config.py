@@ -18,8 +18,8 @@ from pathlib import Path
 
 from library.data.captions import CaptionOptions
 from library.errors import UserInputError
-from library.sdscripts_options import UNIMPLEMENTED_DATASET_KEYS, is_off, refusal
 from library.files.toml_io import TomlFileError, read_toml
+from library.sdscripts_options import UNIMPLEMENTED_DATASET_KEYS, is_off, refusal
 
 Size = tuple[int, int]
 
@@ -124,14 +124,29 @@ class DatasetGroupConfig:
 
 _SUBSET_ONLY = {"image_dir": str, "is_reg": bool}
 _SUBSET_ASCENDABLE = {
-    "num_repeats": int, "class_tokens": str, "caption_extension": str, "keep_tokens": int,
-    "keep_tokens_separator": str, "caption_separator": str, "shuffle_caption": bool, "flip_aug": bool,
-    "random_crop": bool, "caption_prefix": str, "caption_suffix": str, "caption_dropout_rate": float,
-    "caption_dropout_every_n_epochs": int, "caption_tag_dropout_rate": float,
+    "num_repeats": int,
+    "class_tokens": str,
+    "caption_extension": str,
+    "keep_tokens": int,
+    "keep_tokens_separator": str,
+    "caption_separator": str,
+    "shuffle_caption": bool,
+    "flip_aug": bool,
+    "random_crop": bool,
+    "caption_prefix": str,
+    "caption_suffix": str,
+    "caption_dropout_rate": float,
+    "caption_dropout_every_n_epochs": int,
+    "caption_tag_dropout_rate": float,
 }
 _DATASET_ONLY = {
-    "resolution": (int, list), "enable_bucket": bool, "min_bucket_reso": int, "max_bucket_reso": int,
-    "bucket_reso_steps": int, "bucket_no_upscale": bool, "batch_size": int,
+    "resolution": (int, list),
+    "enable_bucket": bool,
+    "min_bucket_reso": int,
+    "max_bucket_reso": int,
+    "bucket_reso_steps": int,
+    "bucket_no_upscale": bool,
+    "batch_size": int,
 }
 _CAPTION_KEYS = tuple(f.name for f in fields(CaptionOptions))
 
@@ -143,8 +158,14 @@ def _fail(path: Path, where: str, message: str) -> UserInputError:
     return UserInputError(f"--dataset_config {path}: {where}: {message}")
 
 
-def _check_keys(table: Mapping, allowed: Mapping[str, object], path: Path, where: str, hint: str = "",
-                ignored: set[str] | None = None) -> None:
+def _check_keys(
+    table: Mapping,
+    allowed: Mapping[str, object],
+    path: Path,
+    where: str,
+    hint: str = "",
+    ignored: set[str] | None = None,
+) -> None:
     """Refuse unknown keys. Where sd-scripts' own keys may appear (`ignored` given), those we lack are refused
     when on, else added to `ignored`."""
     for key in table:
@@ -200,8 +221,14 @@ def load_dataset_config(path: Path, cli: Mapping[str, object]) -> DatasetGroupCo
     general = document.get("general", {})
     if not isinstance(general, dict):
         raise _fail(path, "top level", "'general' must be a table: [general]")
-    _check_keys(general, {**_SUBSET_ASCENDABLE, **_DATASET_ONLY}, path, "[general]",
-                " (image_dir and is_reg belong in [[datasets.subsets]])", ignored)
+    _check_keys(
+        general,
+        {**_SUBSET_ASCENDABLE, **_DATASET_ONLY},
+        path,
+        "[general]",
+        " (image_dir and is_reg belong in [[datasets.subsets]])",
+        ignored,
+    )
     general = _typed(general, {**_SUBSET_ASCENDABLE, **_DATASET_ONLY}, path, "[general]")
     datasets = document.get("datasets", [])
     if not isinstance(datasets, list) or not datasets:
@@ -211,8 +238,14 @@ def load_dataset_config(path: Path, cli: Mapping[str, object]) -> DatasetGroupCo
         where = f"[[datasets]] #{d_index + 1}"
         if not isinstance(dataset, dict):
             raise _fail(path, where, f"must be a table ([[datasets]]), not {dataset!r}")
-        _check_keys(dataset, {**_SUBSET_ASCENDABLE, **_DATASET_ONLY, "subsets": list}, path, where,
-                    " (image_dir and is_reg belong in [[datasets.subsets]])", ignored)
+        _check_keys(
+            dataset,
+            {**_SUBSET_ASCENDABLE, **_DATASET_ONLY, "subsets": list},
+            path,
+            where,
+            " (image_dir and is_reg belong in [[datasets.subsets]])",
+            ignored,
+        )
         subsets = dataset.get("subsets", [])
         if not isinstance(subsets, list) or not subsets:
             raise _fail(path, where, "no [[datasets.subsets]] block: add one with image_dir")
@@ -222,7 +255,10 @@ def load_dataset_config(path: Path, cli: Mapping[str, object]) -> DatasetGroupCo
     if ignored:
         logging.getLogger(__name__).warning(
             "note: --dataset_config %s: ignoring sd-scripts keys this trainer does not implement, all off or "
-            "without effect here: %s", path, ", ".join(sorted(ignored)))
+            "without effect here: %s",
+            path,
+            ", ".join(sorted(ignored)),
+        )
     return DatasetGroupConfig(tuple(sections), path)
 
 
@@ -248,9 +284,14 @@ def _section(chain: list[Mapping], subsets: list, path: Path, where: str, ignore
             s_where = f"{where}, [[datasets.subsets]] #{s_index + 1}"
             if not isinstance(subset, dict):
                 raise _fail(path, s_where, "must be a table")
-            _check_keys(subset, {**_SUBSET_ONLY, **_SUBSET_ASCENDABLE}, path, s_where,
-                        " (dataset keys such as resolution and batch_size belong in [[datasets]] or [general])",
-                        ignored)
+            _check_keys(
+                subset,
+                {**_SUBSET_ONLY, **_SUBSET_ASCENDABLE},
+                path,
+                s_where,
+                " (dataset keys such as resolution and batch_size belong in [[datasets]] or [general])",
+                ignored,
+            )
             values = _typed(subset, {**_SUBSET_ONLY, **_SUBSET_ASCENDABLE}, path, s_where)
             if "image_dir" not in values:
                 raise _fail(path, s_where, "'image_dir' is required")
@@ -265,9 +306,7 @@ def _section(chain: list[Mapping], subsets: list, path: Path, where: str, ignore
 def subset_from_values(values: Mapping[str, object], chain: list[Mapping]) -> SubsetConfig:
     """A SubsetConfig from the subset's own `values`, falling back through `chain` (dataset, general, cli)."""
     full = [values, *chain]
-    caption = CaptionOptions(**{
-        key: _lookup(key, full, getattr(CaptionOptions, key)) for key in _CAPTION_KEYS
-    })
+    caption = CaptionOptions(**{key: _lookup(key, full, getattr(CaptionOptions, key)) for key in _CAPTION_KEYS})
     return SubsetConfig(
         image_dir=Path(str(values["image_dir"])),
         num_repeats=int(_lookup("num_repeats", full, 1)),
@@ -348,15 +387,21 @@ class DatasetConfig:
             raise UserInputError(f"--train_batch_size {self.batch_size} must be at least 1")
         if self.prior_loss_weight < 0:
             raise UserInputError(f"--prior_loss_weight {self.prior_loss_weight} must be 0 or more")
-        self.caption_options  # validates the caption flags
+        _ = self.caption_options  # building them validates the caption flags
         if self.dataset_config is None:
-            self.buckets  # validates the bucket flags
+            _ = self.buckets  # and the bucket flags
 
     @property
     def buckets(self) -> BucketConfig:
         """The bucket flags as one dataset's BucketConfig."""
-        return BucketConfig(self.resolution, self.enable_bucket, self.min_bucket_reso, self.max_bucket_reso,
-                            self.bucket_reso_steps, self.bucket_no_upscale)
+        return BucketConfig(
+            self.resolution,
+            self.enable_bucket,
+            self.min_bucket_reso,
+            self.max_bucket_reso,
+            self.bucket_reso_steps,
+            self.bucket_no_upscale,
+        )
 
     @property
     def caption_options(self) -> CaptionOptions:

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from library.files.atomic import DAMAGED, NPZ_READ_ERRORS, npz_damage, write_npz_atomic
 from library.data.buckets import sdscripts_crop_ltrb
 from library.data.dataset import ImageRecord, TrainDataset
 from library.errors import UserInputError
+from library.files.atomic import DAMAGED, NPZ_READ_ERRORS, npz_damage, write_npz_atomic
 from library.files.stale_files import remove_stale_cache_temps
 
 logger = logging.getLogger(__name__)
@@ -217,6 +217,11 @@ def cache_latents(
                     dataset.set_latents(index, sample, sample_flipped)
                     if to_disk:
                         record = dataset.records[index]
-                        save_cached_latents(npz_cache_path(record.path, record.original_size), sample, record,
-                                            sample_flipped, vae_fingerprint)
+                        save_cached_latents(
+                            npz_cache_path(record.path, record.original_size),
+                            sample,
+                            record,
+                            sample_flipped,
+                            vae_fingerprint,
+                        )
                 progress.update(len(chunk))

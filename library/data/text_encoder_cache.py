@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from library.files.atomic import DAMAGED, NPZ_READ_ERRORS, npz_damage, write_npz_atomic
 from library.errors import UserInputError
+from library.files.atomic import DAMAGED, NPZ_READ_ERRORS, npz_damage, write_npz_atomic
 from library.files.stale_files import remove_stale_cache_temps
 
 logger = logging.getLogger(__name__)
@@ -88,8 +88,9 @@ class TextEncoderCache:
         return self.outputs[index][pick_variant(self.seed, index, epoch, repeat, self.num_variants)]
 
 
-def _load(npz_path: Path, captions: list[str], model: str, length: int, te1_width: int
-          ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]] | None, str]:
+def _load(
+    npz_path: Path, captions: list[str], model: str, length: int, te1_width: int
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]] | None, str]:
     """The variants stored in `npz_path` when they fit this run, else (None, why not)."""
     if not npz_path.exists():
         return None, "no cache file"
@@ -114,8 +115,9 @@ def _load(npz_path: Path, captions: list[str], model: str, length: int, te1_widt
     return outputs, ""
 
 
-def _save(npz_path: Path, captions: list[str], model: str, outputs: list[tuple[torch.Tensor, torch.Tensor]],
-          te1_width: int) -> None:
+def _save(
+    npz_path: Path, captions: list[str], model: str, outputs: list[tuple[torch.Tensor, torch.Tensor]], te1_width: int
+) -> None:
     arrays: dict[str, np.ndarray] = {"captions": np.array(captions), "model": np.array(model)}
     for k, (context, pooled) in enumerate(outputs):
         suffix = "" if k == 0 else f"_{k}"
@@ -166,8 +168,12 @@ def cache_text_encoder_outputs(
 
     pending = sorted({c for index, caps in captions.items() if index not in outputs for c in caps})
     encoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    with tqdm(total=len(pending), desc="caching text encoder outputs", unit="caption",
-              disable=not show_progress or not pending) as progress:
+    with tqdm(
+        total=len(pending),
+        desc="caching text encoder outputs",
+        unit="caption",
+        disable=not show_progress or not pending,
+    ) as progress:
         for start in range(0, len(pending), max(1, batch_size)):
             chunk = pending[start : start + max(1, batch_size)]
             with torch.no_grad():

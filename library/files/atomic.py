@@ -113,8 +113,9 @@ def write_failure(code: int, target: Path, *, what: str = "", hint: str = "") ->
     return UserInputError(f"cannot write {label}: {reason}; {hint or 'make the folder writable and run again'}")
 
 
-def _as_write_failure(error: BaseException, target: Path, temporary: Path | None, what: str, hint: str
-                      ) -> UserInputError | None:
+def _as_write_failure(
+    error: BaseException, target: Path, temporary: Path | None, what: str, hint: str
+) -> UserInputError | None:
     """`error` as a one-line failure to write `target`, or None when it is not an OS error of this write (a
     programming error, Ctrl-C, or a failure to read some other file inside the `with` block)."""
     if isinstance(error, UserInputError) or not isinstance(error, Exception):
@@ -123,16 +124,18 @@ def _as_write_failure(error: BaseException, target: Path, temporary: Path | None
     if code is None:
         return None
     filename = getattr(error, "filename", None)
-    if code not in FULL_DISK_ERRNOS and filename is not None and Path(filename) not in (temporary, target,
-                                                                                           target.parent):
+    if (
+        code not in FULL_DISK_ERRNOS
+        and filename is not None
+        and Path(filename) not in (temporary, target, target.parent)
+    ):
         return None
     return write_failure(code, target, what=what, hint=hint)
 
 
 # --- Writing ----------------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike, *, what: str = "", hint: str = "", durable: bool = True
-                ) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike, *, what: str = "", hint: str = "", durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success it replaces `target` in one rename.
 
     On an exception the temporary file is removed and whatever was at `target` stays untouched; an OS error of
@@ -171,8 +174,9 @@ def _open_for_writing(path: Path) -> BinaryIO:
 
 
 @contextlib.contextmanager
-def atomic_file(target: str | os.PathLike, *, what: str = "", hint: str = "", durable: bool = True
-                ) -> Iterator[BinaryIO]:
+def atomic_file(
+    target: str | os.PathLike, *, what: str = "", hint: str = "", durable: bool = True
+) -> Iterator[BinaryIO]:
     """`atomic_path`, yielding the temporary file opened for binary writing (closed, and synced when `durable`,
     before the rename)."""
     with atomic_path(target, what=what, hint=hint, durable=False) as tmp, _open_for_writing(tmp) as handle:

@@ -32,13 +32,18 @@ def first_non_finite(named: Iterable[tuple[str, torch.Tensor]], dtype: torch.dty
             value = value.to(dtype)
         flags.setdefault(value.device, []).append((len(names), torch.isfinite(value).all()))
         names.append(name)
-    bad = [index for group in flags.values()
-           for (index, _), finite in zip(group, torch.stack([flag for _, flag in group]).tolist()) if not finite]
+    bad = [
+        index
+        for group in flags.values()
+        for (index, _), finite in zip(group, torch.stack([flag for _, flag in group]).tolist())
+        if not finite
+    ]
     return names[min(bad)] if bad else None
 
 
-def check_finite_for_saving(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None,
-                            target: str | os.PathLike) -> None:
+def check_finite_for_saving(
+    tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None, target: str | os.PathLike
+) -> None:
     """Refuse (NonFiniteError, one line) to write `tensors` to `target` when one holds a NaN or infinity as it
     would be stored in `dtype`, so that a broken file never replaces a good one."""
     bad = first_non_finite(tensors.items(), dtype)
@@ -46,8 +51,9 @@ def check_finite_for_saving(tensors: Mapping[str, torch.Tensor], dtype: torch.dt
         return
     cast = f" after casting to {str(dtype).removeprefix('torch.')}" if dtype is not None else ""
     hint = "; save in fp32 (--save_precision float)" if cast and first_non_finite(tensors.items()) is None else ""
-    raise NonFiniteError(f"refusing to write {target}: {bad} holds NaN or infinite values{cast}; files written "
-                         f"before are kept{hint}")
+    raise NonFiniteError(
+        f"refusing to write {target}: {bad} holds NaN or infinite values{cast}; files written before are kept{hint}"
+    )
 
 
 def group_gradient_norms(param_groups: Sequence[Mapping]) -> torch.Tensor:
@@ -100,5 +106,7 @@ class NonFiniteSteps:
                 f"before step {step} are kept): lower the learning rate, check the data{advice}"
             )
         self.skipped.append(step)
-        return (f"warning: step {step}: non-finite {source}; step skipped ({len(self.skipped)} of at most "
-                f"{self.limit}, --max_nan_steps)")
+        return (
+            f"warning: step {step}: non-finite {source}; step skipped ({len(self.skipped)} of at most "
+            f"{self.limit}, --max_nan_steps)"
+        )

@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from library.files.atomic import write_bytes_atomic
 from library.errors import UserInputError
+from library.files.atomic import write_bytes_atomic
 from library.files.finite import check_finite_for_saving
 
 
@@ -49,8 +49,12 @@ def save_lora_file(
     write_bytes_atomic(file, lora_file_bytes(state_dict, file, dtype, metadata), what=what)
 
 
-def lora_file_bytes(state_dict: Mapping[str, torch.Tensor], file: str | os.PathLike, dtype: torch.dtype | None,
-                    metadata: Mapping[str, str] | None) -> bytes:
+def lora_file_bytes(
+    state_dict: Mapping[str, torch.Tensor],
+    file: str | os.PathLike,
+    dtype: torch.dtype | None,
+    metadata: Mapping[str, str] | None,
+) -> bytes:
     """The bytes `save_lora_file` writes to `file` (named in the refusal when a tensor is not finite)."""
     check_finite_for_saving(state_dict, dtype, file)
     tensors = {}
@@ -71,7 +75,7 @@ def normalize_lora_key(key: str) -> str:
     `lora_te1_encoder_layers_0_self_attn_q_proj` for `lora_te1_text_model_encoder_layers_0_self_attn_q_proj`."""
     for prefix in ("lora_te1_", "lora_te2_"):
         if key.startswith(prefix) and not key.startswith(f"{prefix}text_model_"):
-            return f"{prefix}text_model_{key[len(prefix):]}"
+            return f"{prefix}text_model_{key[len(prefix) :]}"
     return key
 
 
@@ -94,8 +98,10 @@ def check_lora_file(file: str | os.PathLike, flag: str) -> dict:
     try:
         entries, _, _ = read_safetensors_header(file)
     except UserInputError as error:
-        raise UserInputError(f"{flag}: {error}; give a LoRA .safetensors file saved by this trainer or "
-                             "sd-scripts (copy it again if it was cut short)") from None
+        raise UserInputError(
+            f"{flag}: {error}; give a LoRA .safetensors file saved by this trainer or "
+            "sd-scripts (copy it again if it was cut short)"
+        ) from None
     names = list(entries)
     downs = [name for name in names if name.endswith(".lora_down.weight")]
     if not downs:
@@ -105,19 +111,26 @@ def check_lora_file(file: str | os.PathLike, flag: str) -> dict:
             kind = "a diffusers / PEFT-format LoRA (lora_A / lora_B names)"
         else:
             kind = f"not a LoRA file (no *.lora_down.weight among its {len(names)} tensors)"
-        raise UserInputError(f"{flag}: {file} is {kind}; networks.lora continues only LoRA files in sd-scripts' "
-                             "format: drop the flag or give such a file")
+        raise UserInputError(
+            f"{flag}: {file} is {kind}; networks.lora continues only LoRA files in sd-scripts' "
+            "format: drop the flag or give such a file"
+        )
     modules = [normalize_lora_key(name).partition(".")[0] for name in downs]
-    foreign = [name for name in modules if name.startswith(SD1_TEXT_ENCODER_PREFIX + "text_model")
-               or name.startswith(DIFFUSERS_UNET_PARTS)]
+    foreign = [
+        name
+        for name in modules
+        if name.startswith(SD1_TEXT_ENCODER_PREFIX + "text_model") or name.startswith(DIFFUSERS_UNET_PARTS)
+    ]
     if foreign:
         raise UserInputError(
             f"{flag}: {file} is a LoRA for SD 1.x/2.x, not SDXL (module names like {foreign[0]}): it cannot "
             "continue on an SDXL model, with or without --dim_from_weights; drop the flag to train a new LoRA"
         )
     if not any(name.startswith(("lora_unet_", "lora_te1_", "lora_te2_")) for name in modules):
-        raise UserInputError(f"{flag}: {file} names no SDXL module (e.g. {modules[0]}): it is not an SDXL LoRA "
-                             "from this trainer or sd-scripts; drop the flag or give such a file")
+        raise UserInputError(
+            f"{flag}: {file} names no SDXL module (e.g. {modules[0]}): it is not an SDXL LoRA "
+            "from this trainer or sd-scripts; drop the flag or give such a file"
+        )
     return entries
 
 
@@ -130,6 +143,8 @@ def load_lora_file(file: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
             metadata = dict(f.metadata() or {})
             tensors = {normalize_lora_key(key): f.get_tensor(key) for key in f.keys()}
     except Exception as error:  # safetensors raises its own error types for a broken header
-        raise UserInputError(f"cannot read LoRA file {file} ({str(error)[:200]}): it is damaged or not a "
-                             "safetensors file; give a LoRA file saved by this trainer or sd-scripts") from None
+        raise UserInputError(
+            f"cannot read LoRA file {file} ({str(error)[:200]}): it is damaged or not a "
+            "safetensors file; give a LoRA file saved by this trainer or sd-scripts"
+        ) from None
     return tensors, metadata

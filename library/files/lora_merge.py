@@ -52,10 +52,15 @@ class MergeTarget:
     rows: tuple[int, int] | None = None  # [start, stop) of the first dimension, None for the whole tensor
 
 
-_TE2_LAYER = re.compile(r"transformer\.resblocks\.(\d+)\.(attn\.in_proj_weight|attn\.out_proj\.weight|"
-                        r"mlp\.c_fc\.weight|mlp\.c_proj\.weight)")
-_TE2_MODULES = {"attn.out_proj.weight": "self_attn_out_proj", "mlp.c_fc.weight": "mlp_fc1",
-                "mlp.c_proj.weight": "mlp_fc2"}
+_TE2_LAYER = re.compile(
+    r"transformer\.resblocks\.(\d+)\.(attn\.in_proj_weight|attn\.out_proj\.weight|"
+    r"mlp\.c_fc\.weight|mlp\.c_proj\.weight)"
+)
+_TE2_MODULES = {
+    "attn.out_proj.weight": "self_attn_out_proj",
+    "mlp.c_fc.weight": "mlp_fc1",
+    "mlp.c_proj.weight": "mlp_fc2",
+}
 
 
 def lora_target_table(shapes: Mapping[str, Sequence[int]]) -> dict[str, MergeTarget]:
@@ -83,8 +88,9 @@ def lora_target_table(shapes: Mapping[str, Sequence[int]]) -> dict[str, MergeTar
             layer, tensor = m.groups()
             if tensor == "attn.in_proj_weight":
                 width = shape[0] // 3
-                modules = {f"self_attn_{p}_proj": MergeTarget(key, (i * width, (i + 1) * width))
-                           for i, p in enumerate("qkv")}
+                modules = {
+                    f"self_attn_{p}_proj": MergeTarget(key, (i * width, (i + 1) * width)) for i, p in enumerate("qkv")
+                }
             else:
                 modules = {_TE2_MODULES[tensor]: MergeTarget(key)}
             for module, target in modules.items():
@@ -100,8 +106,9 @@ def _kernel_shape(shape: Sequence[int]) -> tuple[int, ...]:
     return rest[:1] if rest[1:] == (1, 1) else rest
 
 
-def add_lora_(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, alpha: float | None,
-              multiplier: float = 1.0) -> torch.Tensor:
+def add_lora_(
+    weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, alpha: float | None, multiplier: float = 1.0
+) -> torch.Tensor:
     """``weight += multiplier * (alpha / rank) * up @ down`` in place, in ``weight``'s dtype; returns ``weight``.
 
     Linear ``[out, in]`` and 1x1 conv ``[out, in, 1, 1]`` are one matrix product. A kxk conv LoRA (down kxk, up
@@ -175,8 +182,9 @@ def _read_tensor(f: BinaryIO, name: str, entry: TensorEntry, data_start: int) ->
     """One tensor read from an open safetensors file straight into its own memory (no mmap, no extra copy)."""
     if entry.dtype not in _DTYPES:
         raise UserInputError(f"{f.name}: cannot merge into a tensor of dtype {entry.dtype}")
-    return read_tensor(f, data_start + entry.start, _DTYPES[entry.dtype], entry.shape, entry.end - entry.start,
-                       key=name)
+    return read_tensor(
+        f, data_start + entry.start, _DTYPES[entry.dtype], entry.shape, entry.end - entry.start, key=name
+    )
 
 
 def _copy_bytes(src: BinaryIO, dst: BinaryIO, start: int, size: int, chunk: int = 1 << 26) -> None:
@@ -305,8 +313,10 @@ def merge_loras_into_single_file(
             if name in plan:
                 tensor = _merged_tensor(tensor, plan[name], merge_dtype).to(_DTYPES[code])
                 if not bool(torch.isfinite(tensor).all()):  # the temporary file goes; no broken model is written
-                    raise NonFiniteError(f"refusing to write {out_path}: {name} holds NaN or infinite values after "
-                                         f"merging (as {code}); lower the ratios or use --save_precision float")
+                    raise NonFiniteError(
+                        f"refusing to write {out_path}: {name} holds NaN or infinite values after "
+                        f"merging (as {code}); lower the ratios or use --save_precision float"
+                    )
             out.write(_tensor_bytes(tensor.to(_DTYPES[code])))
             del tensor
     return MergeReport(modules=tuple(counts), changed_keys=tuple(sorted(plan)))

@@ -19,8 +19,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from library.files.atomic import FULL_DISK_ERRNOS, temp_affixes
 from library.errors import UserInputError
+from library.files.atomic import FULL_DISK_ERRNOS, temp_affixes
 
 MARGIN_FRACTION = 0.10
 MARGIN_BYTES = 16 << 20
@@ -58,18 +58,38 @@ def check_output_folder(folder: str | os.PathLike, flag: str) -> None:
     except OSError as error:
         code = error.errno or errno.EACCES
         if code in FULL_DISK_ERRNOS:
-            raise UserInputError(f"{flag} {folder}: the disk is full ({os.strerror(code)}); free space on it or "
-                                 "give another folder") from None
+            raise UserInputError(
+                f"{flag} {folder}: the disk is full ({os.strerror(code)}); free space on it or give another folder"
+            ) from None
         where = "is not writable" if existing == folder.absolute() else f"cannot be created in {existing}"
         raise UserInputError(f"{flag} {folder} {where} ({os.strerror(code)}); give a folder you can write to") from None
 
 
 # --- The first save ------------------------------------------------------------------------------------------------
 OPTIMIZER_STATE_BYTES = {
-    "adamw": 8, "adam": 8, "adamw8bit": 2, "pagedadamw": 8, "pagedadamw8bit": 2, "pagedadamw32bit": 8,
-    "lion": 4, "lion8bit": 1, "pagedlion8bit": 1, "sgdnesterov": 4, "sgdnesterov8bit": 1, "ademamix8bit": 3,
-    "pagedademamix8bit": 3, "adafactor": 4, "prodigy": 16, "dadaptation": 12, "dadaptadampreprint": 12,
-    "dadaptadam": 12, "dadaptlion": 8, "dadaptsgd": 8, "dadaptadagrad": 8, "dadaptadan": 16, "dadaptadanip": 16,
+    "adamw": 8,
+    "adam": 8,
+    "adamw8bit": 2,
+    "pagedadamw": 8,
+    "pagedadamw8bit": 2,
+    "pagedadamw32bit": 8,
+    "lion": 4,
+    "lion8bit": 1,
+    "pagedlion8bit": 1,
+    "sgdnesterov": 4,
+    "sgdnesterov8bit": 1,
+    "ademamix8bit": 3,
+    "pagedademamix8bit": 3,
+    "adafactor": 4,
+    "prodigy": 16,
+    "dadaptation": 12,
+    "dadaptadampreprint": 12,
+    "dadaptadam": 12,
+    "dadaptlion": 8,
+    "dadaptsgd": 8,
+    "dadaptadagrad": 8,
+    "dadaptadan": 16,
+    "dadaptadanip": 16,
 }
 """Optimizer state bytes per trained parameter (fp32 unless 8-bit): Adam-type keep two moments (8), Lion and
 SGD one (4), their 8-bit forms a byte per moment; Prodigy and D-Adaptation keep extra copies. Unknown: 8."""
@@ -96,8 +116,15 @@ class FirstSave:
         return ", ".join(parts)
 
 
-def estimate_first_save(lora_parameters: int, lora_tensors: int, save_bytes_per_parameter: int, *,
-                        ema: bool, save_state: bool, optimizer_type: str) -> FirstSave:
+def estimate_first_save(
+    lora_parameters: int,
+    lora_tensors: int,
+    save_bytes_per_parameter: int,
+    *,
+    ema: bool,
+    save_state: bool,
+    optimizer_type: str,
+) -> FirstSave:
     """The bytes of the run's first save, whichever comes first (a checkpoint or the final file):
 
     - the LoRA file: every LoRA parameter at the save precision, plus its header and metadata;

@@ -56,8 +56,12 @@ def lock_path(output_dir: Path, output_name: str) -> Path:
 
 
 def _this_holder() -> LockHolder:
-    return LockHolder(pid=os.getpid(), host=socket.gethostname(), process_started=psutil.Process().create_time(),
-                      started_at=time.strftime("%Y-%m-%d %H:%M:%S"))
+    return LockHolder(
+        pid=os.getpid(),
+        host=socket.gethostname(),
+        process_started=psutil.Process().create_time(),
+        started_at=time.strftime("%Y-%m-%d %H:%M:%S"),
+    )
 
 
 def read_holder(path: Path) -> LockHolder | None:
@@ -77,8 +81,15 @@ def _create(path: Path, holder: LockHolder) -> bool:
         return False
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump({"pid": holder.pid, "host": holder.host, "process_started": holder.process_started,
-                       "started_at": holder.started_at}, handle)
+            json.dump(
+                {
+                    "pid": holder.pid,
+                    "host": holder.host,
+                    "process_started": holder.process_started,
+                    "started_at": holder.started_at,
+                },
+                handle,
+            )
             handle.write("\n")
     except BaseException:
         path.unlink(missing_ok=True)
@@ -121,10 +132,15 @@ def _busy_message(path: Path, holder: LockHolder | None, output_name: str) -> st
         who = "a run that is starting now"
     else:
         who = f"pid {holder.pid} on {holder.host}, started {holder.started_at}"
-    hint = (f"; if that run is over (it ran on another host), delete {path}"
-            if holder is not None and holder.is_alive_here() is None else "")
-    return (f"another run is writing {output_name} in {path.parent} ({who}): wait for it to finish or give another "
-            f"--output_name or --output_dir{hint}")
+    hint = (
+        f"; if that run is over (it ran on another host), delete {path}"
+        if holder is not None and holder.is_alive_here() is None
+        else ""
+    )
+    return (
+        f"another run is writing {output_name} in {path.parent} ({who}): wait for it to finish or give another "
+        f"--output_name or --output_dir{hint}"
+    )
 
 
 @contextlib.contextmanager
@@ -139,8 +155,10 @@ def output_lock(output_dir: Path, output_name: str, note: Callable[[str], None] 
             if _create(path, me):
                 break
         except OSError as error:
-            raise UserInputError(f"--output_dir: cannot create {path}: {error.strerror or error}; make the folder "
-                                 "writable or choose another --output_dir") from None
+            raise UserInputError(
+                f"--output_dir: cannot create {path}: {error.strerror or error}; make the folder "
+                "writable or choose another --output_dir"
+            ) from None
         try:
             seen = path.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
@@ -151,8 +169,11 @@ def output_lock(output_dir: Path, output_name: str, note: Callable[[str], None] 
         if not _is_stale(path, holder):
             raise OutputInUseError(_busy_message(path, holder, output_name))
         if _take_away(path, seen):
-            what = (f"pid {holder.pid} on {holder.host}, started {holder.started_at}, is gone"
-                    if holder is not None else "it was unreadable")
+            what = (
+                f"pid {holder.pid} on {holder.host}, started {holder.started_at}, is gone"
+                if holder is not None
+                else "it was unreadable"
+            )
             note(f"note: took over the stale lock {path} ({what}; its run did not end cleanly)")
     else:
         raise OutputInUseError(_busy_message(path, read_holder(path), output_name))

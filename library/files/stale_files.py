@@ -3,8 +3,8 @@ removed by the next run.
 
 A run killed with `kill -9` (or by a power cut) mid-write leaves what its atomic writers had not yet renamed:
 `.<target>.<random>.<pid>.tmp` files (`library.files.atomic`), `.<state>.<random>.<pid>.tmp` folders and, between the
-two renames of a state replace, the previous state as `.<state>.old-<pid>` (`library.files.atomic.replace_folder`). Nothing
-else is touched: a name must parse as one of those *and* its target must be a name this trainer gives (for the
+two renames of a state replace, the previous state as `.<state>.old-<pid>` (`library.files.atomic.replace_folder`).
+Nothing else is touched: a name must parse as one of those *and* its target must be a name this trainer gives (for the
 output folder: a file of this `output_name`, `library.train.saving.output_file_pattern`; beside images: a latent or
 text-encoder cache). User files never match.
 """
@@ -21,8 +21,7 @@ from pathlib import Path
 
 import psutil
 
-from library.files.atomic import parse_temp_name
-from library.files.atomic import parse_old_folder_name
+from library.files.atomic import parse_old_folder_name, parse_temp_name
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +83,11 @@ def remove_stale_temp_files(output_dir: str | os.PathLike, own: re.Pattern[str])
     return removed
 
 
-def remove_stale_cache_temps(folders: Iterable[str | os.PathLike], suffixes: Sequence[str] = CACHE_SUFFIXES,
-                             min_age_s: float = CACHE_TEMP_MIN_AGE_S) -> list[Path]:
+def remove_stale_cache_temps(
+    folders: Iterable[str | os.PathLike],
+    suffixes: Sequence[str] = CACHE_SUFFIXES,
+    min_age_s: float = CACHE_TEMP_MIN_AGE_S,
+) -> list[Path]:
     """Remove the cache temporaries (targets ending in one of `suffixes`) that killed runs left in the image
     `folders`; returns what was removed.
 

@@ -53,8 +53,9 @@ def read_toml(path: Path) -> dict[str, Any]:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        raise TomlFileError(f"is not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); "
-                            "save it as UTF-8") from None
+        raise TomlFileError(
+            f"is not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); save it as UTF-8"
+        ) from None
     return loads(text)
 
 

@@ -57,7 +57,7 @@ def safetensors_dtypes() -> dict[str, torch.dtype]:
     return {code: getattr(torch, name) for code, name in SAFETENSORS_DTYPE_NAMES.items()}
 
 
-# --- The header --------------------------------------------------------------------------------------------------------
+# --- The header -------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TensorEntry:
     """One tensor of a safetensors file, from its header."""
@@ -68,8 +68,9 @@ class TensorEntry:
     end: int
 
 
-def read_safetensors_header(path: str | Path, *, complete: bool = True
-                            ) -> tuple[dict[str, TensorEntry], dict[str, str], int]:
+def read_safetensors_header(
+    path: str | Path, *, complete: bool = True
+) -> tuple[dict[str, TensorEntry], dict[str, str], int]:
     """(tensors by name, metadata, byte offset of the data section) of a safetensors file; reads only the header.
 
     Any file that is not one (empty, a folder, another format, garbage, a header of the wrong structure) is a
@@ -93,8 +94,9 @@ def read_safetensors_header(path: str | Path, *, complete: bool = True
         header = json.loads(raw)
         metadata = header.pop("__metadata__", None) or {}
         entries = {
-            name: TensorEntry(str(info["dtype"]), tuple(int(n) for n in info["shape"]),
-                              *(int(n) for n in info["data_offsets"]))
+            name: TensorEntry(
+                str(info["dtype"]), tuple(int(n) for n in info["shape"]), *(int(n) for n in info["data_offsets"])
+            )
             for name, info in header.items()
         }
         metadata = {str(key): str(value) for key, value in dict(metadata).items()}
@@ -109,7 +111,7 @@ def read_safetensors_header(path: str | Path, *, complete: bool = True
     return entries, metadata, data_start
 
 
-# --- Tensors -----------------------------------------------------------------------------------------------------------
+# --- Tensors ----------------------------------------------------------------------------------------------------------
 
 # Weight files of one diffusers component folder (unet/, vae/, text_encoder/...), in order of preference: the full
 # precision file, then the fp16 variant; safetensors (single or sharded) before pickles.
@@ -165,8 +167,10 @@ class TensorReader:
         elif name.endswith(".safetensors") or name.endswith(PICKLE_SUFFIXES):
             self._add(self.path)
         else:
-            raise UserInputError(f"{self.path}: not a .safetensors, pickle ({', '.join(PICKLE_SUFFIXES)}) or "
-                                 f"shard index (.index.json) file")
+            raise UserInputError(
+                f"{self.path}: not a .safetensors, pickle ({', '.join(PICKLE_SUFFIXES)}) or "
+                f"shard index (.index.json) file"
+            )
 
     def _add(self, file: Path) -> None:
         if file.name.lower().endswith(".safetensors"):
@@ -255,8 +259,14 @@ class TensorReader:
 
 
 def read_tensor(
-    f: BinaryIO, offset: int, dtype: torch.dtype, shape: tuple[int, ...], nbytes: int, *,
-    key: str, scratch: torch.Tensor | None = None,
+    f: BinaryIO,
+    offset: int,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    nbytes: int,
+    *,
+    key: str,
+    scratch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The `nbytes` at `offset` of the open file `f` as a CPU tensor of `dtype` and `shape`, read straight into its
     own memory (no mmap, no second copy) or into the front of `scratch` (a uint8 CPU tensor at least as large; the

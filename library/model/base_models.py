@@ -10,10 +10,9 @@ from collections.abc import Callable
 
 import torch
 
-from library.model.precision import PrecisionConfig
 from library.model.fp8 import store_weights
 from library.model.loading import SDXLModels
-from library.model.precision import PrecisionPlan
+from library.model.precision import PrecisionConfig, PrecisionPlan
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 logger = logging.getLogger(__name__)
@@ -29,8 +28,11 @@ def set_attention(unet, attention: str) -> str:
             return "xformers"
         except Exception as error:  # noqa: BLE001 - whatever a broken build raises, SDPA still works
             reason = (str(error).strip().splitlines() or [""])[0][:200]
-            logger.warning("--xformers: xformers cannot run on this machine (%s: %s); using PyTorch SDPA attention "
-                           "instead", type(error).__name__, reason)
+            logger.warning(
+                "--xformers: xformers cannot run on this machine (%s: %s); using PyTorch SDPA attention instead",
+                type(error).__name__,
+                reason,
+            )
             attention = "sdpa"
     if attention == "sliced":
         unet.set_attention_slice("auto")
@@ -59,8 +61,11 @@ def prepare_base_models(
         model.to(device)
         model.eval()
     attention = set_attention(models.unet, plan.attention)
-    for model, storage in ((models.unet, plan.unet_storage_dtype), (models.text_encoder1, plan.text_encoder_storage_dtype),
-                           (models.text_encoder2, plan.text_encoder_storage_dtype)):
+    for model, storage in (
+        (models.unet, plan.unet_storage_dtype),
+        (models.text_encoder1, plan.text_encoder_storage_dtype),
+        (models.text_encoder2, plan.text_encoder_storage_dtype),
+    ):
         if storage is not None:
             store_weights(model, storage, plan.compute_dtype)
     if precision.gradient_checkpointing:

@@ -83,8 +83,10 @@ def check_model_path(path: str | Path) -> None:
         try:
             keys = list(read_safetensors_header(p)[0])
         except UserInputError as e:
-            raise UserInputError(f"{_FLAG}: {path}: {str(e).removeprefix(f'{p}: ')}; the file is damaged or not a "
-                                 "model: download or convert it again") from None
+            raise UserInputError(
+                f"{_FLAG}: {path}: {str(e).removeprefix(f'{p}: ')}; the file is damaged or not a "
+                "model: download or convert it again"
+            ) from None
         if not any(k.startswith("model.diffusion_model.") for k in keys):
             raise UserInputError(
                 f"{_FLAG}: {path} holds no UNet (no model.diffusion_model.* tensors): is it a LoRA or a VAE? ({_HINT})"
@@ -218,8 +220,10 @@ def _config_errors(config_dir: Path, what: str) -> Iterator[None]:
         raise
     except Exception as error:  # noqa: BLE001 - the libraries raise many types for a bad config
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        raise UserInputError(f"{_FLAG}: {what} in {config_dir} cannot be used ({type(error).__name__}: {reason}); "
-                             "give the configs that came with the model") from None
+        raise UserInputError(
+            f"{_FLAG}: {what} in {config_dir} cannot be used ({type(error).__name__}: {reason}); "
+            "give the configs that came with the model"
+        ) from None
 
 
 def _tokenizers_and_scheduler(config_dir: Path) -> tuple[Any, Any, Any]:
@@ -230,8 +234,7 @@ def _tokenizers_and_scheduler(config_dir: Path) -> tuple[Any, Any, Any]:
     with _config_errors(config_dir, "the tokenizers or scheduler config"):
         tokenizer1 = CLIPTokenizer.from_pretrained(config_dir / "tokenizer", local_files_only=True)
         tokenizer2 = CLIPTokenizer.from_pretrained(config_dir / "tokenizer_2", local_files_only=True)
-        config = diffusers.EulerDiscreteScheduler.load_config(config_dir, subfolder="scheduler",
-                                                              local_files_only=True)
+        config = diffusers.EulerDiscreteScheduler.load_config(config_dir, subfolder="scheduler", local_files_only=True)
         scheduler_class = getattr(diffusers, str(config.get("_class_name")), diffusers.EulerDiscreteScheduler)
         return tokenizer1, tokenizer2, scheduler_class.from_config(config)
 
@@ -277,8 +280,9 @@ def _plan(
     return plan
 
 
-def _fill(model: torch.nn.Module, reader: TensorReader, plan: list[_Load], precision: _Precision,
-          device: torch.device) -> None:
+def _fill(
+    model: torch.nn.Module, reader: TensorReader, plan: list[_Load], precision: _Precision, device: torch.device
+) -> None:
     """Read, convert and assign each planned tensor in turn, then place the buffers and switch to eval mode.
 
     A tensor already in its target dtype, for the CPU, becomes the parameter as read (no copy). The others are

@@ -13,15 +13,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from library.errors import UserInputError
-from library.model.loading import COMPONENTS, SUBFOLDERS, check_model_path, resolve_config_dir
 from library.files.weight_files import read_safetensors_header
+from library.model.loading import COMPONENTS, SUBFOLDERS, check_model_path, resolve_config_dir
 
 Shape = tuple[int, ...]
 
 _FLAG = "--pretrained_model_name_or_path"
 _ADVICE = "the file is damaged or not a model: download or convert it again"
-CONFIG_FILES = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
-                "text_encoder_2/config.json", "scheduler/scheduler_config.json")
+CONFIG_FILES = (
+    "model_index.json",
+    "unet/config.json",
+    "vae/config.json",
+    "text_encoder/config.json",
+    "text_encoder_2/config.json",
+    "scheduler/scheduler_config.json",
+)
 """The configs the loader reads from a diffusers-format folder (besides the tokenizer folders)."""
 TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")
 
@@ -42,8 +48,9 @@ def check_model_files(path: str | Path, config_dir: str | Path | None = None) ->
     source = Path(path)
     if source.is_dir():
         check_config_folder(source)
-        return ModelShapes(None, {component: _weight_shapes(source / SUBFOLDERS[component])
-                                  for component in COMPONENTS})
+        return ModelShapes(
+            None, {component: _weight_shapes(source / SUBFOLDERS[component]) for component in COMPONENTS}
+        )
     check_config_folder(resolve_config_dir(source, config_dir))
     return ModelShapes(_file_shapes(source), {})
 

@@ -80,10 +80,12 @@ class PrecisionPlan:
     def describe(self, device: str, processes: int) -> str:
         """The one start-up line that says what runs."""
         s = self.summary()
-        return (f"precision: mixed={s['mixed_precision']}, compute={s['compute']}, UNet weights={s['unet_weights']}, "
-                f"text-encoder weights={s['text_encoder_weights']}, other base weights={s['other_base_weights']}, "
-                f"VAE={s['vae']}, LoRA={s['lora']}, attention={self.attention}, "
-                f"device={device}, processes={processes}")
+        return (
+            f"precision: mixed={s['mixed_precision']}, compute={s['compute']}, UNet weights={s['unet_weights']}, "
+            f"text-encoder weights={s['text_encoder_weights']}, other base weights={s['other_base_weights']}, "
+            f"VAE={s['vae']}, LoRA={s['lora']}, attention={self.attention}, "
+            f"device={device}, processes={processes}"
+        )
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -124,15 +126,18 @@ def check_precision_flags(request: PrecisionRequest) -> None:
 def _attention(request: PrecisionRequest, device_type: str, notes: list[str]) -> str:
     """sd-scripts' order: --mem_eff_attn, then --xformers, else SDPA."""
     if request.mem_eff_attn:
-        notes.append("--mem_eff_attn: sliced attention (lower peak memory, slower than SDPA, which torch 2 already "
-                     "runs memory-efficiently on a GPU)")
+        notes.append(
+            "--mem_eff_attn: sliced attention (lower peak memory, slower than SDPA, which torch 2 already "
+            "runs memory-efficiently on a GPU)"
+        )
         return "sliced"
     if request.xformers:
         problem = xformers_problem(device_type)
         if problem is None:
             return "xformers"
-        notes.append(f"--xformers: xformers cannot run on this machine ({problem}); using PyTorch SDPA attention "
-                     "instead")
+        notes.append(
+            f"--xformers: xformers cannot run on this machine ({problem}); using PyTorch SDPA attention instead"
+        )
     return "sdpa"
 
 
@@ -143,8 +148,10 @@ def plan_precision(request: PrecisionRequest, device_type: str) -> PrecisionPlan
     mixed = request.mixed_precision
     stored: torch.dtype | None = None
     if device_type != "cuda" and mixed == "fp16":
-        notes.append("--mixed_precision fp16 needs a CUDA GPU; on this CPU the base Linear/Conv weights are stored "
-                     "in fp16 and computed in fp32")
+        notes.append(
+            "--mixed_precision fp16 needs a CUDA GPU; on this CPU the base Linear/Conv weights are stored "
+            "in fp16 and computed in fp32"
+        )
         mixed, stored = "no", torch.float16
     dtype = DTYPES[mixed]
     unet_stored = FP8_DTYPE if (request.fp8_base or request.fp8_base_unet) else stored
@@ -157,9 +164,15 @@ def plan_precision(request: PrecisionRequest, device_type: str) -> PrecisionPlan
     elif request.full_bf16:
         lora_dtype = torch.bfloat16
     return PrecisionPlan(
-        mixed, weight_dtype=dtype, compute_dtype=dtype, attention=_attention(request, device_type, notes),
-        notes=tuple(notes), unet_storage_dtype=unet_stored, text_encoder_storage_dtype=te_stored,
-        vae_dtype=vae_dtype, lora_dtype=lora_dtype,
+        mixed,
+        weight_dtype=dtype,
+        compute_dtype=dtype,
+        attention=_attention(request, device_type, notes),
+        notes=tuple(notes),
+        unet_storage_dtype=unet_stored,
+        text_encoder_storage_dtype=te_stored,
+        vae_dtype=vae_dtype,
+        lora_dtype=lora_dtype,
     )
 
 

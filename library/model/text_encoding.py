@@ -43,10 +43,12 @@ def tokenize(tokenizer, captions: Sequence[str], max_token_length: int = CHUNK_T
     """
     chunk_len = tokenizer.model_max_length  # 77
     if max_token_length <= chunk_len - 2:
-        return tokenizer(list(captions), padding="max_length", max_length=chunk_len, truncation=True,
-                         return_tensors="pt").input_ids
-    ids = tokenizer(list(captions), padding="max_length", max_length=max_token_length + 2, truncation=True,
-                    return_tensors="pt").input_ids
+        return tokenizer(
+            list(captions), padding="max_length", max_length=chunk_len, truncation=True, return_tensors="pt"
+        ).input_ids
+    ids = tokenizer(
+        list(captions), padding="max_length", max_length=max_token_length + 2, truncation=True, return_tensors="pt"
+    ).input_ids
     return torch.stack([_chunk_ids(row, tokenizer, max_token_length) for row in ids])
 
 
@@ -101,8 +103,9 @@ def encode_prompts(
     return context, pooled
 
 
-def encode_captions(models, captions: Sequence[str], max_token_length: int, device: torch.device | str = "cpu"
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_captions(
+    models, captions: Sequence[str], max_token_length: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenize and encode captions with both encoders of `models` (an `SDXLModels`): (context, pooled)."""
     ids1 = tokenize(models.tokenizer1, captions, max_token_length).to(device)
     ids2 = tokenize(models.tokenizer2, captions, max_token_length).to(device)

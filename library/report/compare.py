@@ -51,8 +51,10 @@ def compare_runs(paths: Sequence[str | Path], sort: str | None = None) -> Compar
     if sort is not None:
         if all(setting(run, sort) is None for run in runs):
             known = sorted({key for run in runs for key in run.settings})
-            raise UserInputError(f"--sort {sort}: no run records that setting; settings: "
-                                 f"{', '.join(known) if known else 'none (the runs have no settings recorded)'}")
+            raise UserInputError(
+                f"--sort {sort}: no run records that setting; settings: "
+                f"{', '.join(known) if known else 'none (the runs have no settings recorded)'}"
+            )
         runs = sorted(runs, key=lambda run: _sort_value(setting(run, sort)))
     labels, differing = run_labels(runs)
     return Comparison(runs, labels, differing, sort)
@@ -94,8 +96,11 @@ def is_plain_lora(run: RunRecord) -> bool:
 
 def reach(comparison: Comparison) -> Reach | None:
     """Against the plain-LoRA run with the lowest final validation loss; None without such a run."""
-    plain = [(run.history.validation.last(), label) for run, label in zip(comparison.runs, comparison.labels)
-             if is_plain_lora(run) and run.history.validation.last() is not None]
+    plain = [
+        (run.history.validation.last(), label)
+        for run, label in zip(comparison.runs, comparison.labels)
+        if is_plain_lora(run) and run.history.validation.last() is not None
+    ]
     if not plain:
         return None
     (_, target), plain_label = min(plain, key=lambda item: item[0][1])
@@ -123,8 +128,13 @@ def sample_points(runs: Sequence[RunRecord]) -> list[SamplePoint]:
     order: dict[SamplePoint, float] = {}
     for run in runs:
         for rank, point in enumerate(run.samples.points(run.steps_per_epoch)):
-            position = -1.0 if point.number == 0 else point.number * (run.steps_per_epoch or math.inf) \
-                if point.epoch else float(point.number)
+            position = (
+                -1.0
+                if point.number == 0
+                else point.number * (run.steps_per_epoch or math.inf)
+                if point.epoch
+                else float(point.number)
+            )
             order.setdefault(point, position if math.isfinite(position) else 1e12 + rank)
     return sorted(order, key=lambda p: (order[p], p))
 
@@ -139,8 +149,11 @@ def sample_grids(comparison: Comparison) -> list[tuple[str, list[tuple[str, list
     for prompt in prompts:
         seeds = {run.samples.seeds.get(prompt) for run in runs if prompt in run.samples.seeds}
         label = prompt_label(texts, prompt, seeds.pop() if len(seeds) == 1 else None)
-        rows = [(lab, [run.samples.images.get((point, prompt)) for point in points])
-                for run, lab in zip(runs, comparison.labels) if run.samples]
+        rows = [
+            (lab, [run.samples.images.get((point, prompt)) for point in points])
+            for run, lab in zip(runs, comparison.labels)
+            if run.samples
+        ]
         grids.append((label, rows, [point.label for point in points]))
     return grids
 
@@ -148,8 +161,11 @@ def sample_grids(comparison: Comparison) -> list[tuple[str, list[tuple[str, list
 def comparison_figures(comparison: Comparison) -> dict[str, bytes]:
     """The PNG files the comparison writes (name -> bytes): loss, lr, diagnostics, one sample grid per prompt."""
     runs = list(zip(comparison.labels, (run.history for run in comparison.runs)))
-    found = {"loss.png": figures.loss_figure(runs), "learning_rate.png": figures.lr_figure(runs),
-             "lora_diagnostics.png": figures.diagnostics_figure(runs)}
+    found = {
+        "loss.png": figures.loss_figure(runs),
+        "learning_rate.png": figures.lr_figure(runs),
+        "lora_diagnostics.png": figures.diagnostics_figure(runs),
+    }
     for index, (label, rows, columns) in enumerate(sample_grids(comparison)):
         found[f"samples_prompt{index:02d}.png"] = figures.sample_grid_figure(rows, columns, label)
     return {name: png for name, png in found.items() if png is not None}
@@ -159,24 +175,39 @@ def build_comparison_page(comparison: Comparison, pngs: dict[str, bytes]) -> str
     runs, labels = comparison.runs, comparison.labels
     overview = html.table(
         ("run", "source", "steps", "final loss (mean of last 20)", "final validation loss", "what it lacks"),
-        [(label, str(run.source) if run.name == run.source.name else f"{run.source} ({run.name})",
-          _steps(run), _final_loss(run), _final_validation(run), "; ".join(run.notes) or "-")
-         for run, label in zip(runs, labels)])
+        [
+            (
+                label,
+                str(run.source) if run.name == run.source.name else f"{run.source} ({run.name})",
+                _steps(run),
+                _final_loss(run),
+                _final_validation(run),
+                "; ".join(run.notes) or "-",
+            )
+            for run, label in zip(runs, labels)
+        ],
+    )
     header, validation = validation_rows(comparison)
     sections = [
         ("Runs", html.paragraph(_labels_note(comparison)) + overview),
         ("Loss", _figure(pngs, "loss.png", "training loss (smoothed) and validation loss of each run")),
-        ("Validation loss at equal steps",
-         html.table(header, validation, numeric=range(1, len(header))) if validation
-         else html.paragraph("No run has a validation loss.")),
+        (
+            "Validation loss at equal steps",
+            html.table(header, validation, numeric=range(1, len(header)))
+            if validation
+            else html.paragraph("No run has a validation loss."),
+        ),
         ("Reaching the plain-LoRA validation loss", _reach_section(comparison)),
         ("Learning rate", _figure(pngs, "learning_rate.png", "learning rate of every group of each run")),
         ("LoRA diagnostics", _figure(pngs, "lora_diagnostics.png", "LoRA diagnostics of each run")),
         ("Samples", _samples_section(comparison)),
         ("Settings", _settings_table(comparison)),
     ]
-    return html.page("Run comparison", f"{len(runs)} runs" + (f", sorted by {comparison.sort_key}"
-                                                              if comparison.sort_key else ""), sections)
+    return html.page(
+        "Run comparison",
+        f"{len(runs)} runs" + (f", sorted by {comparison.sort_key}" if comparison.sort_key else ""),
+        sections,
+    )
 
 
 def write_comparison(comparison: Comparison, out_dir: str | Path) -> Path:
@@ -194,8 +225,9 @@ def write_comparison(comparison: Comparison, out_dir: str | Path) -> Path:
 def _reach_section(comparison: Comparison) -> str:
     found = reach(comparison)
     if found is None:
-        return html.paragraph("No plain-LoRA run (LoRA+ ratio 1) with a validation loss among these runs: nothing to "
-                              "measure against.")
+        return html.paragraph(
+            "No plain-LoRA run (LoRA+ ratio 1) with a validation loss among these runs: nothing to measure against."
+        )
     plain_index = comparison.labels.index(found.plain_label)
     plain_step = found.steps[plain_index]
     rows = []
@@ -203,15 +235,21 @@ def _reach_section(comparison: Comparison) -> str:
         if not run.history.validation:
             rows.append((label, "no validation loss", ""))
         elif step is None:
-            best = min(v for v in run.history.validation.values if math.isfinite(v)) \
-                if any(math.isfinite(v) for v in run.history.validation.values) else math.nan
+            best = (
+                min(v for v in run.history.validation.values if math.isfinite(v))
+                if any(math.isfinite(v) for v in run.history.validation.values)
+                else math.nan
+            )
             rows.append((label, f"not reached (best {best:.5f})", ""))
         else:
             rows.append((label, str(step), f"{plain_step / step:.2f}x" if plain_step and step else ""))
-    intro = html.paragraph(f"Target: {found.target:.5f}, the final validation loss of the best plain-LoRA run "
-                           f"({found.plain_label}). Steps are those at which validation ran.")
-    return intro + html.table(("run", "first step at or below the target", "speed-up vs that run"), rows,
-                              numeric=(1, 2))
+    intro = html.paragraph(
+        f"Target: {found.target:.5f}, the final validation loss of the best plain-LoRA run "
+        f"({found.plain_label}). Steps are those at which validation ran."
+    )
+    return intro + html.table(
+        ("run", "first step at or below the target", "speed-up vs that run"), rows, numeric=(1, 2)
+    )
 
 
 def _samples_section(comparison: Comparison) -> str:
@@ -230,7 +268,8 @@ def _settings_table(comparison: Comparison) -> str:
     keys = list(dict.fromkeys(key for run in runs for key in run.settings))
     rows = [(key, *(_format(run.settings.get(key)) for run in comparison.runs)) for key in keys]
     return html.paragraph("Every recorded setting; the labels use those that differ.") + html.table(
-        ("setting", *comparison.labels), rows)
+        ("setting", *comparison.labels), rows
+    )
 
 
 def _labels_note(comparison: Comparison) -> str:

@@ -25,8 +25,12 @@ Runs = Sequence[tuple[str, RunHistory]]
 DPI = 100
 METRICS = ("norm_A", "norm_B", "delta", "update")
 """Diagnostic panels: ||A||_F, ||B||_F, ||(alpha/r) B A||_F, and the step's update relative to the weights."""
-_METRIC_TITLES = {"norm_A": "‖A‖ (down)", "norm_B": "‖B‖ (up)", "delta": "‖ΔW‖ = ‖(α/r)·B·A‖",
-                  "update": "update ‖Δ‖/‖W‖ per step: A solid, B dashed"}
+_METRIC_TITLES = {
+    "norm_A": "‖A‖ (down)",
+    "norm_B": "‖B‖ (up)",
+    "delta": "‖ΔW‖ = ‖(α/r)·B·A‖",
+    "update": "update ‖Δ‖/‖W‖ per step: A solid, B dashed",
+}
 _COMPONENT_STYLES = {"te1": ":", "te2": "-.", "unet": "-"}
 _COMPONENT_MARKERS = {"te1": "^", "te2": "s", "unet": "o"}
 
@@ -68,13 +72,32 @@ def loss_figure(runs: Runs) -> bytes | None:
         loss = history.loss
         if loss:
             window = smoothing_window(len(loss.steps))
-            axes.plot(loss.steps, loss.values, color=colour, alpha=0.25 if single else 0.12, linewidth=0.8,
-                      label="loss (each step)" if single else None)
-            axes.plot(loss.steps, smooth(loss.values, window), color=colour, linewidth=1.8,
-                      label=f"loss (mean of {window} steps)" if single else label)
+            axes.plot(
+                loss.steps,
+                loss.values,
+                color=colour,
+                alpha=0.25 if single else 0.12,
+                linewidth=0.8,
+                label="loss (each step)" if single else None,
+            )
+            axes.plot(
+                loss.steps,
+                smooth(loss.values, window),
+                color=colour,
+                linewidth=1.8,
+                label=f"loss (mean of {window} steps)" if single else label,
+            )
         if history.validation:
-            axes.plot(history.validation.steps, history.validation.values, color=colour, linestyle="--", marker="o",
-                      markersize=4, linewidth=1.4, label="validation loss" if single else f"{label} (validation)")
+            axes.plot(
+                history.validation.steps,
+                history.validation.values,
+                color=colour,
+                linestyle="--",
+                marker="o",
+                markersize=4,
+                linewidth=1.4,
+                label="validation loss" if single else f"{label} (validation)",
+            )
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
     axes.set_title("Loss")
@@ -88,13 +111,18 @@ def lr_figure(runs: Runs) -> bytes | None:
     figure, axes = _figure()
     single = len(runs) == 1
     group_colours = colours(max(len(h.lr) for _, h in runs))
-    for colour, (label, history) in zip(colours(len(runs)), runs):
+    for colour, (_, history) in zip(colours(len(runs)), runs):
         for index, (group, series) in enumerate(history.lr.items()):
             if not series:
                 continue
-            axes.plot(series.steps, series.values, color=group_colours[index] if single else colour,
-                      linestyle="--" if group.endswith(" plus") else "-", linewidth=1.5,
-                      label=group if single else None)
+            axes.plot(
+                series.steps,
+                series.values,
+                color=group_colours[index] if single else colour,
+                linestyle="--" if group.endswith(" plus") else "-",
+                linewidth=1.5,
+                label=group if single else None,
+            )
     axes.set_yscale("log")
     axes.set_xlabel("step")
     axes.set_ylabel("learning rate")
@@ -112,7 +140,7 @@ def diagnostics_figure(runs: Runs) -> bytes | None:
     figure = Figure(figsize=(11, 7), dpi=DPI, layout="constrained")
     panels = figure.subplots(2, 2).ravel()
     single = len(runs) == 1
-    for colour, (label, history) in zip(colours(len(runs)), runs):
+    for colour, (_, history) in zip(colours(len(runs)), runs):
         for component in components(history):
             # One run: a colour per component. Several: a colour per run, a line style (update: a marker) per
             # component, and one legend of runs and components.
@@ -125,9 +153,15 @@ def diagnostics_figure(runs: Runs) -> bytes | None:
                     name = f"lora/{component}/{metric}" if part is None else f"lora/{component}/update_{part}"
                     series = history.diagnostics.get(name)
                     if series:
-                        axes.plot(series.steps, series.values, color=line_colour, linestyle=dash,
-                                  marker=marker if metric == "update" else ".", markersize=4,
-                                  label=component + (f" {part}" if part else "") if single else None)
+                        axes.plot(
+                            series.steps,
+                            series.values,
+                            color=line_colour,
+                            linestyle=dash,
+                            marker=marker if metric == "update" else ".",
+                            markersize=4,
+                            label=component + (f" {part}" if part else "") if single else None,
+                        )
     for axes, metric in zip(panels, METRICS):
         axes.set_title(_METRIC_TITLES[metric], fontsize=10)
         axes.set_xlabel("step")
@@ -137,10 +171,12 @@ def diagnostics_figure(runs: Runs) -> bytes | None:
         if single and axes.get_lines():
             axes.legend(fontsize=7)
     if not single:
-        shown = sorted({c for _, h in runs for c in components(h) if c in _COMPONENT_STYLES},
-                       key=list(_COMPONENT_STYLES).index)
-        _run_legend(panels[0], runs, lambda h: bool(h.diagnostics), {c: _COMPONENT_STYLES[c] for c in shown},
-                    figure=figure)
+        shown = sorted(
+            {c for _, h in runs for c in components(h) if c in _COMPONENT_STYLES}, key=list(_COMPONENT_STYLES).index
+        )
+        _run_legend(
+            panels[0], runs, lambda h: bool(h.diagnostics), {c: _COMPONENT_STYLES[c] for c in shown}, figure=figure
+        )
     return _png(figure)
 
 
@@ -149,8 +185,11 @@ def _run_legend(axes, runs: Runs, present, styles: dict[str, str], figure: Figur
     runs x styles."""
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=colour, linewidth=2, label=label)
-               for colour, (label, history) in zip(colours(len(runs)), runs) if present(history)]
+    handles = [
+        Line2D([], [], color=colour, linewidth=2, label=label)
+        for colour, (label, history) in zip(colours(len(runs)), runs)
+        if present(history)
+    ]
     handles += [Line2D([], [], color="#333", linestyle=style, label=name) for name, style in styles.items()]
     if figure is not None:
         figure.legend(handles=handles, loc="outside right upper", fontsize=8)
@@ -161,7 +200,7 @@ def _run_legend(axes, runs: Runs, present, styles: dict[str, str], figure: Figur
 def block_figure(history: RunHistory, block_weights: dict[int, float] | None = None) -> bytes | None:
     """Per UNet block (block lr weights on): ‖B‖ and ‖ΔW‖ at the last diagnostic step, bars per block, with the
     block's lr weight written over it."""
-    blocks = sorted(int(c[len("unet_block"):]) for c in components(history) if c.startswith("unet_block"))
+    blocks = sorted(int(c[len("unet_block") :]) for c in components(history) if c.startswith("unet_block"))
     if not blocks:
         return None
     figure, axes = _figure()
@@ -175,16 +214,23 @@ def block_figure(history: RunHistory, block_weights: dict[int, float] | None = N
     if block_weights:
         for block in blocks:
             if block in block_weights:
-                axes.annotate(f"w={block_weights[block]:g}", (block, 0), xytext=(0, -28), textcoords="offset points",
-                              ha="center", fontsize=7)
+                axes.annotate(
+                    f"w={block_weights[block]:g}",
+                    (block, 0),
+                    xytext=(0, -28),
+                    textcoords="offset points",
+                    ha="center",
+                    fontsize=7,
+                )
     axes.set_xticks(blocks)
     axes.set_xlabel("UNet block (sd-scripts number)")
     axes.set_title("LoRA per UNet block at the last diagnostic step")
     return _finish(figure, axes)
 
 
-def sample_grid_figure(rows: Sequence[tuple[str, Sequence[Path | None]]], columns: Sequence[str],
-                       title: str = "") -> bytes | None:
+def sample_grid_figure(
+    rows: Sequence[tuple[str, Sequence[Path | None]]], columns: Sequence[str], title: str = ""
+) -> bytes | None:
     """A grid of sample images: one row per label, one column per sampling point; an empty cell where an image
     is missing. Images are shown at their own aspect, one inch and a half per cell."""
     if not rows or not columns or not any(path for _, paths in rows for path in paths):

@@ -141,14 +141,23 @@ def _prepend_earlier(earlier: Mapping[str, Any], section: dict[str, Any], first_
         "version": HISTORY_VERSION,
         "steps": [earlier["steps"][i] for i in keep] + section["steps"],
         "loss": [earlier["loss"][i] for i in keep] + section["loss"],
-        "lr": {g: ([earlier["lr"][g][i] for i in keep] if g in earlier["lr"] else [None] * n_old)
-              + section["lr"].get(g, [None] * n_new) for g in groups},
+        "lr": {
+            g: ([earlier["lr"][g][i] for i in keep] if g in earlier["lr"] else [None] * n_old)
+            + section["lr"].get(g, [None] * n_new)
+            for g in groups
+        },
         "validation": [v for v in earlier["validation"] if v[0] <= first_step] + section["validation"],
         "diagnostics": {
             "steps": [old_diag["steps"][i] for i in keep_diag] + new_diag["steps"],
-            "series": {name: ([old_diag["series"][name][i] for i in keep_diag] if name in old_diag["series"]
-                              else [None] * len(keep_diag))
-                       + new_diag["series"].get(name, [None] * len(new_diag["steps"])) for name in names},
+            "series": {
+                name: (
+                    [old_diag["series"][name][i] for i in keep_diag]
+                    if name in old_diag["series"]
+                    else [None] * len(keep_diag)
+                )
+                + new_diag["series"].get(name, [None] * len(new_diag["steps"]))
+                for name in names
+            },
         },
     }
 
@@ -185,8 +194,10 @@ def parse_history(section: Any) -> RunHistory:
     if not isinstance(diag, Mapping) or not isinstance(diag.get("series"), Mapping):
         raise HistoryError("'history.diagnostics' must be an object with 'steps' and 'series'")
     diag_steps = _steps(diag.get("steps"), "history.diagnostics.steps")
-    diagnostics = {str(name): Series(diag_steps, _floats(v, f"history.diagnostics.series[{name!r}]", len(diag_steps)))
-                   for name, v in diag["series"].items()}
+    diagnostics = {
+        str(name): Series(diag_steps, _floats(v, f"history.diagnostics.series[{name!r}]", len(diag_steps)))
+        for name, v in diag["series"].items()
+    }
     return RunHistory(Series(steps, loss), lr, Series(val_steps, val_values), diagnostics)
 
 
@@ -223,8 +234,9 @@ def _steps(value: Any, where: str) -> tuple[int, ...]:
 
 
 def _floats(value: Any, where: str, length: int) -> tuple[float, ...]:
-    if not isinstance(value, list) or any(v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))
-                                          for v in value):
+    if not isinstance(value, list) or any(
+        v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))) for v in value
+    ):
         raise HistoryError(f"'{where}' must be a list of numbers (null for a missing value)")
     if len(value) != length:
         raise HistoryError(f"'{where}' has {len(value)} values for {length} steps")

@@ -13,7 +13,8 @@ from library.report.samples import thumbnail_jpeg
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px auto; max-width: 1200px;
        padding: 0 16px; color: #222; background: #fff; }
-h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
+h1 { font-size: 1.5em; margin-bottom: 0.2em; }
+h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
 h3 { font-size: 1em; }
 p.sub { color: #555; margin-top: 0; }
 img.figure { max-width: 100%; height: auto; display: block; margin: 8px 0; }
@@ -46,9 +47,11 @@ def table(header: Sequence[object], rows: Iterable[Sequence[object]], numeric: S
     """A table; columns whose index is in `numeric` are right-aligned. Cells are escaped text."""
     head = "".join(f"<th>{escape(cell)}</th>" for cell in header)
     body = "".join(
-        "<tr>" + "".join(f'<td{" class=num" if i in numeric else ""}>{escape(cell)}</td>'
-                         for i, cell in enumerate(row)) + "</tr>"
-        for row in rows)
+        "<tr>"
+        + "".join(f"<td{' class=num' if i in numeric else ''}>{escape(cell)}</td>" for i, cell in enumerate(row))
+        + "</tr>"
+        for row in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -60,8 +63,11 @@ def image_grid(rows: Sequence[tuple[str, Sequence[Path | None]]], columns: Seque
     for label, paths in rows:
         cells = "".join(
             f'<td><a href="{escape(path.resolve().as_uri())}"><img alt="{escape(label)}, {escape(column)}" '
-            f'src="{jpeg_uri(thumbnail_jpeg(path))}"></a></td>' if path
-            else '<td class="missing">no sample</td>' for path, column in zip(paths, columns))
+            f'src="{jpeg_uri(thumbnail_jpeg(path))}"></a></td>'
+            if path
+            else '<td class="missing">no sample</td>'
+            for path, column in zip(paths, columns)
+        )
         body.append(f'<tr><th class="row">{escape(label)}</th>{cells}</tr>')
     return f'<table class="grid"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
@@ -74,10 +80,10 @@ def page(title: str, subtitle: str, sections: Sequence[tuple[str, str]]) -> str:
     """The whole document: `sections` are (heading, HTML body); a section with an empty body is left out."""
     parts = [f"<h2>{escape(heading)}</h2>\n{body}" for heading, body in sections if body]
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
-        f"<h1>{escape(title)}</h1>\n<p class=\"sub\">{escape(subtitle)}</p>\n" + "\n".join(parts) + "\n</body></html>\n"
+        f'<h1>{escape(title)}</h1>\n<p class="sub">{escape(subtitle)}</p>\n' + "\n".join(parts) + "\n</body></html>\n"
     )
 
 

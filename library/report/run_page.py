@@ -69,7 +69,8 @@ def _diagnostics(run: RunRecord) -> str:
         "Frobenius norms of A (lora_down) and B (lora_up) and of the weight change ΔW = (α/r)·B·A per component, "
         "and each logged step's update relative to the weights (‖ΔA‖/‖A‖, ‖ΔB‖/‖B‖). B starts at zero: at plain "
         "LoRA (ratio 1) ‖B‖ and ‖ΔW‖ grow slowly; with a LoRA+ ratio B's update is larger by about the ratio; a "
-        "B update that stays large while the loss does not fall says the ratio is too high.")
+        "B update that stays large while the loss does not fall says the ratio is too high."
+    )
     blocks = figures.block_figure(run.history, block_weights(run.param_groups, run.settings))
     return text + html.figure(main, "LoRA diagnostics") + (html.figure(blocks, "LoRA per UNet block") if blocks else "")
 
@@ -79,8 +80,11 @@ def block_weights(groups: list[dict[str, Any]], settings: Mapping[str, Any]) -> 
     unet_lr = settings.get("unet_lr")
     if not isinstance(unet_lr, (int, float)) or not unet_lr:
         return None
-    weights = {int(g["block"]): float(g["lr"]) / unet_lr for g in groups
-               if g.get("block") is not None and not g.get("plus") and isinstance(g.get("lr"), (int, float))}
+    weights = {
+        int(g["block"]): float(g["lr"]) / unet_lr
+        for g in groups
+        if g.get("block") is not None and not g.get("plus") and isinstance(g.get("lr"), (int, float))
+    }
     return weights or None
 
 
@@ -90,8 +94,13 @@ def sample_table(run: RunRecord) -> str:
     if not samples:
         return ""
     points = samples.points(run.steps_per_epoch)
-    rows = [(prompt_label(run.prompts, index, samples.seeds.get(index)),
-             [samples.images.get((point, index)) for point in points]) for index in samples.prompts]
+    rows = [
+        (
+            prompt_label(run.prompts, index, samples.seeds.get(index)),
+            [samples.images.get((point, index)) for point in points],
+        )
+        for index in samples.prompts
+    ]
     return html.image_grid(rows, [point.label for point in points])
 
 
@@ -103,11 +112,21 @@ def prompt_label(prompts: list[str], index: int, seed: int | None) -> str:
 def param_group_table(groups: list[dict[str, Any]]) -> str:
     if not groups:
         return ""
-    rows = [(g.get("component", ""), "-" if g.get("block") is None else g["block"],
-             "plus (B)" if g.get("plus") else "base", g.get("tensors", ""), _count(g.get("parameters")),
-             _number(g.get("lr")), _number(g.get("weight_decay"))) for g in groups]
-    return html.table(("component", "block", "group", "tensors", "parameters", "lr", "weight decay"), rows,
-                      numeric=(3, 4, 5, 6))
+    rows = [
+        (
+            g.get("component", ""),
+            "-" if g.get("block") is None else g["block"],
+            "plus (B)" if g.get("plus") else "base",
+            g.get("tensors", ""),
+            _count(g.get("parameters")),
+            _number(g.get("lr")),
+            _number(g.get("weight_decay")),
+        )
+        for g in groups
+    ]
+    return html.table(
+        ("component", "block", "group", "tensors", "parameters", "lr", "weight decay"), rows, numeric=(3, 4, 5, 6)
+    )
 
 
 def settings_table(settings: Mapping[str, Any]) -> str:
@@ -123,8 +142,12 @@ def cost_table(cost: Mapping[str, Any]) -> str:
     rows: list[tuple[str, str]] = []
     step = cost.get("step_time_s") or {}
     if step.get("median") is not None:
-        rows.append(("step time (median)", f"{step['median'] * 1000:.1f} ms over {step.get('measured_steps')} steps"
-                                           f" ({step.get('excludes', '')})"))
+        rows.append(
+            (
+                "step time (median)",
+                f"{step['median'] * 1000:.1f} ms over {step.get('measured_steps')} steps ({step.get('excludes', '')})",
+            )
+        )
     if cost.get("samples_per_s") is not None:
         rows.append(("throughput", f"{cost['samples_per_s']:.2f} samples/s ({cost.get('samples_per_step')} per step)"))
     memory = cost.get("peak_memory") or {}
@@ -134,8 +157,19 @@ def cost_table(cost: Mapping[str, Any]) -> str:
         rows.append(("peak GPU memory (tensors)", _gib(memory["cuda_allocated_bytes"], memory.get("cuda_total_bytes"))))
     for key, value in (cost.get("precision") or {}).items():
         rows.append((f"precision: {key}", str(value)))
-    for key in ("attention", "gradient_checkpointing", "device", "processes", "steps", "epochs", "cached_latents",
-                "cached_text_encoder_outputs", "non_finite_steps_skipped", "load_seconds", "total_seconds"):
+    for key in (
+        "attention",
+        "gradient_checkpointing",
+        "device",
+        "processes",
+        "steps",
+        "epochs",
+        "cached_latents",
+        "cached_text_encoder_outputs",
+        "non_finite_steps_skipped",
+        "load_seconds",
+        "total_seconds",
+    ):
         if key in cost:
             rows.append((key.replace("_", " "), str(cost[key])))
     rows.extend(("warning", line) for line in cost.get("warnings") or [])

@@ -20,7 +20,9 @@ THUMBNAIL_SIDE = 256
 """Longest side of a sample in a grid: a 1024 px SDXL sample (about 1.5 MB) becomes about 20 kB, so a page with
 a hundred samples stays a few megabytes and builds in seconds."""
 
-_NAME = re.compile(r"^(?:(?P<name>.*)_)?(?P<point>e\d{6,}|\d{6,})_(?P<prompt>\d{2,})_(?P<time>\d{14})_(?P<seed>\d+)\.png$")
+_NAME = re.compile(
+    r"^(?:(?P<name>.*)_)?(?P<point>e\d{6,}|\d{6,})_(?P<prompt>\d{2,})_(?P<time>\d{14})_(?P<seed>\d+)\.png$"
+)
 
 
 @dataclass(frozen=True, order=True)
@@ -53,8 +55,14 @@ def parse_sample_name(path: Path) -> SampleFile | None:
     if found is None:
         return None
     point = found["point"]
-    return SampleFile(found["name"] or "", SamplePoint(point.startswith("e"), int(point.lstrip("e"))),
-                      int(found["prompt"]), found["time"], int(found["seed"]), path)
+    return SampleFile(
+        found["name"] or "",
+        SamplePoint(point.startswith("e"), int(point.lstrip("e"))),
+        int(found["prompt"]),
+        found["time"],
+        int(found["seed"]),
+        path,
+    )
 
 
 @dataclass(frozen=True)
@@ -75,12 +83,14 @@ class SampleSet:
     def points(self, steps_per_epoch: float | None = None) -> list[SamplePoint]:
         """The sampling points in training order: epoch points are placed at their step when `steps_per_epoch`
         is known (else after the step points); the sample before training comes first."""
+
         def order(point: SamplePoint) -> tuple[float, int]:
             if point.number == 0:
                 return (-1.0, 0)
             if not point.epoch:
                 return (float(point.number), 0)
             return (point.number * steps_per_epoch if steps_per_epoch else float("inf"), point.number)
+
         return sorted({point for point, _ in self.images}, key=order)
 
 
@@ -103,8 +113,11 @@ def find_samples(output_dir: Path, output_name: str) -> SampleSet:
 def output_names_with_samples(output_dir: Path) -> list[str]:
     """The output names that have sample images in `output_dir/sample`."""
     folder = Path(output_dir) / "sample"
-    names = {sample.output_name for path in folder.glob("*.png") if (sample := parse_sample_name(path)) is not None} \
-        if folder.is_dir() else set()
+    names = (
+        {sample.output_name for path in folder.glob("*.png") if (sample := parse_sample_name(path)) is not None}
+        if folder.is_dir()
+        else set()
+    )
     return sorted(names)
 
 

@@ -21,8 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from library.errors import UserInputError
-from library.report.history import (HistoryError, RunHistory, Scalar, Series, parse_history, parse_param_groups,
-                                    parse_prompts, parse_settings)
+from library.report.history import (
+    HistoryError,
+    RunHistory,
+    Scalar,
+    Series,
+    parse_history,
+    parse_param_groups,
+    parse_prompts,
+    parse_settings,
+)
 from library.report.samples import SampleSet, find_samples, output_names_with_samples
 
 REPORT_SUFFIX = "_report.json"
@@ -59,16 +67,20 @@ def read_runs(path: str | Path) -> list[RunRecord]:
     if path.is_file() and path.name.endswith(REPORT_SUFFIX):
         return [read_output_run(path.parent, path.name[: -len(REPORT_SUFFIX)])]
     if not path.is_dir():
-        raise UserInputError(f"{path} is not a folder: give a training output folder (with <output_name>_report.json),"
-                             " a report file, or a TensorBoard logging folder")
+        raise UserInputError(
+            f"{path} is not a folder: give a training output folder (with <output_name>_report.json),"
+            " a report file, or a TensorBoard logging folder"
+        )
     names = _output_names(path)
     if names:
         return [read_output_run(path, name) for name in names]
     event_folders = sorted({event.parent for event in path.rglob(_EVENTS)})
     if event_folders:
         return [read_tensorboard_run(folder, _relative_name(folder, path)) for folder in event_folders]
-    raise UserInputError(f"no run found in {path}: it has no <output_name>_report.json, no sample images and no "
-                         "TensorBoard event files; give a training output folder or a logging folder")
+    raise UserInputError(
+        f"no run found in {path}: it has no <output_name>_report.json, no sample images and no "
+        "TensorBoard event files; give a training output folder or a logging folder"
+    )
 
 
 def read_output_run(output_dir: Path, output_name: str) -> RunRecord:
@@ -86,8 +98,7 @@ def read_output_run(output_dir: Path, output_name: str) -> RunRecord:
             if "history" in report:
                 history = parse_history(report["history"])
             else:
-                notes.append(f"{report_path.name} has no training history (written before reports kept one): "
-                             "no curves")
+                notes.append(f"{report_path.name} has no training history (written before reports kept one): no curves")
             settings = parse_settings(report.get("settings"))
             groups = parse_param_groups(report.get("param_groups"))
             prompts = parse_prompts(report.get("sample_prompts"))
@@ -124,7 +135,7 @@ def read_tensorboard_run(folder: Path, name: str) -> RunRecord:
 
     history = RunHistory(
         loss=series("loss") if "loss" in tags else Series(),
-        lr={tag[len("lr/"):]: series(tag) for tag in sorted(tags) if tag.startswith("lr/")},
+        lr={tag[len("lr/") :]: series(tag) for tag in sorted(tags) if tag.startswith("lr/")},
         validation=series("loss/validation") if "loss/validation" in tags else Series(),
         diagnostics={tag: series(tag) for tag in sorted(tags) if tag.startswith("lora/")},
     )
@@ -148,8 +159,11 @@ def tensorboard_hparams(folder: Path) -> dict[str, Scalar]:
                 info = HParamsPluginData.FromString(value.metadata.plugin_data.content).session_start_info
                 for key, hparam in info.hparams.items():
                     kind = hparam.WhichOneof("kind")
-                    settings[key] = {"number_value": hparam.number_value, "string_value": hparam.string_value,
-                                     "bool_value": hparam.bool_value}.get(kind, "")
+                    settings[key] = {
+                        "number_value": hparam.number_value,
+                        "string_value": hparam.string_value,
+                        "bool_value": hparam.bool_value,
+                    }.get(kind, "")
     return settings
 
 
@@ -164,8 +178,17 @@ def _with_missing_notes(record: RunRecord) -> RunRecord:
             notes.append("no LoRA diagnostics")
     if not record.samples and not any("sample images" in note for note in notes):
         notes.append("no sample images (the run had no --sample_prompts, or its sample folder is gone)")
-    return RunRecord(record.name, record.source, history, record.settings, record.param_groups, record.cost,
-                     record.samples, record.prompts, notes)
+    return RunRecord(
+        record.name,
+        record.source,
+        history,
+        record.settings,
+        record.param_groups,
+        record.cost,
+        record.samples,
+        record.prompts,
+        notes,
+    )
 
 
 def _output_names(folder: Path) -> list[str]:

@@ -33,4 +33,5 @@ def allow_fp16_gradients(accelerator: Any) -> None:
         return
     unscale = scaler._unscale_grads_
     scaler._unscale_grads_ = lambda optimizer, inv_scale, found_inf, allow_fp16: unscale(
-        optimizer, inv_scale, found_inf, True)
+        optimizer, inv_scale, found_inf, True
+    )

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from library.train.run_config import OutputConfig
 from library.train.metadata import progress_metadata
 from library.train.parts import RunParts
+from library.train.run_config import OutputConfig
 from library.train.run_report import StepTimer
 from library.train.train_state import RngSnapshot, TrainProgress, save_state
 
@@ -16,11 +16,18 @@ from library.train.train_state import RngSnapshot, TrainProgress, save_state
 def save_run_state(parts: RunParts, folder: Path, progress: TrainProgress) -> Path:
     """`save_state` of what this run trains: the weights, the optimizer state and the EMA are checked first, so a
     state holding a NaN or infinity is refused (NonFiniteError) and never replaces a good one."""
-    optimizer_tensors = ((f"optimizer state {key} of parameter {index}", value)
-                         for index, state in enumerate(parts.optimizer.state.values()) for key, value in state.items())
+    optimizer_tensors = (
+        (f"optimizer state {key} of parameter {index}", value)
+        for index, state in enumerate(parts.optimizer.state.values())
+        for key, value in state.items()
+    )
     ema_tensors = parts.ema.shadow.items() if parts.ema is not None else ()
-    return save_state(parts.accelerator, folder, progress,
-                      check=[*parts.network.state_dict().items(), *optimizer_tensors, *ema_tensors])
+    return save_state(
+        parts.accelerator,
+        folder,
+        progress,
+        check=[*parts.network.state_dict().items(), *optimizer_tensors, *ema_tensors],
+    )
 
 
 def save_step_checkpoint(out: OutputConfig, parts: RunParts, progress: TrainProgress, timer: StepTimer) -> None:
@@ -41,8 +48,9 @@ def save_step_checkpoint(out: OutputConfig, parts: RunParts, progress: TrainProg
     timer.restart()  # saving is not a step
 
 
-def save_epoch_checkpoint(out: OutputConfig, parts: RunParts, progress: TrainProgress, timer: StepTimer, *,
-                          epoch: int) -> None:
+def save_epoch_checkpoint(
+    out: OutputConfig, parts: RunParts, progress: TrainProgress, timer: StepTimer, *, epoch: int
+) -> None:
     """--save_every_n_epochs: `<name>-<epoch>.safetensors` (+ state with --save_state), then rotation; the
     last epoch's weights are the final file instead."""
     saver, accelerator = parts.saver, parts.accelerator
@@ -62,8 +70,9 @@ def save_epoch_checkpoint(out: OutputConfig, parts: RunParts, progress: TrainPro
     timer.restart()  # saving is not a step
 
 
-def save_interrupted(parts: RunParts, progress: TrainProgress,
-                     rng_at_step: RngSnapshot | None) -> tuple[Path | None, Path | None, int]:
+def save_interrupted(
+    parts: RunParts, progress: TrainProgress, rng_at_step: RngSnapshot | None
+) -> tuple[Path | None, Path | None, int]:
     """Save the LoRA and a state as of the last finished optimizer step (the half-done step's gradients are
     dropped and the RNG is put back to `rng_at_step`, where that step left it), so `--resume` continues exactly."""
     accelerator, saver = parts.accelerator, parts.saver
@@ -77,4 +86,3 @@ def save_interrupted(parts: RunParts, progress: TrainProgress,
     if accelerator.num_processes == 1:  # with several processes the ranks may not all reach the save
         state_path = save_run_state(parts, saver.state_path(saver.step_path(progress.step)), progress)
     return lora_path, state_path, progress.step
-

@@ -66,8 +66,11 @@ def lora_norms(pairs: Sequence[LoRAPair]) -> dict[str, float]:
     names = group_names(pairs)
     squares = _norms_squared(pairs)  # (modules, 3): ||A||², ||B||², ||scale·BA||²
     totals = _sum_by_group(squares, pairs, names).sqrt().tolist()
-    return {f"lora/{group}/{metric}": row[i] for group, row in zip(names, totals)
-            for i, metric in enumerate(("norm_A", "norm_B", "delta"))}
+    return {
+        f"lora/{group}/{metric}": row[i]
+        for group, row in zip(names, totals)
+        for i, metric in enumerate(("norm_A", "norm_B", "delta"))
+    }
 
 
 def relative_updates(pairs: Sequence[LoRAPair], before: Sequence[torch.Tensor]) -> dict[str, float]:
@@ -84,8 +87,9 @@ def relative_updates(pairs: Sequence[LoRAPair], before: Sequence[torch.Tensor]) 
         totals = _sum_by_group(squares, pairs, names)  # ||ΔA||², ||ΔB||², ||A||², ||B||² per group
         before_norms = totals[:, 2:].sqrt()
         ratios = torch.where(before_norms > 0, totals[:, :2].sqrt() / before_norms, torch.nan).tolist()
-    return {f"lora/{group}/update_{part}": row[i] for group, row in zip(names, ratios)
-            for i, part in enumerate(("A", "B"))}
+    return {
+        f"lora/{group}/update_{part}": row[i] for group, row in zip(names, ratios) for i, part in enumerate(("A", "B"))
+    }
 
 
 def snapshot(pairs: Sequence[LoRAPair]) -> list[torch.Tensor]:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -42,8 +41,14 @@ class LoRAEMA:
     shadows start as the weights at construction and live on the weights' device.
     """
 
-    def __init__(self, network: nn.Module | Mapping[str, torch.Tensor], decay: float, *,
-                 update_after_step: int = 0, warmup: bool = False) -> None:
+    def __init__(
+        self,
+        network: nn.Module | Mapping[str, torch.Tensor],
+        decay: float,
+        *,
+        update_after_step: int = 0,
+        warmup: bool = False,
+    ) -> None:
         """`network`: its parameters that require grad are averaged (frozen ones never change); or a mapping of
         name -> tensor (tests, other owners)."""
         if not 0.0 < decay < 1.0:
@@ -89,7 +94,9 @@ class LoRAEMA:
     def state_dict(self) -> dict:
         """Everything to resume exactly: the shadows (fp32, CPU copies) and the update count."""
         return {
-            "decay": self.decay, "update_after_step": self.update_after_step, "warmup": self.warmup,
+            "decay": self.decay,
+            "update_after_step": self.update_after_step,
+            "warmup": self.warmup,
             "num_updates": self.num_updates,
             "shadow": {name: tensor.detach().cpu().clone() for name, tensor in self.shadow.items()},
         }
@@ -122,8 +129,13 @@ def ema_state_dict(network: nn.Module, ema: LoRAEMA) -> dict[str, torch.Tensor]:
 
 def ema_metadata(metadata: Mapping[str, str] | None, ema: LoRAEMA) -> dict[str, str]:
     """The run's metadata plus how the average was made (`ss_ema_*`, strings like every sd-scripts key)."""
-    return {**(metadata or {}), "ss_ema_decay": str(ema.decay), "ss_ema_update_after_step": str(ema.update_after_step),
-            "ss_ema_warmup": str(ema.warmup), "ss_ema_updates": str(ema.num_updates)}
+    return {
+        **(metadata or {}),
+        "ss_ema_decay": str(ema.decay),
+        "ss_ema_update_after_step": str(ema.update_after_step),
+        "ss_ema_warmup": str(ema.warmup),
+        "ss_ema_updates": str(ema.num_updates),
+    }
 
 
 def ema_path(path: str | os.PathLike) -> Path:
@@ -132,8 +144,13 @@ def ema_path(path: str | os.PathLike) -> Path:
     return path.with_name(f"{path.stem}-ema{path.suffix}")
 
 
-def save_ema_weights(network: nn.Module, ema: LoRAEMA, path: str | os.PathLike, dtype: torch.dtype | None,
-                     metadata: Mapping[str, str] | None) -> Path:
+def save_ema_weights(
+    network: nn.Module,
+    ema: LoRAEMA,
+    path: str | os.PathLike,
+    dtype: torch.dtype | None,
+    metadata: Mapping[str, str] | None,
+) -> Path:
     """Write the EMA as a LoRA file through the same writer as `network.save_weights` (atomic, every tensor cast
     to `dtype`, A1111 hashes), with `ss_ema_*` metadata; refused like it when a tensor is not finite. Returns
     `path`."""
@@ -143,8 +160,13 @@ def save_ema_weights(network: nn.Module, ema: LoRAEMA, path: str | os.PathLike, 
     return Path(path)
 
 
-def ema_file_bytes(network: nn.Module, ema: LoRAEMA, path: str | os.PathLike, dtype: torch.dtype | None,
-                   metadata: Mapping[str, str] | None) -> bytes:
+def ema_file_bytes(
+    network: nn.Module,
+    ema: LoRAEMA,
+    path: str | os.PathLike,
+    dtype: torch.dtype | None,
+    metadata: Mapping[str, str] | None,
+) -> bytes:
     """The bytes `save_ema_weights` writes to `path`, for a caller that writes them together with the LoRA
     file (refused like it when a tensor is not finite)."""
     from library.files.lora_io import lora_file_bytes

@@ -25,8 +25,11 @@ class Terminated(KeyboardInterrupt):
 
 
 def signal_name(interrupt: BaseException) -> str:
-    return "SIGTERM" if isinstance(interrupt, Terminated) or getattr(interrupt, "signal_name", "") == "SIGTERM" \
+    return (
+        "SIGTERM"
+        if isinstance(interrupt, Terminated) or getattr(interrupt, "signal_name", "") == "SIGTERM"
         else "SIGINT"
+    )
 
 
 @contextlib.contextmanager
@@ -97,9 +100,17 @@ class TrainingInterrupted(KeyboardInterrupt):
     state of the last finished step were saved (`lora_path`, `state_path`, `step`); before it, `phase` says what
     was interrupted and nothing was saved."""
 
-    def __init__(self, lora_path: Path | None = None, state_path: Path | None = None, step: int | None = None, *,
-                 signal_name: str = "SIGINT", phase: str | None = None, outcome: str = NOTHING_SAVED,
-                 is_main_process: bool = True) -> None:
+    def __init__(
+        self,
+        lora_path: Path | None = None,
+        state_path: Path | None = None,
+        step: int | None = None,
+        *,
+        signal_name: str = "SIGINT",
+        phase: str | None = None,
+        outcome: str = NOTHING_SAVED,
+        is_main_process: bool = True,
+    ) -> None:
         where = f"after step {step}" if phase is None else f"while {phase}"
         super().__init__(f"interrupted ({signal_name}) {where}")
         self.lora_path, self.state_path, self.step = lora_path, state_path, step
@@ -110,8 +121,12 @@ class TrainingInterrupted(KeyboardInterrupt):
     @classmethod
     def during(cls, phase: Phase, interrupt: BaseException, is_main_process: bool = True) -> TrainingInterrupted:
         """An interrupt outside the training loop (loading, caching, writing the final files)."""
-        return cls(signal_name=signal_name(interrupt), phase=phase.doing, outcome=phase.outcome,
-                   is_main_process=is_main_process)
+        return cls(
+            signal_name=signal_name(interrupt),
+            phase=phase.doing,
+            outcome=phase.outcome,
+            is_main_process=is_main_process,
+        )
 
     @property
     def exit_code(self) -> int:
@@ -123,9 +138,13 @@ class TrainingInterrupted(KeyboardInterrupt):
             return []
         if self.phase is not None:
             return [f"interrupted ({self.signal_name}) while {self.phase}: {self.outcome}"]
-        lines = [f"interrupted ({self.signal_name}) after step {self.step}: "
-                 + (f"LoRA saved to {self.lora_path}" if self.lora_path is not None else "no LoRA saved")]
+        lines = [
+            f"interrupted ({self.signal_name}) after step {self.step}: "
+            + (f"LoRA saved to {self.lora_path}" if self.lora_path is not None else "no LoRA saved")
+        ]
         if self.state_path is None:
-            lines.append("no resumable state was saved (several processes): restart, or resume from the last "
-                         "--save_state checkpoint")
+            lines.append(
+                "no resumable state was saved (several processes): restart, or resume from the last "
+                "--save_state checkpoint"
+            )
         return lines

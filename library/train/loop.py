@@ -10,10 +10,10 @@ from types import MappingProxyType
 
 from tqdm.auto import tqdm
 
-from library.train.run_config import LoopConfig, OutputConfig, TrainConfig
 from library.train.checkpoints import save_epoch_checkpoint, save_step_checkpoint
 from library.train.interrupts import interrupts_deferred
 from library.train.parts import LoopState, RunParts
+from library.train.run_config import LoopConfig, OutputConfig, TrainConfig
 from library.train.run_report import StepTimer
 from library.train.sampling import SamplingConfig
 from library.train.step import apply_update, backward_step, batch_loss
@@ -47,8 +47,12 @@ def run_loop(cfg: TrainConfig, parts: RunParts, state: LoopState, on_step: OnSte
     """Epochs of optimizer steps from `state.progress` on (0, or where a resumed state stood); each step's loss
     and learning rates go to `state`. The progress bar is closed however the loop ends, so an error line starts a
     line of its own."""
-    progress_bar = tqdm(total=parts.schedule.total_steps, initial=state.progress.step, desc="steps",
-                        disable=not parts.accelerator.is_local_main_process)
+    progress_bar = tqdm(
+        total=parts.schedule.total_steps,
+        initial=state.progress.step,
+        desc="steps",
+        disable=not parts.accelerator.is_local_main_process,
+    )
     try:
         _run_steps(cfg, parts, state, on_step, progress_bar)
     finally:
@@ -76,9 +80,15 @@ def _run_steps(cfg: TrainConfig, parts: RunParts, state: LoopState, on_step: OnS
             # this step runs with (the scheduler stepped at the end of the previous one).
             size = min(accumulation, batches_left)
             lrs = dict(zip(parts.group_descriptions, map(float, parts.lr_scheduler.get_last_lr())))
-            loss, finite = backward_step(parts, params, batches, size, step=progress.step + 1,
-                                         train_text_encoder=cfg.network.train_text_encoder,
-                                         non_finite=state.non_finite)
+            loss, finite = backward_step(
+                parts,
+                params,
+                batches,
+                size,
+                step=progress.step + 1,
+                train_text_encoder=cfg.network.train_text_encoder,
+                non_finite=state.non_finite,
+            )
             # The update and the step's bookkeeping happen together or not at all: a Ctrl-C or SIGTERM arriving
             # here is raised after them, so the saved state never has the weights of one step and the position,
             # schedule or RNG of another.
@@ -100,20 +110,23 @@ def _run_steps(cfg: TrainConfig, parts: RunParts, state: LoopState, on_step: OnS
             progress_bar.update(1)
             progress_bar.set_postfix(avr_loss=f"{average:.4f}")
             logs = {"loss": loss, "loss/average": average}
-            logs.update({f"lr/{d}": float(lr) for d, lr in zip(parts.group_descriptions,
-                                                                  parts.lr_scheduler.get_last_lr())})
+            logs.update(
+                {f"lr/{d}": float(lr) for d, lr in zip(parts.group_descriptions, parts.lr_scheduler.get_last_lr())}
+            )
             accelerator.log(logs, step=progress.step)
             # Validation, checkpoint and samples when due (and at an epoch's end those of the epoch), then the caller.
-            validation = after_step(cfg, parts, state, train_average=average,
-                                    epoch_end=epoch if batches_left == 0 else None)
+            validation = after_step(
+                cfg, parts, state, train_average=average, epoch_end=epoch if batches_left == 0 else None
+            )
             if on_step is not None:
                 on_step(StepInfo(progress.step, epoch, loss, MappingProxyType(lrs), validation, skipped=not finite))
                 state.timer.restart()  # the caller's time is not a step's
     accelerator.wait_for_everyone()
 
 
-def after_step(cfg: TrainConfig, parts: RunParts, state: LoopState, *, train_average: float,
-               epoch_end: int | None) -> float | None:
+def after_step(
+    cfg: TrainConfig, parts: RunParts, state: LoopState, *, train_average: float, epoch_end: int | None
+) -> float | None:
     """What follows an optimizer step, in this order: validation, step checkpoint, samples; after the last step
     of epoch `epoch_end` the same for the epoch. Returns the validation loss when one was computed."""
     step, timer = state.progress.step, state.timer
@@ -121,8 +134,9 @@ def after_step(cfg: TrainConfig, parts: RunParts, state: LoopState, *, train_ave
     save_step_checkpoint(cfg.output, parts, state.progress, timer)
     maybe_sample(cfg.sampling, cfg.output, cfg.loop, parts, timer, step=step, epoch=None)
     if epoch_end is not None:
-        at_epoch_end = maybe_validate(cfg.validation, parts, state, step=step, epoch_end=epoch_end,
-                                      train_average=train_average)
+        at_epoch_end = maybe_validate(
+            cfg.validation, parts, state, step=step, epoch_end=epoch_end, train_average=train_average
+        )
         save_epoch_checkpoint(cfg.output, parts, state.progress, timer, epoch=epoch_end)
         maybe_sample(cfg.sampling, cfg.output, cfg.loop, parts, timer, step=step, epoch=epoch_end)
         validation = at_epoch_end if at_epoch_end is not None else validation
@@ -135,8 +149,15 @@ def recent_average(losses: list[float]) -> float:
     return sum(finite) / len(finite) if finite else float("nan")
 
 
-def maybe_validate(val_cfg: ValidationConfig | None, parts: RunParts, state: LoopState, *, step: int,
-                   epoch_end: int | None, train_average: float) -> float | None:
+def maybe_validate(
+    val_cfg: ValidationConfig | None,
+    parts: RunParts,
+    state: LoopState,
+    *,
+    step: int,
+    epoch_end: int | None,
+    train_average: float,
+) -> float | None:
     """The validation loss when due (fixed timesteps, noise and seeds: the same weights give the same number in
     any run), logged as `loss/validation` and kept in `state.validation_losses`; every process computes it, so no
     reduce is needed. Its time is not a step's."""
@@ -149,8 +170,13 @@ def maybe_validate(val_cfg: ValidationConfig | None, parts: RunParts, state: Loo
     was_training = parts.network.training
     parts.network.eval()  # no LoRA dropout
     try:
-        loss = validation_loss(parts.validation.batches(), compute, timesteps=val_cfg.timesteps, seed=val_cfg.seed,
-                               device=parts.accelerator.device)
+        loss = validation_loss(
+            parts.validation.batches(),
+            compute,
+            timesteps=val_cfg.timesteps,
+            seed=val_cfg.seed,
+            device=parts.accelerator.device,
+        )
     finally:
         parts.network.train(was_training)
     state.validation_losses.append((step, loss))
@@ -159,8 +185,16 @@ def maybe_validate(val_cfg: ValidationConfig | None, parts: RunParts, state: Loo
     return loss
 
 
-def maybe_sample(sampling: SamplingConfig | None, out: OutputConfig, loop: LoopConfig, parts: RunParts,
-                 timer: StepTimer, *, step: int, epoch: int | None) -> None:
+def maybe_sample(
+    sampling: SamplingConfig | None,
+    out: OutputConfig,
+    loop: LoopConfig,
+    parts: RunParts,
+    timer: StepTimer,
+    *,
+    step: int,
+    epoch: int | None,
+) -> None:
     """Render the sample prompts when they are due (main process) into `out.output_dir`, log them to every tracker
     that takes images, and keep the time out of the step timings. Sampling restores every RNG state, so it never
     changes the run."""
@@ -170,10 +204,20 @@ def maybe_sample(sampling: SamplingConfig | None, out: OutputConfig, loop: LoopC
     if accelerator.is_main_process:
         from library.train.sampling import images_for_tracker, sample_images
 
-        paths = sample_images(parts.models, sampling.prompts, sampler_name=sampling.sampler,
-                              device=accelerator.device, compute_dtype=parts.plan.compute_dtype,
-                              output_dir=out.output_dir, output_name=out.output_name, step=step, epoch=epoch,
-                              max_token_length=loop.max_token_length, seed_base=loop.seed, network=parts.network)
+        paths = sample_images(
+            parts.models,
+            sampling.prompts,
+            sampler_name=sampling.sampler,
+            device=accelerator.device,
+            compute_dtype=parts.plan.compute_dtype,
+            output_dir=out.output_dir,
+            output_name=out.output_name,
+            step=step,
+            epoch=epoch,
+            max_token_length=loop.max_token_length,
+            seed_base=loop.seed,
+            network=parts.network,
+        )
         if accelerator.trackers:
             images = [(f"sample_{p.index}", image) for p, image in zip(sampling.prompts, images_for_tracker(paths))]
             for problem in log_sample_images(accelerator.trackers, images, step):

@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-
 if TYPE_CHECKING:
     import torch
     from diffusers import DDPMScheduler
@@ -84,8 +83,10 @@ def loss_option_warnings(options: LossOptions) -> list[str]:
     """Accepted but probably unintended combinations (sd-scripts accepts them too); the CLI logs these."""
     warnings = []
     if options.zero_terminal_snr and not options.v_parameterization:
-        warnings.append("--zero_terminal_snr without --v_parameterization: an epsilon model cannot learn the last "
-                        "timestep's target well; sd-scripts warns the same")
+        warnings.append(
+            "--zero_terminal_snr without --v_parameterization: an epsilon model cannot learn the last "
+            "timestep's target well; sd-scripts warns the same"
+        )
     if options.noise_offset_random_strength and options.noise_offset is None:
         warnings.append("--noise_offset_random_strength does nothing without --noise_offset")
     if options.ip_noise_gamma_random_strength and options.ip_noise_gamma is None:
@@ -129,12 +130,17 @@ def make_noise_scheduler(zero_terminal_snr: bool = False) -> DDPMScheduler:
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=NUM_TRAIN_TIMESTEPS,
-        clip_sample=False, rescale_betas_zero_snr=zero_terminal_snr,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+        clip_sample=False,
+        rescale_betas_zero_snr=zero_terminal_snr,
     )
 
 
 # --- Random draws: on the generator's device when one is given (reproducible anywhere), else beside `like`.
+
 
 def _randn(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     import torch
@@ -153,9 +159,15 @@ def _uniform(low: float, high: float, generator: torch.Generator | None) -> floa
 
 # --- Noise shaping (applied in sd-scripts' order: offset, pyramid, then input perturbation).
 
+
 def offset_noise(
-    noise: torch.Tensor, latents: torch.Tensor, offset: float, *, random_strength: bool = False,
-    adaptive_scale: float | None = None, generator: torch.Generator | None = None,
+    noise: torch.Tensor,
+    latents: torch.Tensor,
+    offset: float,
+    *,
+    random_strength: bool = False,
+    adaptive_scale: float | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """noise + strength * N(0,1) drawn per (sample, channel), constant over H,W.
 
@@ -217,6 +229,7 @@ def sample_timesteps(
 
 # --- Targets, thresholds and per-timestep weights.
 
+
 def velocity_target(
     scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
 ) -> torch.Tensor:
@@ -262,8 +275,11 @@ def timestep_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, options:
     """The product of the enabled per-sample weights (min-SNR, v-pred scaling, debiased), or None if none is."""
     import torch
 
-    enabled = options.min_snr_gamma is not None or options.scale_v_pred_loss_like_noise_pred \
+    enabled = (
+        options.min_snr_gamma is not None
+        or options.scale_v_pred_loss_like_noise_pred
         or options.debiased_estimation_loss
+    )
     if not enabled:
         return None
     snr = weighting_snr(scheduler, timesteps)
@@ -326,6 +342,7 @@ def element_loss(
 
 # --- The two entry points.
 
+
 @dataclass(frozen=True)
 class NoisedBatch:
     """One batch after the forward diffusion: what the model sees and what it should predict."""
@@ -343,8 +360,13 @@ class NoisedBatch:
 
 
 def noise_batch(
-    scheduler: DDPMScheduler, latents: torch.Tensor, options: LossOptions, *, noise: torch.Tensor | None = None,
-    timesteps: torch.Tensor | None = None, generator: torch.Generator | None = None,
+    scheduler: DDPMScheduler,
+    latents: torch.Tensor,
+    options: LossOptions,
+    *,
+    noise: torch.Tensor | None = None,
+    timesteps: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> NoisedBatch:
     """Draw noise and timesteps (unless given) and noise the latents as sd-scripts does.
 
@@ -355,9 +377,14 @@ def noise_batch(
     if noise is None:
         noise = _randn(tuple(latents.shape), latents, generator)
     if options.noise_offset is not None:
-        noise = offset_noise(noise, latents, options.noise_offset,
-                             random_strength=options.noise_offset_random_strength,
-                             adaptive_scale=options.adaptive_noise_scale, generator=generator)
+        noise = offset_noise(
+            noise,
+            latents,
+            options.noise_offset,
+            random_strength=options.noise_offset_random_strength,
+            adaptive_scale=options.adaptive_noise_scale,
+            generator=generator,
+        )
     if options.multires_noise_iterations is not None:
         noise = pyramid_noise(noise, options.multires_noise_iterations, options.multires_noise_discount, generator)
     if timesteps is None:
@@ -365,8 +392,9 @@ def noise_batch(
     timesteps = timesteps.to(latents.device).long()
     input_noise = noise
     if options.ip_noise_gamma is not None:
-        input_noise = perturbed_noise(noise, options.ip_noise_gamma,
-                                      random_strength=options.ip_noise_gamma_random_strength, generator=generator)
+        input_noise = perturbed_noise(
+            noise, options.ip_noise_gamma, random_strength=options.ip_noise_gamma_random_strength, generator=generator
+        )
     noisy = scheduler.add_noise(latents, input_noise, timesteps)
     target = velocity_target(scheduler, latents, noise, timesteps) if options.v_parameterization else noise
     huber_c = None
@@ -376,7 +404,10 @@ def noise_batch(
 
 
 def diffusion_loss(
-    prediction: torch.Tensor, batch: NoisedBatch, loss_weights: torch.Tensor, scheduler: DDPMScheduler,
+    prediction: torch.Tensor,
+    batch: NoisedBatch,
+    loss_weights: torch.Tensor,
+    scheduler: DDPMScheduler,
     options: LossOptions,
 ) -> torch.Tensor:
     """The scalar training loss: per-element loss (fp32), mean over C,H,W, times the per-sample loss weights and

@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
-from library.train.run_config import TrainConfig
 from library.train.loss import loss_metadata
+from library.train.run_config import TrainConfig
 from networks.lora import ParamGroupInfo
 
 IMPLEMENTATION_VERSION = "loraplus-trainer/0.1.0"

@@ -28,20 +28,48 @@ logger = logging.getLogger(__name__)
 # ---- sd-scripts' names -------------------------------------------------------------------------------------------
 
 ADAPTIVE_OPTIMIZER_TYPES: tuple[str, ...] = (
-    "Prodigy", "DAdaptation", "DAdaptAdamPreprint", "DAdaptAdam", "DAdaptLion", "DAdaptAdaGrad", "DAdaptAdan",
-    "DAdaptAdanIP", "DAdaptSGD",
+    "Prodigy",
+    "DAdaptation",
+    "DAdaptAdamPreprint",
+    "DAdaptAdam",
+    "DAdaptLion",
+    "DAdaptAdaGrad",
+    "DAdaptAdan",
+    "DAdaptAdanIP",
+    "DAdaptSGD",
 )
 """Optimizers that estimate one step size for all parameter groups (they cannot take LoRA+ ratios)."""
 
 OPTIMIZER_TYPES: tuple[str, ...] = (
-    "AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "PagedAdamW32bit", "Lion", "Lion8bit", "PagedLion8bit",
-    "SGDNesterov", "SGDNesterov8bit", "AdEMAMix8bit", "PagedAdEMAMix8bit", "Adafactor", *ADAPTIVE_OPTIMIZER_TYPES,
+    "AdamW",
+    "AdamW8bit",
+    "PagedAdamW",
+    "PagedAdamW8bit",
+    "PagedAdamW32bit",
+    "Lion",
+    "Lion8bit",
+    "PagedLion8bit",
+    "SGDNesterov",
+    "SGDNesterov8bit",
+    "AdEMAMix8bit",
+    "PagedAdEMAMix8bit",
+    "Adafactor",
+    *ADAPTIVE_OPTIMIZER_TYPES,
 )
 """The names sd-scripts knows (any case). Any other name is a class: `module.Class`, or a bare name in torch.optim."""
 
 SCHEDULERS: tuple[str, ...] = (
-    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
-    "cosine_with_min_lr", "warmup_stable_decay", "inverse_sqrt", "piecewise_constant", "adafactor",
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+    "inverse_sqrt",
+    "piecewise_constant",
+    "adafactor",
 )
 """`--lr_scheduler` names (transformers' schedules, diffusers' piecewise_constant, Adafactor's proxy)."""
 
@@ -253,8 +281,10 @@ def _adafactor_groups(
     """Relative step: the groups lose their lr (Adafactor refuses one). Fixed lr: every group needs one."""
     if relative_step:
         if learning_rate:
-            logger.info("Adafactor relative_step=True: --learning_rate %g is only the adafactor schedule's initial lr",
-                        learning_rate)
+            logger.info(
+                "Adafactor relative_step=True: --learning_rate %g is only the adafactor schedule's initial lr",
+                learning_rate,
+            )
         return [{key: value for key, value in group.items() if key != "lr"} for group in param_groups], None
     if any(not group.get("lr", learning_rate) for group in param_groups):
         raise UserInputError(
@@ -283,8 +313,9 @@ def build_optimizer(
     if name == "Adafactor":
         param_groups, lr = _adafactor_groups(param_groups, learning_rate, kwargs["relative_step"])
     optimizer_cls = optimizer_class(name)
-    return _call_for_user(f"--optimizer_type {name}", "check --optimizer_args",
-                          lambda: optimizer_cls(param_groups, lr=lr, **kwargs))
+    return _call_for_user(
+        f"--optimizer_type {name}", "check --optimizer_args", lambda: optimizer_cls(param_groups, lr=lr, **kwargs)
+    )
 
 
 # ---- learning-rate schedule --------------------------------------------------------------------------------------
@@ -324,8 +355,10 @@ def _schedule_args_problem(name: str, args: Mapping[str, Any], min_lr_ratio: flo
     if name == "cosine_with_min_lr" and min_lr_ratio is None and not {"min_lr", "min_lr_rate"} & args.keys():
         return "--lr_scheduler cosine_with_min_lr needs --lr_scheduler_min_lr_ratio (e.g. 0.1)"
     if name == "piecewise_constant" and "step_rules" not in args:
-        return ("--lr_scheduler piecewise_constant needs --lr_scheduler_args step_rules=MULT:UNTIL_STEP,...,FINAL_MULT "
-                "(e.g. step_rules=1:100,0.1)")
+        return (
+            "--lr_scheduler piecewise_constant needs --lr_scheduler_args step_rules=MULT:UNTIL_STEP,...,FINAL_MULT "
+            "(e.g. step_rules=1:100,0.1)"
+        )
     return None
 
 
@@ -343,8 +376,10 @@ def _schedule_problem(
         return problem
     if warmup and (scheduler_type or canonical in ("constant", "adafactor", "piecewise_constant")):
         chosen = f"--lr_scheduler_type {scheduler_type}" if scheduler_type else f"--lr_scheduler {canonical}"
-        return (f"{chosen} has no warmup (--lr_warmup_steps {warmup:g}); set --lr_warmup_steps 0 "
-                f"or use --lr_scheduler constant_with_warmup")
+        return (
+            f"{chosen} has no warmup (--lr_warmup_steps {warmup:g}); set --lr_warmup_steps 0 "
+            f"or use --lr_scheduler constant_with_warmup"
+        )
     if scheduler_type:
         return None
     proxy = mode == "relative_step"  # `constant` then means Adafactor's own schedule too
@@ -367,8 +402,9 @@ def schedule_problem(
     `--lr_warmup_steps` as given (steps or ratio); only whether it is 0 matters here.
     """
     mode = adafactor_mode(optimizer_type, optimizer_args)
-    return _schedule_problem(lr_scheduler, mode, warmup, scheduler_type or None, parse_literals(scheduler_args),
-                             min_lr_ratio)
+    return _schedule_problem(
+        lr_scheduler, mode, warmup, scheduler_type or None, parse_literals(scheduler_args), min_lr_ratio
+    )
 
 
 def _optimizer_adafactor_mode(optimizer: torch.optim.Optimizer) -> AdafactorMode:
@@ -397,8 +433,13 @@ def _library_kwargs(
     if name == "inverse_sqrt":
         return {"num_warmup_steps": warmup, "timescale": timescale}
     if name == "warmup_stable_decay":
-        return {"num_warmup_steps": warmup, "num_stable_steps": total_steps - warmup - decay, "num_decay_steps": decay,
-                "num_cycles": num_cycles / 2, "min_lr_ratio": min_lr_ratio or 0.0}
+        return {
+            "num_warmup_steps": warmup,
+            "num_stable_steps": total_steps - warmup - decay,
+            "num_decay_steps": decay,
+            "num_cycles": num_cycles / 2,
+            "min_lr_ratio": min_lr_ratio or 0.0,
+        }
     min_lr = {} if min_lr_ratio is None else {"min_lr_rate": min_lr_ratio}
     extra = {
         "cosine_with_restarts": {"num_cycles": num_cycles},
@@ -416,8 +457,9 @@ def _transformers_schedule(name: str) -> Callable[..., torch.optim.lr_scheduler.
     try:
         return TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]
     except (ValueError, KeyError):
-        raise UserInputError(f"--lr_scheduler {name}: the installed transformers has no such schedule; "
-                             f"upgrade transformers") from None
+        raise UserInputError(
+            f"--lr_scheduler {name}: the installed transformers has no such schedule; upgrade transformers"
+        ) from None
 
 
 def _adafactor_schedule(
@@ -457,22 +499,41 @@ def build_lr_scheduler(
         raise UserInputError(problem)
     if scheduler_type:
         scheduler_cls = scheduler_class(scheduler_type)
-        return _call_for_user(f"--lr_scheduler_type {scheduler_type}", "check --lr_scheduler_args",
-                              lambda: scheduler_cls(optimizer, **args))
+        return _call_for_user(
+            f"--lr_scheduler_type {scheduler_type}",
+            "check --lr_scheduler_args",
+            lambda: scheduler_cls(optimizer, **args),
+        )
     name = canonical_scheduler(name)
     if name == "adafactor" or mode == "relative_step":
         return _adafactor_schedule(optimizer, name, initial_lr)
     if name == "piecewise_constant":
         from diffusers.optimization import get_scheduler as diffusers_get_scheduler
 
-        return _call_for_user(f"--lr_scheduler {name}", "check --lr_scheduler_args",
-                              lambda: diffusers_get_scheduler(name, optimizer, **args))
+        return _call_for_user(
+            f"--lr_scheduler {name}",
+            "check --lr_scheduler_args",
+            lambda: diffusers_get_scheduler(name, optimizer, **args),
+        )
     if name == "warmup_stable_decay" and warmup + decay > total_steps:
-        raise UserInputError(f"--lr_scheduler warmup_stable_decay: {warmup} warmup + {decay} decay steps exceed the "
-                             f"run's {total_steps} steps; lower --lr_warmup_steps or --lr_decay_steps")
+        raise UserInputError(
+            f"--lr_scheduler warmup_stable_decay: {warmup} warmup + {decay} decay steps exceed the "
+            f"run's {total_steps} steps; lower --lr_warmup_steps or --lr_decay_steps"
+        )
     schedule = _transformers_schedule(name)
-    kwargs = _library_kwargs(name, total_steps=total_steps, warmup=warmup, num_cycles=num_cycles, power=power,
-                             decay=decay, min_lr_ratio=min_lr_ratio, timescale=timescale) | args
+    kwargs = (
+        _library_kwargs(
+            name,
+            total_steps=total_steps,
+            warmup=warmup,
+            num_cycles=num_cycles,
+            power=power,
+            decay=decay,
+            min_lr_ratio=min_lr_ratio,
+            timescale=timescale,
+        )
+        | args
+    )
     return _call_for_user(f"--lr_scheduler {name}", "check --lr_scheduler_args", lambda: schedule(optimizer, **kwargs))
 
 

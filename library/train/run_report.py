@@ -104,12 +104,18 @@ def memory_warnings(peak: MemoryPeak) -> list[str]:
     warnings = []
     for name, used, limit, advice in (
         ("RAM", peak.rss_bytes, peak.ram_limit_bytes, "--fp8_base, --cache_latents, --lowram"),
-        ("GPU memory", peak.cuda_bytes, peak.cuda_total_bytes,
-         "--fp8_base, --gradient_checkpointing, --cache_text_encoder_outputs, a smaller --train_batch_size"),
+        (
+            "GPU memory",
+            peak.cuda_bytes,
+            peak.cuda_total_bytes,
+            "--fp8_base, --gradient_checkpointing, --cache_text_encoder_outputs, a smaller --train_batch_size",
+        ),
     ):
         if used is not None and limit and used > NEAR_LIMIT * limit:
-            warnings.append(f"peak {name} {used / 2**30:.2f} GiB is {used / limit:.0%} of the {limit / 2**30:.2f} GiB "
-                            f"available: close to running out; consider {advice}")
+            warnings.append(
+                f"peak {name} {used / 2**30:.2f} GiB is {used / limit:.0%} of the {limit / 2**30:.2f} GiB "
+                f"available: close to running out; consider {advice}"
+            )
     return warnings
 
 

@@ -62,8 +62,22 @@ if TYPE_CHECKING:
     from library.model.loading import SDXLModels
 
 SAMPLERS = (
-    "ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++", "dpmsingle",
-    "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a",
+    "ddim",
+    "pndm",
+    "lms",
+    "euler",
+    "euler_a",
+    "heun",
+    "dpm_2",
+    "dpm_2_a",
+    "dpmsolver",
+    "dpmsolver++",
+    "dpmsingle",
+    "k_lms",
+    "k_euler",
+    "k_euler_a",
+    "k_dpm_2",
+    "k_dpm_2_a",
 )
 """sd-scripts' `--sample_sampler` choices (a ``k_`` name is the same sampler as the plain one, as there)."""
 NEEDS_SCIPY = ("lms", "k_lms")
@@ -77,11 +91,26 @@ MAX_STEPS = 1000
 MIN_SIZE = 64
 _FLAG = "--sample_prompts"
 
-_LINE_OPTIONS = {"n": "negative_prompt", "w": "width", "h": "height", "d": "seed", "s": "steps", "l": "scale",
-                 "ss": "sampler"}
+_LINE_OPTIONS = {
+    "n": "negative_prompt",
+    "w": "width",
+    "h": "height",
+    "d": "seed",
+    "s": "steps",
+    "l": "scale",
+    "ss": "sampler",
+}
 """Option letters inside a .txt line -> SamplePrompt field."""
-_TABLE_KEYS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "width": "width", "height": "height",
-               "seed": "seed", "sample_steps": "steps", "scale": "scale", "sample_sampler": "sampler"}
+_TABLE_KEYS = {
+    "prompt": "prompt",
+    "negative_prompt": "negative_prompt",
+    "width": "width",
+    "height": "height",
+    "seed": "seed",
+    "sample_steps": "steps",
+    "scale": "scale",
+    "sample_sampler": "sampler",
+}
 """Keys of a .toml / .json prompt table -> SamplePrompt field."""
 
 
@@ -124,11 +153,16 @@ def load_sample_prompts(path: str | Path) -> list[SamplePrompt]:
     except OSError as error:
         raise UserInputError(f"{_FLAG}: cannot read {path}: {error.strerror or error}") from None
     except UnicodeDecodeError as error:
-        raise UserInputError(f"{_FLAG}: {path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
-                             f"{error.start}); save it as UTF-8") from None
+        raise UserInputError(
+            f"{_FLAG}: {path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+            f"{error.start}); save it as UTF-8"
+        ) from None
     if suffix == ".txt":
-        entries = [(f"line {number}", line.strip()) for number, line in enumerate(text.splitlines(), 1)
-                   if line.strip() and not line.strip().startswith("#")]
+        entries = [
+            (f"line {number}", line.strip())
+            for number, line in enumerate(text.splitlines(), 1)
+            if line.strip() and not line.strip().startswith("#")
+        ]
     elif suffix == ".toml":
         entries = _toml_entries(path, text)
     else:
@@ -161,8 +195,10 @@ def _toml_entries(path: Path, text: str) -> list[tuple[str, object]]:
     subsets = table.get("subset", [])
     if not isinstance(subsets, list):
         raise UserInputError(f"{_FLAG}: {path}: prompt.subset must be [[prompt.subset]] tables")
-    return [(f"[[prompt.subset]] entry {number}", {**shared, **entry} if isinstance(entry, dict) else entry)
-            for number, entry in enumerate(subsets, 1)]
+    return [
+        (f"[[prompt.subset]] entry {number}", {**shared, **entry} if isinstance(entry, dict) else entry)
+        for number, entry in enumerate(subsets, 1)
+    ]
 
 
 def _json_entries(path: Path, text: str) -> list[tuple[str, object]]:
@@ -185,8 +221,10 @@ def parse_prompt_line(line: str) -> dict[str, str]:
         name, _, value = option.strip().partition(" ")
         field = _LINE_OPTIONS.get(name.lower())
         if field is None:
-            raise ValueError(f"unknown option --{name}{_nearest(name.lower(), _LINE_OPTIONS, '--')} "
-                             f"(options: {', '.join('--' + o for o in _LINE_OPTIONS)})")
+            raise ValueError(
+                f"unknown option --{name}{_nearest(name.lower(), _LINE_OPTIONS, '--')} "
+                f"(options: {', '.join('--' + o for o in _LINE_OPTIONS)})"
+            )
         if not value.strip():
             raise ValueError(f"--{name} needs a value")
         fields[field] = value.strip()
@@ -225,8 +263,9 @@ def make_sample_prompt(index: int, fields: Mapping[str, object]) -> SamplePrompt
     if sampler is not None:
         sampler = str(sampler).lower()
         if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}{_nearest(sampler, SAMPLERS, '')} "
-                             f"(samplers: {', '.join(SAMPLERS)})")
+            raise ValueError(
+                f"unknown sampler {sampler!r}{_nearest(sampler, SAMPLERS, '')} (samplers: {', '.join(SAMPLERS)})"
+            )
     return SamplePrompt(
         index=index,
         prompt=_text(fields.get("prompt", ""), "prompt"),
@@ -263,7 +302,7 @@ def _text(value: object, what: str) -> str:
     return value.strip()
 
 
-# --- When to sample --------------------------------------------------------------------------------------------------------
+# --- When to sample ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SamplingConfig:
     """What to sample and when (None in place of this object: no sampling)."""
@@ -277,13 +316,18 @@ class SamplingConfig:
 
     def due(self, step: int, epoch: int | None) -> bool:
         """`should_sample` with these settings."""
-        return should_sample(step, epoch, every_n_steps=self.every_n_steps, every_n_epochs=self.every_n_epochs,
-                             at_first=self.at_first)
+        return should_sample(
+            step, epoch, every_n_steps=self.every_n_steps, every_n_epochs=self.every_n_epochs, at_first=self.at_first
+        )
 
 
 def make_sampling_config(
-    prompts_file: str | Path | None, *, sampler: str = DEFAULT_SAMPLER, every_n_steps: int | None = None,
-    every_n_epochs: int | None = None, at_first: bool = False,
+    prompts_file: str | Path | None,
+    *,
+    sampler: str = DEFAULT_SAMPLER,
+    every_n_steps: int | None = None,
+    every_n_epochs: int | None = None,
+    at_first: bool = False,
 ) -> SamplingConfig | None:
     """The sampling flags -> a SamplingConfig with the prompts read and checked (call it before models load),
     or None when nothing would ever be sampled. A trigger without a prompt file is an error (sd-scripts crashes
@@ -293,8 +337,13 @@ def make_sampling_config(
     triggered = bool(every_n_steps) or bool(every_n_epochs) or at_first
     if prompts_file is None:
         if triggered:
-            flag = ("--sample_every_n_steps" if every_n_steps else
-                    "--sample_every_n_epochs" if every_n_epochs else "--sample_at_first")
+            flag = (
+                "--sample_every_n_steps"
+                if every_n_steps
+                else "--sample_every_n_epochs"
+                if every_n_epochs
+                else "--sample_at_first"
+            )
             raise UserInputError(f"{flag} needs --sample_prompts (a .txt, .toml or .json file of prompts)")
         return None
     prompts = tuple(load_sample_prompts(prompts_file))
@@ -308,8 +357,10 @@ def make_sampling_config(
 def check_sampler_usable(sampler: str) -> None:
     """UserInputError if `sampler` needs a package that is not installed (lms and k_lms need scipy)."""
     if sampler in NEEDS_SCIPY and importlib.util.find_spec("scipy") is None:
-        raise UserInputError(f"sampler {sampler} needs scipy, which is not installed: pip install scipy, "
-                             "or choose another sampler (e.g. euler)")
+        raise UserInputError(
+            f"sampler {sampler} needs scipy, which is not installed: pip install scipy, "
+            "or choose another sampler (e.g. euler)"
+        )
 
 
 def should_sample(
@@ -404,9 +455,14 @@ def sample_images(
     paths = []
     with _sampling_state(bases, [network] if network is not None else [], device), torch.no_grad():
         pipe = StableDiffusionXLPipeline(
-            vae=models.vae, text_encoder=models.text_encoder1, text_encoder_2=models.text_encoder2,
-            tokenizer=models.tokenizer1, tokenizer_2=models.tokenizer2, unet=models.unet,
-            scheduler=make_scheduler(sampler_name, models.scheduler.config), add_watermarker=False,
+            vae=models.vae,
+            text_encoder=models.text_encoder1,
+            text_encoder_2=models.text_encoder2,
+            tokenizer=models.tokenizer1,
+            tokenizer_2=models.tokenizer2,
+            unet=models.unet,
+            scheduler=make_scheduler(sampler_name, models.scheduler.config),
+            add_watermarker=False,
         )
         pipe.set_progress_bar_config(disable=True)
         for prompt in prompts:
@@ -421,8 +477,15 @@ def sample_images(
     return paths
 
 
-def _denoise(pipe: StableDiffusionXLPipeline, models: SDXLModels, prompt: SamplePrompt, seed: int,
-             device: torch.device, compute_dtype: torch.dtype, max_token_length: int) -> torch.Tensor:
+def _denoise(
+    pipe: StableDiffusionXLPipeline,
+    models: SDXLModels,
+    prompt: SamplePrompt,
+    seed: int,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+    max_token_length: int,
+) -> torch.Tensor:
     """The prompt's latents (1, 4, h/8, w/8): text conditioning as in training, then the pipeline's denoising."""
     import torch
 
@@ -433,10 +496,17 @@ def _denoise(pipe: StableDiffusionXLPipeline, models: SDXLModels, prompt: Sample
         context, pooled = encode_captions(models, [prompt.prompt, prompt.negative_prompt], max_token_length, device)
         generator = torch.Generator(device).manual_seed(seed)
         return pipe(
-            prompt_embeds=context[:1], pooled_prompt_embeds=pooled[:1],
-            negative_prompt_embeds=context[1:], negative_pooled_prompt_embeds=pooled[1:],
-            width=prompt.width, height=prompt.height, num_inference_steps=prompt.steps,
-            guidance_scale=prompt.scale, generator=generator, output_type="latent", return_dict=False,
+            prompt_embeds=context[:1],
+            pooled_prompt_embeds=pooled[:1],
+            negative_prompt_embeds=context[1:],
+            negative_pooled_prompt_embeds=pooled[1:],
+            width=prompt.width,
+            height=prompt.height,
+            num_inference_steps=prompt.steps,
+            guidance_scale=prompt.scale,
+            generator=generator,
+            output_type="latent",
+            return_dict=False,
         )[0]
 
 

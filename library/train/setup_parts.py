@@ -14,14 +14,22 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from library.train.run_config import LoopConfig, ModelConfig, NetworkConfig, OptimizerConfig, TrainConfig
-from library.data.dataset import (BucketBatchSampler, DatasetConfig, TrainDataset, collate_examples,
-                                  scan_train_data_dir)
+from library.data.dataset import BucketBatchSampler, DatasetConfig, TrainDataset, collate_examples, scan_train_data_dir
 from library.data.latent_cache import cache_latents
-from library.data.text_encoder_cache import (CachedTextDataset, TextEncoderCache, cache_text_encoder_outputs,
-                                             collate_with_text_outputs)
-from library.model.base_models import (Encoder, free_memory, prepare_base_models, release_model, vae_encoder,
-                                       vae_fingerprint)
+from library.data.text_encoder_cache import (
+    CachedTextDataset,
+    TextEncoderCache,
+    cache_text_encoder_outputs,
+    collate_with_text_outputs,
+)
+from library.model.base_models import (
+    Encoder,
+    free_memory,
+    prepare_base_models,
+    release_model,
+    vae_encoder,
+    vae_fingerprint,
+)
 from library.model.loading import SDXLModels, load_sdxl
 from library.model.precision import PrecisionConfig, PrecisionPlan
 from library.model.text_encoding import encode_captions
@@ -30,16 +38,24 @@ from library.train.interrupts import NOTHING_SAVED, Phase
 from library.train.metadata import DatasetSummary, training_metadata
 from library.train.optim import build_lr_scheduler, build_optimizer, decay_steps, total_training_steps, warmup_steps
 from library.train.parts import Schedule, ValidationSource
+from library.train.run_config import LoopConfig, ModelConfig, NetworkConfig, OptimizerConfig, TrainConfig
 from library.train.trackers import run_hparams, store_run_config
-from library.train.validation import (ValidationConfig, ValidationSet, build_validation_set, scan_validation_dir,
-                                      split_records, validation_metadata)
+from library.train.validation import (
+    ValidationConfig,
+    ValidationSet,
+    build_validation_set,
+    scan_validation_dir,
+    split_records,
+    validation_metadata,
+)
 from networks.lora import ParamGroupInfo
 
 # --- Data ----------------------------------------------------------------------------------------------------------
 
 
-def split_validation(data: DatasetConfig, val_cfg: ValidationConfig | None,
-                     batch_size: int) -> tuple[list, ValidationSet | None]:
+def split_validation(
+    data: DatasetConfig, val_cfg: ValidationConfig | None, batch_size: int
+) -> tuple[list, ValidationSet | None]:
     """The training records and the validation set (a split of them, or --validation_data_dir's images)."""
     records = scan_train_data_dir(data)
     if val_cfg is None or not val_cfg.enabled:
@@ -64,21 +80,28 @@ def make_loader(
 ) -> tuple[DataLoader, BucketBatchSampler]:
     """Batches drawn within one bucket; each process takes its share of the batches. With `text_cache`
     every batch also carries the cached `text_context` / `text_pooled` of its examples."""
-    sampler = BucketBatchSampler(dataset, loop.batch_size, loop.seed,
-                                 num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    sampler = BucketBatchSampler(
+        dataset, loop.batch_size, loop.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index
+    )
     source, collate = example_source(dataset, text_cache)
     workers = loop.max_data_loader_n_workers
     # Its own generator: creating an epoch's iterator must not draw from the global RNG (the noise's), or a
     # resumed run would drift from an uninterrupted one.
-    loader = DataLoader(source, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                        persistent_workers=loop.persistent_data_loader_workers and workers > 0,
-                        generator=torch.Generator().manual_seed(loop.seed))
+    loader = DataLoader(
+        source,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=workers,
+        persistent_workers=loop.persistent_data_loader_workers and workers > 0,
+        generator=torch.Generator().manual_seed(loop.seed),
+    )
     return loader, sampler
 
 
 def plan_schedule(loop: LoopConfig, batches_per_epoch: int) -> Schedule:
-    total = total_training_steps(loop.max_train_steps, loop.max_train_epochs, batches_per_epoch,
-                                 loop.gradient_accumulation_steps)
+    total = total_training_steps(
+        loop.max_train_steps, loop.max_train_epochs, batches_per_epoch, loop.gradient_accumulation_steps
+    )
     steps_per_epoch = math.ceil(batches_per_epoch / loop.gradient_accumulation_steps)
     return Schedule(batches_per_epoch, total, math.ceil(total / steps_per_epoch))
 
@@ -86,35 +109,68 @@ def plan_schedule(loop: LoopConfig, batches_per_epoch: int) -> Schedule:
 # --- The base model and its cached inputs -----------------------------------------------------------------------
 
 
-def load_base_model(model_cfg: ModelConfig, precision: PrecisionConfig, plan: PrecisionPlan, accelerator: Accelerator,
-                    *, train_text_encoder: bool) -> tuple[SDXLModels, str]:
+def load_base_model(
+    model_cfg: ModelConfig,
+    precision: PrecisionConfig,
+    plan: PrecisionPlan,
+    accelerator: Accelerator,
+    *,
+    train_text_encoder: bool,
+) -> tuple[SDXLModels, str]:
     """SDXL, frozen, loaded tensor by tensor straight into its storage dtype on the device, then prepared; returns
     it and the attention that runs (sdpa when xformers failed on its first call)."""
-    models = load_sdxl(model_cfg.path, config_dir=model_cfg.config_dir, dtype=plan.weight_dtype,
-                       device=accelerator.device, linear_weight_dtypes=plan.storage_dtypes(), vae_dtype=plan.vae_dtype)
+    models = load_sdxl(
+        model_cfg.path,
+        config_dir=model_cfg.config_dir,
+        dtype=plan.weight_dtype,
+        device=accelerator.device,
+        linear_weight_dtypes=plan.storage_dtypes(),
+        vae_dtype=plan.vae_dtype,
+    )
     attention = prepare_base_models(models, plan, precision, train_text_encoder, accelerator.device)
     return models, attention
 
 
-def cache_latents_once(loop: LoopConfig, datasets: list[TrainDataset], models: SDXLModels, accelerator: Accelerator,
-                       *, keep_vae: bool, highvram: bool, phase: Phase) -> Encoder | None:
+def cache_latents_once(
+    loop: LoopConfig,
+    datasets: list[TrainDataset],
+    models: SDXLModels,
+    accelerator: Accelerator,
+    *,
+    keep_vae: bool,
+    highvram: bool,
+    phase: Phase,
+) -> Encoder | None:
     """With --cache_latents every image is encoded once (then the VAE is released unless `keep_vae`, for samples)
     and None returned; otherwise the VAE encoder the loss calls per batch."""
     encode: Encoder = vae_encoder(models.vae, accelerator.device)
     if not loop.cache_latents:
         return encode
-    phase.enter("caching latents", NOTHING_SAVED + ("; the latents cached to disk so far are kept and reused"
-                                                    if loop.cache_latents_to_disk else ""))
+    phase.enter(
+        "caching latents",
+        NOTHING_SAVED
+        + ("; the latents cached to disk so far are kept and reused" if loop.cache_latents_to_disk else ""),
+    )
     for dataset in datasets:
-        cache_latents(dataset, encode, to_disk=loop.cache_latents_to_disk, batch_size=loop.vae_batch_size,
-                      show_progress=accelerator.is_local_main_process, vae_fingerprint=vae_fingerprint(models.vae))
+        cache_latents(
+            dataset,
+            encode,
+            to_disk=loop.cache_latents_to_disk,
+            batch_size=loop.vae_batch_size,
+            show_progress=accelerator.is_local_main_process,
+            vae_fingerprint=vae_fingerprint(models.vae),
+        )
     models.vae = release_model(models.vae, keep_vae, highvram, accelerator.device)
     free_memory(accelerator.device)
     return None
 
 
 def cache_text_conditioning(
-    dataset: TrainDataset, models: SDXLModels, loop: LoopConfig, plan: PrecisionPlan, accelerator: Accelerator,
+    dataset: TrainDataset,
+    models: SDXLModels,
+    loop: LoopConfig,
+    plan: PrecisionPlan,
+    accelerator: Accelerator,
     model_id: str,
 ) -> TextEncoderCache:
     """Encode every image's caption (variants) once (the caller then releases the text encoders).
@@ -128,29 +184,51 @@ def cache_text_conditioning(
 
     half = plan.weight_dtype in (torch.float16, torch.bfloat16)
     cache = cache_text_encoder_outputs(
-        [record.path for record in dataset.records], lambda index, epoch: dataset.caption(index, epoch),
-        encode, num_variants=loop.text_encoder_cache_variants, seed=loop.seed, length=loop.max_token_length + 2,
-        te1_width=models.text_encoder1.config.hidden_size, dtype=plan.weight_dtype if half else torch.float32,
-        to_disk=loop.cache_text_encoder_outputs_to_disk, model=model_id, batch_size=max(loop.batch_size, 8),
+        [record.path for record in dataset.records],
+        lambda index, epoch: dataset.caption(index, epoch),
+        encode,
+        num_variants=loop.text_encoder_cache_variants,
+        seed=loop.seed,
+        length=loop.max_token_length + 2,
+        te1_width=models.text_encoder1.config.hidden_size,
+        dtype=plan.weight_dtype if half else torch.float32,
+        to_disk=loop.cache_text_encoder_outputs_to_disk,
+        model=model_id,
+        batch_size=max(loop.batch_size, 8),
         show_progress=accelerator.is_local_main_process,
     )
     return cache
 
 
-def cache_text_outputs(loop: LoopConfig, dataset: TrainDataset, validation: ValidationSet | None, models: SDXLModels,
-                       plan: PrecisionPlan, accelerator: Accelerator, *, model_id: str,
-                       phase: Phase) -> tuple[TextEncoderCache | None, ValidationSource | None]:
+def cache_text_outputs(
+    loop: LoopConfig,
+    dataset: TrainDataset,
+    validation: ValidationSet | None,
+    models: SDXLModels,
+    plan: PrecisionPlan,
+    accelerator: Accelerator,
+    *,
+    model_id: str,
+    phase: Phase,
+) -> tuple[TextEncoderCache | None, ValidationSource | None]:
     """With --cache_text_encoder_outputs every caption (variant) of the training and validation images is encoded
     once; returns that cache (None without the flag) and the validation batches' source."""
     text_cache = validation_cache = None
     if loop.cache_text_encoder_outputs:
-        phase.enter("caching text-encoder outputs",
-                    NOTHING_SAVED + ("; the outputs cached to disk so far are kept and reused"
-                                     if loop.cache_text_encoder_outputs_to_disk else ""))
+        phase.enter(
+            "caching text-encoder outputs",
+            NOTHING_SAVED
+            + (
+                "; the outputs cached to disk so far are kept and reused"
+                if loop.cache_text_encoder_outputs_to_disk
+                else ""
+            ),
+        )
         text_cache = cache_text_conditioning(dataset, models, loop, plan, accelerator, model_id=model_id)
         if validation is not None:
-            validation_cache = cache_text_conditioning(validation.dataset, models, loop, plan, accelerator,
-                                                       model_id=model_id)
+            validation_cache = cache_text_conditioning(
+                validation.dataset, models, loop, plan, accelerator, model_id=model_id
+            )
     if validation is None:
         return text_cache, None
     return text_cache, ValidationSource(validation, *example_source(validation.dataset, validation_cache))
@@ -178,8 +256,14 @@ def create_lora_network(net_cfg: NetworkConfig, models: SDXLModels):
         network.set_loraplus_lr_ratio(None, net_cfg.loraplus.unet, net_cfg.loraplus.text_encoder)
     else:
         network = module.create_network(
-            1.0, net_cfg.dim, net_cfg.alpha, models.vae, text_encoders, models.unet,
-            neuron_dropout=net_cfg.dropout, **net_cfg.args,
+            1.0,
+            net_cfg.dim,
+            net_cfg.alpha,
+            models.vae,
+            text_encoders,
+            models.unet,
+            neuron_dropout=net_cfg.dropout,
+            **net_cfg.args,
         )
     network.apply_to(text_encoders, models.unet, net_cfg.train_text_encoder, net_cfg.train_unet)
     if net_cfg.weights is not None:
@@ -187,8 +271,9 @@ def create_lora_network(net_cfg: NetworkConfig, models: SDXLModels):
     return network
 
 
-def setup_network(net_cfg: NetworkConfig, ema_cfg: EMAConfig | None, models: SDXLModels, plan: PrecisionPlan,
-                  device: torch.device) -> tuple[torch.nn.Module, LoRAEMA | None]:
+def setup_network(
+    net_cfg: NetworkConfig, ema_cfg: EMAConfig | None, models: SDXLModels, plan: PrecisionPlan, device: torch.device
+) -> tuple[torch.nn.Module, LoRAEMA | None]:
     """The LoRA network on the device in the LoRA dtype, and its EMA (None without --ema_decay)."""
     network = create_lora_network(net_cfg, models).to(device, plan.lora_dtype)
     if ema_cfg is None:
@@ -201,14 +286,24 @@ def format_param_groups(infos: list[ParamGroupInfo], weight_decay: float | None)
     rows = [("component", "block", "group", "tensors", "parameters", "lr", "weight decay")]
     for info in infos:
         block = "-" if info.block is None else str(info.block)
-        rows.append((info.component, block, "plus (B)" if info.plus else "base", str(info.tensors),
-                     f"{info.parameters:,}", f"{info.lr:.3g}", "-" if weight_decay is None else f"{weight_decay:g}"))
+        rows.append(
+            (
+                info.component,
+                block,
+                "plus (B)" if info.plus else "base",
+                str(info.tensors),
+                f"{info.parameters:,}",
+                f"{info.lr:.3g}",
+                "-" if weight_decay is None else f"{weight_decay:g}",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
-def setup_optimizer(opt: OptimizerConfig, network,
-                    accelerator: Accelerator) -> tuple[torch.optim.Optimizer, list[ParamGroupInfo]]:
+def setup_optimizer(
+    opt: OptimizerConfig, network, accelerator: Accelerator
+) -> tuple[torch.optim.Optimizer, list[ParamGroupInfo]]:
     """The optimizer over the network's LoRA+ groups (`networks.loraplus`), and the groups described (printed as
     the start-up table)."""
     param_groups, _ = network.prepare_optimizer_params(opt.text_encoder_lr, opt.unet_lr, opt.learning_rate)
@@ -218,37 +313,65 @@ def setup_optimizer(opt: OptimizerConfig, network,
     return optimizer, groups
 
 
-def setup_lr_scheduler(opt: OptimizerConfig, optimizer: torch.optim.Optimizer, schedule: Schedule,
-                       num_processes: int):
+def setup_lr_scheduler(opt: OptimizerConfig, optimizer: torch.optim.Optimizer, schedule: Schedule, num_processes: int):
     """--lr_scheduler over the run's steps; accelerate steps a prepared scheduler once per process per optimizer
     step, so its lengths count every process's steps."""
     n = num_processes
     return build_lr_scheduler(
-        opt.lr_scheduler, optimizer, total_steps=schedule.total_steps * n,
+        opt.lr_scheduler,
+        optimizer,
+        total_steps=schedule.total_steps * n,
         warmup=warmup_steps(opt.lr_warmup_steps, schedule.total_steps) * n,
-        num_cycles=opt.lr_scheduler_num_cycles, power=opt.lr_scheduler_power,
+        num_cycles=opt.lr_scheduler_num_cycles,
+        power=opt.lr_scheduler_power,
         decay=decay_steps(opt.lr_decay_steps, schedule.total_steps) * n,
-        min_lr_ratio=opt.lr_scheduler_min_lr_ratio, timescale=opt.lr_scheduler_timescale,
-        scheduler_type=opt.lr_scheduler_type, scheduler_args=opt.lr_scheduler_args, initial_lr=opt.learning_rate,
+        min_lr_ratio=opt.lr_scheduler_min_lr_ratio,
+        timescale=opt.lr_scheduler_timescale,
+        scheduler_type=opt.lr_scheduler_type,
+        scheduler_args=opt.lr_scheduler_args,
+        initial_lr=opt.learning_rate,
     )
 
 
 # --- What the files and trackers say about the run -------------------------------------------------------------
 
 
-def run_metadata(cfg: TrainConfig, *, dataset: TrainDataset, validation: ValidationSet | None, hashes: tuple[str, str],
-                 groups: list[ParamGroupInfo], schedule: Schedule, plan: PrecisionPlan, optimizer_name: str,
-                 started_at: float) -> dict[str, str]:
+def run_metadata(
+    cfg: TrainConfig,
+    *,
+    dataset: TrainDataset,
+    validation: ValidationSet | None,
+    hashes: tuple[str, str],
+    groups: list[ParamGroupInfo],
+    schedule: Schedule,
+    plan: PrecisionPlan,
+    optimizer_name: str,
+    started_at: float,
+) -> dict[str, str]:
     """The `ss_*` metadata fixed for the run (every saved file adds its progress); it records every slice."""
     metadata = training_metadata(
-        cfg, model_name=cfg.model.path.name, model_hash=hashes[0], new_model_hash=hashes[1],
-        dataset=DatasetSummary(dataset.num_train_images, dataset.tag_frequency(), dataset.dataset_dirs_info(),
-                               dataset.bucket_counts(), dataset.mean_ar_error(), schedule.batches_per_epoch,
-                               num_reg_images=dataset.num_reg_images,
-                               reg_dataset_dirs=dataset.reg_dataset_dirs_info(), subsets=dataset.subsets_info()),
-        param_groups=groups, total_steps=schedule.total_steps, num_epochs=schedule.num_epochs,
-        mixed_precision=plan.mixed_precision, optimizer_name=optimizer_name,
-        session_id=random.Random(cfg.loop.seed).randint(0, 2**32), started_at=started_at,
+        cfg,
+        model_name=cfg.model.path.name,
+        model_hash=hashes[0],
+        new_model_hash=hashes[1],
+        dataset=DatasetSummary(
+            dataset.num_train_images,
+            dataset.tag_frequency(),
+            dataset.dataset_dirs_info(),
+            dataset.bucket_counts(),
+            dataset.mean_ar_error(),
+            schedule.batches_per_epoch,
+            num_reg_images=dataset.num_reg_images,
+            reg_dataset_dirs=dataset.reg_dataset_dirs_info(),
+            subsets=dataset.subsets_info(),
+        ),
+        param_groups=groups,
+        total_steps=schedule.total_steps,
+        num_epochs=schedule.num_epochs,
+        mixed_precision=plan.mixed_precision,
+        optimizer_name=optimizer_name,
+        session_id=random.Random(cfg.loop.seed).randint(0, 2**32),
+        started_at=started_at,
     )
     if validation is not None:
         metadata.update(validation_metadata(cfg.validation))
@@ -256,15 +379,29 @@ def run_metadata(cfg: TrainConfig, *, dataset: TrainDataset, validation: Validat
     return metadata
 
 
-def start_trackers(cfg: TrainConfig, accelerator: Accelerator, *, plan: PrecisionPlan, schedule: Schedule,
-                   num_train_images: int, validating: bool) -> None:
+def start_trackers(
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    *,
+    plan: PrecisionPlan,
+    schedule: Schedule,
+    num_train_images: int,
+    validating: bool,
+) -> None:
     """--log_with's trackers, with the run's settings (network, optimizer, loop, precision) so runs can be
     compared; a tracker that refuses them is a warning line."""
     if not cfg.output.log_with:
         return
     accelerator.init_trackers(cfg.output.log_tracker_name or "network_train")
-    hparams = run_hparams(cfg.network, cfg.optimizer, cfg.loop, plan.summary(), total_steps=schedule.total_steps,
-                          num_epochs=schedule.num_epochs, num_train_images=num_train_images)
+    hparams = run_hparams(
+        cfg.network,
+        cfg.optimizer,
+        cfg.loop,
+        plan.summary(),
+        total_steps=schedule.total_steps,
+        num_epochs=schedule.num_epochs,
+        num_train_images=num_train_images,
+    )
     metrics = ("loss/average", "loss/validation") if validating else ("loss/average",)
     for problem in store_run_config(accelerator.trackers, hparams, metrics):
         accelerator.print(f"warning: {problem}")

@@ -16,8 +16,14 @@ from library.train.loss import SDXL_VAE_SCALE, diffusion_loss, noise_batch
 from library.train.parts import LossParts, RunParts
 
 
-def batch_loss(batch: dict, parts: LossParts, *, train_text_encoder: bool = False,
-               timesteps: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def batch_loss(
+    batch: dict,
+    parts: LossParts,
+    *,
+    train_text_encoder: bool = False,
+    timesteps: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """One batch -> the training loss: latents, text conditioning (cached or encoded, with gradients when the text
     encoders train), noise (at `timesteps` from `generator` when given: validation), prediction, loss."""
     device, models, accelerator = parts.accelerator.device, parts.models, parts.accelerator
@@ -34,8 +40,9 @@ def batch_loss(batch: dict, parts: LossParts, *, train_text_encoder: bool = Fals
     }
     noised = noise_batch(parts.noise_scheduler, latents, parts.options, timesteps=timesteps, generator=generator)
     with accelerator.autocast():
-        prediction = models.unet(noised.noisy.to(parts.plan.compute_dtype), noised.timesteps, context,
-                                 added_cond_kwargs=added).sample
+        prediction = models.unet(
+            noised.noisy.to(parts.plan.compute_dtype), noised.timesteps, context, added_cond_kwargs=added
+        ).sample
     return diffusion_loss(prediction, noised, batch["loss_weights"], parts.noise_scheduler, parts.options)
 
 
@@ -49,8 +56,16 @@ def average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator
             param.grad.copy_(accelerator.reduce(param.grad, reduction="mean"))
 
 
-def backward_step(parts: RunParts, params: list[torch.nn.Parameter], batches: Iterator[dict], size: int, *,
-                  step: int, train_text_encoder: bool, non_finite: NonFiniteSteps) -> tuple[float, bool]:
+def backward_step(
+    parts: RunParts,
+    params: list[torch.nn.Parameter],
+    batches: Iterator[dict],
+    size: int,
+    *,
+    step: int,
+    train_text_encoder: bool,
+    non_finite: NonFiniteSteps,
+) -> tuple[float, bool]:
     """Forward and backward `size` batches (the loss averaged over them) and the cross-process gradient average;
     returns the mean loss over batches and processes, and whether the update may be applied.
 
@@ -67,8 +82,11 @@ def backward_step(parts: RunParts, params: list[torch.nn.Parameter], batches: It
     average_gradients(params, accelerator)
     # Under fp16 loss scaling inf gradients are the GradScaler's to handle: it skips the step and lowers its scale.
     check_gradients = getattr(accelerator, "scaler", None) is None
-    checked = [mean_loss, group_gradient_norms(parts.optimizer.param_groups).to(mean_loss.device)] \
-        if check_gradients else [mean_loss]
+    checked = (
+        [mean_loss, group_gradient_norms(parts.optimizer.param_groups).to(mean_loss.device)]
+        if check_gradients
+        else [mean_loss]
+    )
     values = torch.cat(checked).tolist()
     source = non_finite_source(values[0], values[1:] if check_gradients else None, parts.group_descriptions)
     if source is not None:

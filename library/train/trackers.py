@@ -20,8 +20,14 @@ Scalar = int | float | str | bool
 
 
 def run_hparams(
-    network: NetworkConfig, optimizer: OptimizerConfig, loop: LoopConfig, precision: Mapping[str, str], *,
-    total_steps: int, num_epochs: int, num_train_images: int,
+    network: NetworkConfig,
+    optimizer: OptimizerConfig,
+    loop: LoopConfig,
+    precision: Mapping[str, str],
+    *,
+    total_steps: int,
+    num_epochs: int,
+    num_train_images: int,
 ) -> dict[str, Scalar]:
     """The run's settings as one flat dict of scalars, named like the flags they come from.
 
@@ -94,8 +100,10 @@ def log_sample_images(trackers: Iterable[Any], images: Sequence[tuple[str, np.nd
                 else:
                     tracker.log_images({name: [image]}, step=step)
         except Exception as error:  # noqa: BLE001 - a tracker's failure must not stop training
-            problems.append(f"could not log sample images to {tracker.name}: {_reason(error)} (the images are saved "
-                            "in the sample folder)")
+            problems.append(
+                f"could not log sample images to {tracker.name}: {_reason(error)} (the images are saved "
+                "in the sample folder)"
+            )
     return problems
 
 

@@ -24,9 +24,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from library.files.atomic import (current_umask, error_number, full_disk_errno, replace_folder, sync_tree, temp_affixes,
-                                  write_failure)
 from library.errors import NonFiniteError, UserInputError
+from library.files.atomic import (
+    current_umask,
+    error_number,
+    full_disk_errno,
+    replace_folder,
+    sync_tree,
+    temp_affixes,
+    write_failure,
+)
 from library.files.finite import first_non_finite
 from library.files.weight_files import read_safetensors_header
 
@@ -49,7 +56,11 @@ class TrainProgress:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step, self.epoch, self.steps_in_epoch = int(state["step"]), int(state["epoch"]), int(state["steps_in_epoch"])
+        self.step, self.epoch, self.steps_in_epoch = (
+            int(state["step"]),
+            int(state["epoch"]),
+            int(state["steps_in_epoch"]),
+        )
 
 
 @dataclass
@@ -74,8 +85,9 @@ class RngSnapshot:
             torch.cuda.set_rng_state_all(self.cuda)
 
 
-def save_state(accelerator, folder: Path, progress: TrainProgress,
-               check: Iterable[tuple[str, torch.Tensor]] = ()) -> Path:
+def save_state(
+    accelerator, folder: Path, progress: TrainProgress, check: Iterable[tuple[str, torch.Tensor]] = ()
+) -> Path:
     """Write accelerate's state and `train_state.json` to `folder` atomically: a temporary folder beside it is
     filled and synced, then renamed over it, so an interrupted or failed save leaves the previous state intact.
 
@@ -87,8 +99,9 @@ def save_state(accelerator, folder: Path, progress: TrainProgress,
     refuse the save (NonFiniteError) before anything is written, so a broken state never replaces a good one."""
     bad = first_non_finite(check)
     if bad is not None:
-        raise NonFiniteError(f"refusing to write the state {folder}: {bad} holds NaN or infinite values; states "
-                             "written before are kept")
+        raise NonFiniteError(
+            f"refusing to write the state {folder}: {bad} holds NaN or infinite values; states written before are kept"
+        )
     folder = Path(folder)
     tmp = None
     if accelerator.is_main_process:
@@ -129,13 +142,21 @@ def _state_write_failure(error: Exception, tmp: Path, folder: Path) -> UserInput
         return None
     files = [path for path in tmp.iterdir() if path.is_file()] if tmp.is_dir() else []
     newest = max(files, key=lambda path: path.stat().st_mtime_ns, default=None)  # the file being written
-    return write_failure(code, folder / newest.name if newest is not None else folder,
-                         what="state file" if newest is not None else "state folder")
+    return write_failure(
+        code,
+        folder / newest.name if newest is not None else folder,
+        what="state file" if newest is not None else "state folder",
+    )
 
 
 # --- Checking a state folder before the model loads ------------------------------------------------------------------
-STATE_FILES = ("optimizer.bin", "scheduler.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl",
-               "custom_checkpoint_1.pkl")
+STATE_FILES = (
+    "optimizer.bin",
+    "scheduler.bin",
+    "random_states_0.pkl",
+    "custom_checkpoint_0.pkl",
+    "custom_checkpoint_1.pkl",
+)
 """What accelerate writes for this trainer: optimizer, scheduler, RNG states, and the registered network (0) and
 progress (1); with --ema_decay also the EMA (`EMA_STATE_FILE`)."""
 EMA_STATE_FILE = "custom_checkpoint_2.pkl"
@@ -158,11 +179,14 @@ def check_resume_folder(folder: Path, with_ema: bool = False) -> None:
         raise _damaged(folder / TRAIN_STATE_FILE, problem)
     for name in STATE_FILES:
         if not (folder / name).exists():
-            raise UserInputError(f"--resume: {folder} lacks {name}: the state is incomplete; resume from another "
-                                 "state folder")
+            raise UserInputError(
+                f"--resume: {folder} lacks {name}: the state is incomplete; resume from another state folder"
+            )
     if with_ema and not (folder / EMA_STATE_FILE).exists():
-        raise UserInputError(f"--resume: {folder} has no EMA state ({EMA_STATE_FILE}): it was saved without "
-                             "--ema_decay; drop --ema_decay, or resume from a state saved with it")
+        raise UserInputError(
+            f"--resume: {folder} has no EMA state ({EMA_STATE_FILE}): it was saved without "
+            "--ema_decay; drop --ema_decay, or resume from a state saved with it"
+        )
     for path in sorted(folder.iterdir()):
         problem = state_file_problem(path)
         if problem:
@@ -170,8 +194,10 @@ def check_resume_folder(folder: Path, with_ema: bool = False) -> None:
 
 
 def _damaged(path: Path, problem: str) -> UserInputError:
-    return UserInputError(f"--resume: {path} is damaged ({problem}); resume from another state folder (an earlier "
-                          "checkpoint's -state folder)")
+    return UserInputError(
+        f"--resume: {path} is damaged ({problem}); resume from another state folder (an earlier "
+        "checkpoint's -state folder)"
+    )
 
 
 def _progress_file_problem(path: Path) -> str | None:

@@ -27,7 +27,6 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_seed
 
-from library.train.run_config import OutputConfig, TrainConfig
 from library.data.dataset import TrainDataset
 from library.errors import OutputInUseError
 from library.files.finite import NonFiniteSteps
@@ -35,18 +34,30 @@ from library.files.run_lock import output_lock
 from library.files.stale_files import remove_stale_temp_files
 from library.model.loading import model_hashes
 from library.model.precision import PrecisionPlan, plan_precision, save_dtype
+from library.train.accelerate_compat import allow_fp16_gradients, reset_accelerator_state
 from library.train.checkpoints import save_interrupted, save_run_state
 from library.train.interrupts import Phase, TrainingInterrupted, signal_name, sigterm_interrupts
 from library.train.loop import OnStep, StepInfo, run_loop
-from library.train.accelerate_compat import allow_fp16_gradients, reset_accelerator_state
 from library.train.loss import loss_option_warnings, make_noise_scheduler
 from library.train.metadata import progress_metadata
 from library.train.parts import LoopState, LossParts, RunParts
+from library.train.run_config import OutputConfig, TrainConfig
 from library.train.run_report import build_report, peak_memory, write_report
 from library.train.saving import LoRASaver, output_file_pattern
-from library.train.setup_parts import (cache_latents_once, cache_text_outputs, load_base_model, make_loader,
-                                       plan_schedule, release_text_encoders, run_metadata, setup_lr_scheduler,
-                                       setup_network, setup_optimizer, split_validation, start_trackers)
+from library.train.setup_parts import (
+    cache_latents_once,
+    cache_text_outputs,
+    load_base_model,
+    make_loader,
+    plan_schedule,
+    release_text_encoders,
+    run_metadata,
+    setup_lr_scheduler,
+    setup_network,
+    setup_optimizer,
+    split_validation,
+    start_trackers,
+)
 from library.train.train_state import TrainProgress, load_state
 from networks.lora import ParamGroupInfo
 
@@ -96,8 +107,10 @@ def make_accelerator(cfg: TrainConfig) -> tuple[Accelerator, PrecisionPlan]:
     )
     for note in (*plan.notes, *loss_option_warnings(cfg.loss)):
         accelerator.print(f"warning: {note}")
-    accelerator.print(plan.describe(str(accelerator.device), accelerator.num_processes)
-                      + f", gradient checkpointing={'on' if cfg.precision.gradient_checkpointing else 'off'}")
+    accelerator.print(
+        plan.describe(str(accelerator.device), accelerator.num_processes)
+        + f", gradient checkpointing={'on' if cfg.precision.gradient_checkpointing else 'off'}"
+    )
     return accelerator, plan
 
 
@@ -145,8 +158,9 @@ def held_output(out: OutputConfig, state: PartialState):
         yield
 
 
-def run_training(cfg: TrainConfig, started_at: float, phase: Phase, run_scope: contextlib.ExitStack,
-                 on_step: OnStep | None) -> TrainResult:
+def run_training(
+    cfg: TrainConfig, started_at: float, phase: Phase, run_scope: contextlib.ExitStack, on_step: OnStep | None
+) -> TrainResult:
     """Set-up, the loop and the final files; `phase` says what is going on, for the line an interrupt prints;
     `run_scope` holds the output lock until the run ends, however it ends."""
     parts, state, load_seconds = set_up(cfg, started_at, phase, run_scope)
@@ -155,17 +169,24 @@ def run_training(cfg: TrainConfig, started_at: float, phase: Phase, run_scope: c
     try:
         run_loop(cfg, parts, state, on_step)
     except KeyboardInterrupt as interrupt:
-        phase.enter(f"saving step {state.progress.step} after an interrupt",
-                    "files being written were left as they were (writes are atomic); checkpoints saved before are "
-                    "kept")
+        phase.enter(
+            f"saving step {state.progress.step} after an interrupt",
+            "files being written were left as they were (writes are atomic); checkpoints saved before are kept",
+        )
         lora_path, state_path, step = save_interrupted(parts, state.progress, state.rng_at_step)
-        raise TrainingInterrupted(lora_path, state_path, step, signal_name=signal_name(interrupt),
-                                  is_main_process=parts.accelerator.is_main_process) from None
+        raise TrainingInterrupted(
+            lora_path,
+            state_path,
+            step,
+            signal_name=signal_name(interrupt),
+            is_main_process=parts.accelerator.is_main_process,
+        ) from None
     return finish(cfg, parts, state, phase, load_seconds=load_seconds, started_at=started_at)
 
 
-def set_up(cfg: TrainConfig, started_at: float, phase: Phase,
-           run_scope: contextlib.ExitStack) -> tuple[RunParts, LoopState, float]:
+def set_up(
+    cfg: TrainConfig, started_at: float, phase: Phase, run_scope: contextlib.ExitStack
+) -> tuple[RunParts, LoopState, float]:
     """The run's fixed parts and its loop state (resumed when --resume is given), and the model's load seconds."""
     # Data first: a missing folder or broken image stops here, before any model loads.
     phase.enter("reading the training data")
@@ -183,18 +204,21 @@ def set_up(cfg: TrainConfig, started_at: float, phase: Phase,
     # released), or both encoded per batch.
     phase.enter("loading the model")
     load_started = time.perf_counter()
-    models, attention = load_base_model(cfg.model, cfg.precision, plan, accelerator,
-                                        train_text_encoder=cfg.network.train_text_encoder)
+    models, attention = load_base_model(
+        cfg.model, cfg.precision, plan, accelerator, train_text_encoder=cfg.network.train_text_encoder
+    )
     if attention != plan.attention:  # xformers failed on its first call: SDPA runs, and the report says so
         plan = replace(plan, attention=attention)
     load_seconds = time.perf_counter() - load_started
     held_out = [validation.dataset] if validation is not None else []
-    encode = cache_latents_once(cfg.loop, [dataset, *held_out], models, accelerator, keep_vae=sampling,
-                                highvram=highvram, phase=phase)
+    encode = cache_latents_once(
+        cfg.loop, [dataset, *held_out], models, accelerator, keep_vae=sampling, highvram=highvram, phase=phase
+    )
     phase.enter("hashing the model file")
     hashes = model_hashes(cfg.model.path)
-    text_cache, validation_source = cache_text_outputs(cfg.loop, dataset, validation, models, plan, accelerator,
-                                                       model_id=hashes[1], phase=phase)
+    text_cache, validation_source = cache_text_outputs(
+        cfg.loop, dataset, validation, models, plan, accelerator, model_id=hashes[1], phase=phase
+    )
 
     # LoRA network, optimizer groups (LoRA+), loader, schedule.
     phase.enter("setting up the LoRA network")
@@ -211,12 +235,26 @@ def set_up(cfg: TrainConfig, started_at: float, phase: Phase,
 
     # What every saved file says about this run; trackers with the run's settings.
     inner = getattr(optimizer, "optimizer", optimizer)
-    base_metadata = run_metadata(cfg, dataset=dataset, validation=validation, hashes=hashes, groups=groups,
-                                 schedule=schedule, plan=plan, started_at=started_at,
-                                 optimizer_name=f"{type(inner).__module__}.{type(inner).__name__}")
+    base_metadata = run_metadata(
+        cfg,
+        dataset=dataset,
+        validation=validation,
+        hashes=hashes,
+        groups=groups,
+        schedule=schedule,
+        plan=plan,
+        started_at=started_at,
+        optimizer_name=f"{type(inner).__module__}.{type(inner).__name__}",
+    )
     saver = LoRASaver(cfg.output.output_dir, cfg.output.output_name, save_dtype(cfg.output.save_precision), ema=ema)
-    start_trackers(cfg, accelerator, plan=plan, schedule=schedule, num_train_images=dataset.num_train_images,
-                   validating=validation is not None)
+    start_trackers(
+        cfg,
+        accelerator,
+        plan=plan,
+        schedule=schedule,
+        num_train_images=dataset.num_train_images,
+        validating=validation is not None,
+    )
 
     # Resume: optimizer, scheduler, RNG, LoRA weights and the position in the data come back from the state
     # folder, registered objects in a fixed order (the load must see them in the order they were saved).
@@ -224,17 +262,41 @@ def set_up(cfg: TrainConfig, started_at: float, phase: Phase,
     accelerator.register_for_checkpointing(network, state.progress, *([ema] if ema is not None else []))
     if cfg.output.resume is not None:
         load_state(accelerator, cfg.output.resume, state.progress)
-        accelerator.print(f"resumed from {cfg.output.resume} at step {state.progress.step}, "
-                          f"epoch {state.progress.epoch}")
-    loss = LossParts(models, encode, make_noise_scheduler(cfg.loss.zero_terminal_snr), plan, accelerator,
-                     cfg.loop.max_token_length, cfg.loss)
-    parts = RunParts(accelerator, plan, models, loss, network, optimizer, lr_scheduler, groups, loader, sampler,
-                     schedule, saver, base_metadata, ema=ema, validation=validation_source)
+        accelerator.print(
+            f"resumed from {cfg.output.resume} at step {state.progress.step}, epoch {state.progress.epoch}"
+        )
+    loss = LossParts(
+        models,
+        encode,
+        make_noise_scheduler(cfg.loss.zero_terminal_snr),
+        plan,
+        accelerator,
+        cfg.loop.max_token_length,
+        cfg.loss,
+    )
+    parts = RunParts(
+        accelerator,
+        plan,
+        models,
+        loss,
+        network,
+        optimizer,
+        lr_scheduler,
+        groups,
+        loader,
+        sampler,
+        schedule,
+        saver,
+        base_metadata,
+        ema=ema,
+        validation=validation_source,
+    )
     return parts, state, load_seconds
 
 
-def finish(cfg: TrainConfig, parts: RunParts, state: LoopState, phase: Phase, *, load_seconds: float,
-           started_at: float) -> TrainResult:
+def finish(
+    cfg: TrainConfig, parts: RunParts, state: LoopState, phase: Phase, *, load_seconds: float, started_at: float
+) -> TrainResult:
     """The final LoRA (and state with --save_state / --save_state_on_train_end), the skipped-steps warning, the run
     report; then the trackers end."""
     accelerator, saver, progress = parts.accelerator, parts.saver, state.progress
@@ -251,22 +313,49 @@ def finish(cfg: TrainConfig, parts: RunParts, state: LoopState, phase: Phase, *,
         accelerator.print(f"saved {save_run_state(parts, saver.state_path(saver.final_path), progress)}")
     skipped = state.non_finite.skipped
     if skipped:
-        accelerator.print(f"warning: {len(skipped)} steps had a NaN/inf loss or gradients and were "
-                          f"skipped (--max_nan_steps {cfg.loop.max_nan_steps}): steps {skipped}")
+        accelerator.print(
+            f"warning: {len(skipped)} steps had a NaN/inf loss or gradients and were "
+            f"skipped (--max_nan_steps {cfg.loop.max_nan_steps}): steps {skipped}"
+        )
     if accelerator.is_main_process:
-        report = run_report(cfg, parts, state, steps=progress.step, epochs=epochs_done, load_seconds=load_seconds,
-                            total_seconds=time.time() - started_at)
+        report = run_report(
+            cfg,
+            parts,
+            state,
+            steps=progress.step,
+            epochs=epochs_done,
+            load_seconds=load_seconds,
+            total_seconds=time.time() - started_at,
+        )
         report_path = write_report(saver.report_path, report)
         for warning in report["warnings"]:
             accelerator.print(f"warning: {warning}")
     accelerator.end_training()
-    return TrainResult(final_path, list(saver.saved), progress.step, epochs_done, list(state.losses),
-                       accelerator.is_main_process, report_path, list(state.validation_losses),
-                       lrs=[dict(lrs) for lrs in state.lrs], report=report, param_groups=list(parts.groups))
+    return TrainResult(
+        final_path,
+        list(saver.saved),
+        progress.step,
+        epochs_done,
+        list(state.losses),
+        accelerator.is_main_process,
+        report_path,
+        list(state.validation_losses),
+        lrs=[dict(lrs) for lrs in state.lrs],
+        report=report,
+        param_groups=list(parts.groups),
+    )
 
 
-def run_report(cfg: TrainConfig, parts: RunParts, state: LoopState, *, steps: int, epochs: int, load_seconds: float,
-               total_seconds: float) -> dict:
+def run_report(
+    cfg: TrainConfig,
+    parts: RunParts,
+    state: LoopState,
+    *,
+    steps: int,
+    epochs: int,
+    load_seconds: float,
+    total_seconds: float,
+) -> dict:
     """The content of `<output_name>_report.json`: what the run cost and what actually ran."""
     accelerator, plan, loop = parts.accelerator, parts.plan, cfg.loop
     samples_per_step = loop.batch_size * loop.gradient_accumulation_steps * accelerator.num_processes

@@ -45,8 +45,9 @@ LossFn = Callable[[Batch, "torch.Tensor", "torch.Generator"], "torch.Tensor"]
 # Config
 
 
-def validation_timesteps(low: int = 0, high: int = NUM_TRAIN_TIMESTEPS,
-                         count: int = VALIDATION_TIMESTEP_COUNT) -> tuple[int, ...]:
+def validation_timesteps(
+    low: int = 0, high: int = NUM_TRAIN_TIMESTEPS, count: int = VALIDATION_TIMESTEP_COUNT
+) -> tuple[int, ...]:
     """`count` timesteps evenly inside [low, high], ends excluded: sd-scripts' `linspace(low, high, count + 2)[1:-1]`
     (200, 400, 600, 800 for the full range). Fixed timesteps take the biggest source of noise out of the curve."""
     return tuple(low + (high - low) * k // (count + 1) for k in range(1, count + 1))
@@ -128,8 +129,10 @@ def split_records(
         chosen.add(shuffled(key, members)[0])
     train = [record for i, record in enumerate(records) if i not in chosen]
     if not any(not record.is_reg for record in train):
-        raise UserInputError(f"--validation_split {fraction} leaves no training image ({len(chosen)} images): "
-                             "add images or use --validation_data_dir")
+        raise UserInputError(
+            f"--validation_split {fraction} leaves no training image ({len(chosen)} images): "
+            "add images or use --validation_data_dir"
+        )
     validation = [dataclasses.replace(records[i], num_repeats=1) for i in sorted(chosen)]
     return train, validation
 
@@ -147,10 +150,16 @@ def _fixed(record: ImageRecord) -> ImageRecord:
     options = record.options
     if options is None:
         return record
-    caption = dataclasses.replace(options.caption, shuffle_caption=False, caption_dropout_rate=0.0,
-                                  caption_dropout_every_n_epochs=0, caption_tag_dropout_rate=0.0)
-    return dataclasses.replace(record, options=dataclasses.replace(options, flip_aug=False, random_crop=False,
-                                                                   caption=caption))
+    caption = dataclasses.replace(
+        options.caption,
+        shuffle_caption=False,
+        caption_dropout_rate=0.0,
+        caption_dropout_every_n_epochs=0,
+        caption_tag_dropout_rate=0.0,
+    )
+    return dataclasses.replace(
+        record, options=dataclasses.replace(options, flip_aug=False, random_crop=False, caption=caption)
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -171,8 +180,7 @@ class ValidationSet:
     def __len__(self) -> int:
         return len(self.batches)
 
-    def iter_batches(self, source: Any = None, collate: Callable[[list[dict]], Batch] | None = None
-                     ) -> Iterator[Batch]:
+    def iter_batches(self, source: Any = None, collate: Callable[[list[dict]], Batch] | None = None) -> Iterator[Batch]:
         """The collated batches in order. `source`: what to index with the keys (default the dataset; e.g. a
         `CachedTextDataset` of it); `collate`: default `collate_examples`."""
         from library.data.dataset import collate_examples
@@ -190,9 +198,15 @@ def build_validation_set(
     `batch_size` (a `--dataset_config` dataset's own batch size wins), at most `max_batches`."""
     from library.data.dataset import BucketBatchSampler, TrainDataset
 
-    plain = dataclasses.replace(data, flip_aug=False, random_crop=False, shuffle_caption=False,
-                                caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0,
-                                caption_tag_dropout_rate=0.0)
+    plain = dataclasses.replace(
+        data,
+        flip_aug=False,
+        random_crop=False,
+        shuffle_caption=False,
+        caption_dropout_rate=0.0,
+        caption_dropout_every_n_epochs=0,
+        caption_tag_dropout_rate=0.0,
+    )
     dataset = TrainDataset([_fixed(dataclasses.replace(r, num_repeats=1)) for r in records], plain)
     sampler = BucketBatchSampler(dataset, batch_size, seed)  # epoch 0, 1 repeat: keys (index, 0, 0)
     batches = tuple(tuple(keys) for keys in sampler)
@@ -221,7 +235,11 @@ def _batch_size(batch: Batch) -> int:
 
 
 def validation_loss(
-    batches: Iterable[Batch], compute_loss: LossFn, *, timesteps: Sequence[int], seed: int,
+    batches: Iterable[Batch],
+    compute_loss: LossFn,
+    *,
+    timesteps: Sequence[int],
+    seed: int,
     device: torch.device | str | None = None,
 ) -> float:
     """Mean of `compute_loss(batch, timesteps (B,) long, generator)` over every batch and every fixed timestep.
