@@ -1,10 +1,11 @@
 # Two commands on a fresh machine: `make demo` (train the seed command on a tiny SDXL) and `make test`.
+# For the inner loop: `make test-fast` (all but the `slow` tests) and `make lint` (ruff, as CI runs it).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := demo_out
 
-.PHONY: install test demo clean
+.PHONY: install test test-fast lint format demo clean
 
 install: $(VENV)/.installed
 
@@ -13,11 +14,22 @@ install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints-cpu.txt -r requirements.txt pytest peft
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints-cpu.txt -r requirements.txt pytest peft ruff
 	touch $@
 
 test: install
 	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 # The seed command (see README) with its four paths pointed at a tiny random SDXL and a generated dataset.
 demo: install
