@@ -5,7 +5,10 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 
+
+@pytest.mark.slow
 def test_bench_runs_and_prints_the_table(capsys):
     path = Path(__file__).resolve().parents[1] / "bench" / "data_throughput.py"
     spec = importlib.util.spec_from_file_location("data_throughput", path)

@@ -27,6 +27,7 @@ def workspace(tiny_sdxl, tmp_path) -> ft.Workspace:
     return ft.Workspace(tmp_path, tiny_sdxl.single_file, tiny_sdxl.diffusers_dir, data, out)
 
 
+@pytest.mark.slow
 def test_cheap_faults_give_one_error_line_and_keep_every_earlier_file(workspace):
     faults = ft.select(FAULTS, CHEAP)
     assert [f.key for f in faults] == ["steps0", "output_is_file", "toml_config_key", "missing_resume"]

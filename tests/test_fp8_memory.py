@@ -97,6 +97,7 @@ def peaks() -> dict[str, int]:
     return {variant: _peak(variant) for variant in ("fp32", "fp8_naive", "fp8")}
 
 
+@pytest.mark.slow
 def test_fp8_peak_memory_is_far_below_fp32_and_naive_fp8(peaks):
     fp32_weights = LAYERS * WIDTH * WIDTH * 4
     fp8_weights = fp32_weights // 4

@@ -368,6 +368,7 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_training_stops_with_one_line_when_the_disk_fills(tiny_sdxl, data, tmp_path, monkeypatch, capsys):
     """Checkpoints at steps 1 and 2 with states; the disk fills writing step 2's state: exit 2, one line; step 1's
     files are untouched and resumable, nothing temporary is left."""

@@ -68,6 +68,7 @@ def _assert_close(actual, expected, base):
     assert torch.allclose(actual, expected, atol=1e-5, rtol=1e-4), (actual - expected).abs().max()
 
 
+@pytest.mark.slow
 def test_read_back_reproduces_text_encoder_and_unet_outputs(models, trained_file):
     path, expected, base, _ = trained_file
     network, weights = create_network_from_weights(1.0, path, None, _encoders(models), models.unet)
@@ -99,6 +100,7 @@ def test_dims_and_alphas_are_inferred_per_module(models, trained_file, tmp_path)
     assert other.lora_dim == 4 and other.scale == pytest.approx(2.0 / 4)
 
 
+@pytest.mark.slow
 def test_old_text_encoder_names_without_text_model_load_the_same(models, trained_file, tmp_path):
     path, expected, base, _ = trained_file
     old = {}

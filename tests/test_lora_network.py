@@ -210,6 +210,7 @@ def test_text_encoder_lr_list_uses_first_value(models):
     assert dict(zip(descriptions, [g["lr"] for g in groups]))["textencoder plus"] == pytest.approx(6e-5)
 
 
+@pytest.mark.slow
 def test_loraplus_step_moves_b_by_ratio_times_lr(models):
     """One Lion step: B moves by exactly lr x 16 per element (sign update), A does not move yet (B = 0)."""
     from lion_pytorch import Lion
@@ -292,6 +293,7 @@ def test_saved_file_keys_alpha_metadata_and_reload(models, tmp_path):
     assert not torch.allclose(reloaded, models.unet(**inputs).sample, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_diffusers_load_lora_weights_matches_our_network(models, tiny_sdxl, tmp_path):
     """diffusers reads our file (sd-scripts names) and wraps exactly its modules; outputs match ours."""
     from diffusers import StableDiffusionXLPipeline
@@ -509,6 +511,7 @@ def test_bad_block_args_stop_create_network(models):
         _network(models, down_lr_weight="1,1,1")
 
 
+@pytest.mark.slow
 def test_block_weighted_loraplus_step(models):
     """One Lion step: B of a block moves by lr x block weight x ratio per element."""
     from lion_pytorch import Lion

@@ -125,6 +125,7 @@ def merged_a(tiny_sdxl, lora_files, tmp_path_factory):
     return _merge(tiny_sdxl, tmp_path_factory.mktemp("merged") / "merged_a.safetensors", [(lora_files["a"], 1.0)])
 
 
+@pytest.mark.slow
 def test_merge_one_lora_with_conv_matches_applied_lora(models, tiny_sdxl, lora_files, merged_a):
     errors = _assert_merged_equals_applied(models, tiny_sdxl, merged_a, [(lora_files["a"], 1.0)])
     print("relative errors, one LoRA:", errors)
@@ -158,6 +159,7 @@ def test_only_lora_targets_change_and_the_rest_is_byte_identical(models, tiny_sd
             assert same == (key not in targets), key
 
 
+@pytest.mark.slow
 def test_merge_two_loras_at_different_strengths(models, tiny_sdxl, lora_files, tmp_path):
     picks = [(lora_files["a"], 1.0), (lora_files["b"], 0.5)]
     out = _merge(tiny_sdxl, tmp_path / "merged.safetensors", picks)

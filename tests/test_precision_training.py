@@ -72,6 +72,7 @@ def runs(tiny_sdxl, dataset, tmp_path_factory):
 
 
 @pytest.mark.parametrize("mode", sorted(TOLERANCE))
+@pytest.mark.slow
 def test_each_mode_tracks_the_fp32_loss(runs, mode):
     reference = runs["fp32"][0].losses
     losses = runs[mode][0].losses

@@ -82,6 +82,7 @@ def uninterrupted(tiny_sdxl, data, tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_the_run_has_the_planned_shape(uninterrupted):
     out, result = uninterrupted
     assert (result.steps, result.epochs, len(result.losses)) == (TOTAL_STEPS, 2, TOTAL_STEPS)
@@ -95,6 +96,7 @@ def test_the_run_has_the_planned_shape(uninterrupted):
     assert state == {"step": 4, "epoch": 2, "steps_in_epoch": 1}
 
 
+@pytest.mark.slow
 def test_resumed_twice_ends_with_identical_weights(uninterrupted, tiny_sdxl, data, tmp_path):
     out, reference = uninterrupted
     first = _train(
@@ -125,6 +127,7 @@ def test_resumed_twice_ends_with_identical_weights(uninterrupted, tiny_sdxl, dat
     assert (meta["ss_steps"], meta["ss_epoch"]) == (str(TOTAL_STEPS), "2")
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_lora_and_state_and_resume_is_exact(uninterrupted, tiny_sdxl, data, tmp_path, monkeypatch):
     _, reference = uninterrupted
     real_step, calls = loop_module.backward_step, []
@@ -150,6 +153,7 @@ def test_ctrl_c_saves_lora_and_state_and_resume_is_exact(uninterrupted, tiny_sdx
 
 @pytest.mark.skipif(os.name == "nt", reason="sends a POSIX signal")
 @pytest.mark.parametrize("where, saved_step", [("batch_loss", 3), ("apply_update", 4)])
+@pytest.mark.slow
 def test_sigterm_at_any_point_of_a_step_resumes_exactly(
     uninterrupted, tiny_sdxl, data, tmp_path, monkeypatch, where, saved_step
 ):
@@ -199,6 +203,7 @@ def test_ctrl_c_through_main_says_how_to_resume_and_propagates(tiny_sdxl, data, 
     assert not (tmp_path / "run.lock").exists()
 
 
+@pytest.mark.slow
 def test_rotation_keeps_the_last_n_checkpoints_and_states(tiny_sdxl, data, tmp_path):
     _train(
         _argv(

@@ -23,6 +23,7 @@ def _argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return tiny_train_argv(model, data, out, "--max_train_steps", "4", "--learning_rate", "1e-3", *extra)
 
 
+@pytest.mark.slow
 def test_cached_text_outputs_with_variants_long_tokens_and_workers(tiny_sdxl, dataset_dir, tmp_path):
     argv = _argv(
         tiny_sdxl.single_file,
@@ -53,6 +54,7 @@ def test_cached_text_outputs_with_variants_long_tokens_and_workers(tiny_sdxl, da
         assert {"hidden_state1_2", "hidden_state2_2", "pool2_2"} <= set(npz.files)
 
 
+@pytest.mark.slow
 def test_long_tokens_train_without_cache(tiny_sdxl, dataset_dir, tmp_path):
     argv = _argv(
         tiny_sdxl.single_file, dataset_dir, tmp_path / "out", "--max_token_length", "225", "--max_train_steps", "2"
@@ -82,6 +84,7 @@ def test_bad_text_flags_are_one_line(tiny_sdxl, dataset_dir, tmp_path, capsys, e
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cached_text_outputs_train_like_encoding_every_step(tiny_sdxl, dataset_dir, tmp_path):
     """Same seed, fixed captions: the losses with cached outputs equal those of encoding every step."""
     from library.config.build import config_from_args

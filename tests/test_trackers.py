@@ -110,6 +110,7 @@ def wandb_run(tiny_sdxl, data, tmp_path_factory):
     return types.SimpleNamespace(out=out, wandb=fake, warnings=[r.getMessage() for r in records])
 
 
+@pytest.mark.slow
 def test_wandb_gets_the_settings_and_the_samples(wandb_run):
     (run,) = wandb_run.wandb.runs
     assert run.project == "network_train" and run.finished
@@ -138,6 +139,7 @@ def test_xformers_failing_on_its_first_call_falls_back_to_sdpa(wandb_run):
     assert report["attention"] == "sdpa"  # what ran, not what was asked for
 
 
+@pytest.mark.slow
 def test_tensorboard_event_file_holds_the_settings_and_the_samples(tiny_sdxl, data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader

@@ -22,6 +22,8 @@ LR = 1e-3
 UNET_LRS = [LR, 0.75 * LR, 0.5 * LR, 0.25 * LR]
 GROUPS = ["unet", "unet plus"]
 
+pytestmark = pytest.mark.slow  # two short trainings shared by every test here
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:

@@ -73,6 +73,7 @@ def loraplus_run(tiny_sdxl, small_dataset, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_writes_final_and_epoch_files(loraplus_run):
     files = sorted(p.name for p in (loraplus_run / "output").iterdir())
     # 4 epochs, save every 2: epoch 2 gets a numbered file, epoch 4 is the final file; the optimizer
@@ -217,6 +218,7 @@ def _fixed_noise_loss(models, network_file: Path | None, latents: torch.Tensor, 
             network.remove_from_model()
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_on_its_data(tiny_sdxl, tiny_models, small_dataset, tmp_path):
     """AdamW + LoRA+ 16 for 40 steps on 4 images: the fixed-noise loss on those images falls by over 2%."""
     out = tmp_path / "output"

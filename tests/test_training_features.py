@@ -43,6 +43,7 @@ def _scalars(logs: Path, tag: str) -> list[float]:
 
 
 @pytest.mark.parametrize("optimizer", [name for name in OPTIMIZER_TYPES if name not in ADAPTIVE_OPTIMIZER_TYPES])
+@pytest.mark.slow
 def test_every_optimizer_trains_and_saves(tiny_sdxl, data, tmp_path, optimizer):
     args = ["--optimizer_args", "relative_step=False", "scale_parameter=False"] if optimizer == "Adafactor" else []
     result = _train(
@@ -64,6 +65,7 @@ def test_every_optimizer_trains_and_saves(tiny_sdxl, data, tmp_path, optimizer):
     assert ups and any(t.abs().sum() > 0 for t in ups)  # B starts at zero: the optimizer moved it
 
 
+@pytest.mark.slow
 def test_scheduler_counts_steps_with_gradient_accumulation(tiny_sdxl, data, tmp_path):
     # 4 images, batch 1, accumulation 2: 2 optimizer steps per epoch, 3 epochs = 6 steps; the cosine schedule with
     # 2 warmup steps is the library's own curve over those 6 steps.
@@ -100,6 +102,7 @@ def test_scheduler_counts_steps_with_gradient_accumulation(tiny_sdxl, data, tmp_
     assert _scalars(tmp_path / "logs", "lr/unet") == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_loss_options_reach_the_training_loss(tiny_sdxl, data, tmp_path):
     base = _train(tiny_sdxl.single_file, data, tmp_path / "a", "--max_train_steps", "2")
     weighted = _train(
@@ -159,6 +162,7 @@ def validated_runs(tiny_sdxl, data, tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_validation_loss_is_identical_across_runs_with_the_same_seed(validated_runs):
     (_, first), (_, second), (_, other_ratio) = validated_runs
     assert [step for step, _ in first.validation_losses] == [2, 4]
@@ -198,6 +202,7 @@ def test_ema_files_hold_the_average_of_the_weights(validated_runs):
         assert f.metadata()["ss_ema_decay"] == "0.9"
 
 
+@pytest.mark.slow
 def test_samples_are_written_named_and_logged(tiny_sdxl, data, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square --w 64 --h 64 --s 2 --d 5\na blue circle --n green --w 64 --h 64 --s 2\n")
