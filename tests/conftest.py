@@ -5,6 +5,9 @@
 - ``no_network``: any socket resolve or connect fails the test (offline loading checks).
 - ``tiny_models``: ``library.model.loading.SDXLModels`` loaded from the single file in fp32 (shared: tests that change
   the models must work on copies).
+
+A test that uses one of the module fixtures in ``TRAINING_FIXTURES`` (each trains the tiny model, tens of seconds on 2
+cores) is marked ``slow``: ``make test-fast`` leaves it out, ``make test`` runs it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,14 @@ from __future__ import annotations
 import socket
 
 import pytest
+
+TRAINING_FIXTURES = frozenset({"validated_runs", "runs", "state_folder", "trained_file", "uninterrupted"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if TRAINING_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

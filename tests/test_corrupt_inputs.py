@@ -339,6 +339,7 @@ def test_state_damaged_after_the_start_up_check_is_not_called_a_flag_mismatch(ti
 
 
 # --- Caches -----------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_damaged_caches_are_recomputed_and_stale_temporaries_removed(tiny_sdxl, tmp_path, caplog):
     """Each image's latent and text-encoder caches damaged another way: the run trains, warns once per file and
     rewrites them. It also removes the temporaries a killed run left in the output and beside the images."""

@@ -211,6 +211,7 @@ def test_dataset_config_from_command_line(tmp_path, caplog):
     assert [r.path.name for r in scan_train_data_dir(data)] == ["a.png"]
 
 
+@pytest.mark.slow
 def test_train_end_to_end_with_dataset_config_reg_and_flip(tiny_sdxl, tmp_path):
     """The trainer as it is today runs a TOML with a reg subset, flip_aug and caption options, latents on disk."""
     import numpy as np

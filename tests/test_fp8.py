@@ -87,6 +87,7 @@ def test_upcast_weight_is_not_saved_for_backward():
     assert layer.weight.grad is None and conv.weight.grad is None
 
 
+@pytest.mark.slow
 def test_fp8_unet_trains_lora_in_fp32(tiny_models):
     from networks.lora import create_network
 

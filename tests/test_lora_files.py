@@ -138,6 +138,7 @@ def test_broken_file_is_one_line(tmp_path):
         load_lora_file(bad)
 
 
+@pytest.mark.slow
 def test_diffusers_loads_text_encoder_and_unet_loras_like_ours(models, trained_file, tiny_sdxl):
     """diffusers' load_lora_weights wraps exactly the file's modules in all three models and matches us."""
     from diffusers import StableDiffusionXLPipeline

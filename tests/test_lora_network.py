@@ -240,6 +240,7 @@ def test_loraplus_step_moves_b_by_ratio_times_lr(models):
         network.remove_from_model()
 
 
+@pytest.mark.slow
 def test_apply_and_remove_restore_base_outputs(models):
     inputs = _unet_inputs(models)
     with torch.no_grad():

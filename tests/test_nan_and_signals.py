@@ -65,6 +65,7 @@ def _nan_loss_on_calls(monkeypatch, calls: set[int]) -> list[int]:
     return count
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_the_run_and_keeps_every_earlier_file(tiny_sdxl, data, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -154,6 +155,7 @@ def test_max_nan_steps_skips_updates_keeps_the_schedule_and_counts(tiny_sdxl, da
     assert (report["steps"], report["non_finite_steps_skipped"]) == (4, 2)
 
 
+@pytest.mark.slow
 def test_a_state_holding_nan_is_refused_and_the_earlier_state_kept(tiny_sdxl, data, tmp_path, monkeypatch, capsys):
     real_save = loop_module.save_step_checkpoint
 

@@ -183,6 +183,7 @@ def test_sigterm_at_any_point_of_a_step_resumes_exactly(
     assert all(torch.equal(want[k], got[k]) for k in want)
 
 
+@pytest.mark.slow
 def test_ctrl_c_through_main_says_how_to_resume_and_propagates(tiny_sdxl, data, tmp_path, monkeypatch, capsys):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt

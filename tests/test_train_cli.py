@@ -315,6 +315,7 @@ def test_ratio_given_two_ways_must_agree(tiny_sdxl, small_dataset, tmp_path, cap
     assert "disagrees" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_prodigy_without_loraplus_trains(tiny_sdxl, small_dataset, tmp_path):
     out = tmp_path / "out"
     argv = _argv(
@@ -339,6 +340,7 @@ def test_prodigy_without_loraplus_trains(tiny_sdxl, small_dataset, tmp_path):
     assert ups and all(float(t.abs().max()) > 0 for t in ups)
 
 
+@pytest.mark.slow
 def test_continue_training_from_a_file_with_its_own_dims(loraplus_run, tiny_sdxl, small_dataset, tmp_path):
     """--network_weights + --dim_from_weights: modules, dims and weights come from the file; a tiny lr
     then barely moves them."""

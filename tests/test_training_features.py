@@ -242,6 +242,7 @@ def test_samples_are_written_named_and_logged(tiny_sdxl, data, tmp_path):
     assert {"sample_0", "sample_1"} <= set(acc.Tags()["images"])
 
 
+@pytest.mark.slow
 def test_log_prefix_and_tracker_name_name_the_run_folder(tiny_sdxl, data, tmp_path):
     _train(
         tiny_sdxl.single_file,
@@ -263,6 +264,7 @@ def test_log_prefix_and_tracker_name_name_the_run_folder(tiny_sdxl, data, tmp_pa
     assert list((run_dir / "sweep").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_validation_with_cached_text_encoder_outputs(tiny_sdxl, data, tmp_path):
     result = _train(
         tiny_sdxl.single_file,
@@ -281,6 +283,7 @@ def test_validation_with_cached_text_encoder_outputs(tiny_sdxl, data, tmp_path):
     assert all(np.isfinite(loss) for _, loss in result.validation_losses)
 
 
+@pytest.mark.slow
 def test_samples_at_epoch_ends_are_named_by_epoch(tiny_sdxl, data, tmp_path):
     prompts = tmp_path / "prompts.toml"
     prompts.write_text(
