@@ -184,18 +184,32 @@ def test_diagnostics_are_logged_at_the_flags_interval(runs):
     assert 0 < norm_b[0] < norm_b[1] and all(0 < v < 1 for v in diagnostics["series"]["lora/unet/update_A"])
 
 
-def test_no_diagnostics_at_0(tiny_sdxl, data, tmp_path):
+@pytest.mark.parametrize("flag, logged_at", [((), [10]), (("--diagnostics_every_n_steps", "0"), [])])
+def test_diagnostics_by_default_every_10_steps_and_none_at_0(tiny_sdxl, data, tmp_path, flag, logged_at):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    argv = argv_of(tiny_sdxl, data, tmp_path, "--diagnostics_every_n_steps", "0", "--max_train_steps", "3")
+    argv = tiny_train_argv(
+        tiny_sdxl.single_file,
+        data,
+        tmp_path / "output",
+        "--max_train_steps",
+        "10",
+        "--cache_latents",
+        "--logging_dir",
+        str(tmp_path / "logs"),
+        "--output_name",
+        "run",
+        *flag,
+    )
     code, _, _ = run_main(argv)
     assert code == 0
-    assert report_of(tmp_path / "output")["history"]["diagnostics"] == {"steps": [], "series": {}}
+    diagnostics = report_of(tmp_path / "output")["history"]["diagnostics"]
+    assert diagnostics["steps"] == logged_at and len(diagnostics["series"]) == (15 if logged_at else 0)
     (events,) = (tmp_path / "logs").rglob("events.out.tfevents.*")
     logged = EventAccumulator(str(events.parent), size_guidance={"scalars": 0})
     logged.Reload()
     tags = logged.Tags()["scalars"]
-    assert "loss" in tags and not [tag for tag in tags if tag.startswith("lora/")]
+    assert "loss" in tags and len([tag for tag in tags if tag.startswith("lora/")]) == len(diagnostics["series"])
 
 
 @pytest.mark.parametrize("broken", ["page", "json"])
