@@ -315,11 +315,11 @@ def set_up(
 
 
 def resumed_history(out: OutputConfig, saver: LoRASaver, accelerator: Accelerator) -> dict | None:
-    """On a resume (main process), the history of the report the run continues: this output's report, else the
-    one beside the state folder (a run resumed into another output folder)."""
+    """On a resume (main process), the history of the report the run continues: the one beside the state folder
+    (the run that saved it), else this output's (a state moved elsewhere)."""
     if out.resume is None or not accelerator.is_main_process:
         return None
-    history, problem = earlier_history([saver.report_path, out.resume.parent / saver.report_path.name])
+    history, problem = earlier_history([out.resume.parent / saver.report_path.name, saver.report_path])
     if problem is not None:
         accelerator.print(f"warning: {problem}")
     return history
