@@ -188,6 +188,7 @@ def test_sigterm_at_any_point_of_a_step_resumes_exactly(
     monkeypatch.setattr(module, where, real)
     resumed = _train(_argv(tiny_sdxl.single_file, data, tmp_path / "t2", "--resume", str(stop.value.state_path)))
     assert resumed.losses == reference.losses[saved_step:]
+    assert _history(tmp_path / "t2") == _history(uninterrupted[0])  # the report kept every step up to the state's
     want, got = load_file(str(reference.final_path)), load_file(str(resumed.final_path))
     assert all(torch.equal(want[k], got[k]) for k in want)
 

@@ -102,11 +102,12 @@ def _run_steps(cfg: TrainConfig, parts: RunParts, state: LoopState, on_step: OnS
                     progress.epoch, progress.steps_in_epoch = epoch + 1, 0
                 state.timer.step_done()
                 state.rng_at_step = RngSnapshot.take()
+                state.losses.append(loss)  # with the step, so the report's lists never differ in length
+                state.lrs.append(lrs)
+                diagnostics = step_diagnostics(state, progress.step)  # of these weights, even if a Ctrl-C follows
 
             # Logs: the loss, its running average and each group's rate as sd-scripts logs it (after this step's
             # scheduler step), and the LoRA+ diagnostics when due.
-            state.losses.append(loss)
-            state.lrs.append(lrs)
             average = recent_average(state.losses)
             progress_bar.update(1)
             progress_bar.set_postfix(avr_loss=f"{average:.4f}")
@@ -114,7 +115,7 @@ def _run_steps(cfg: TrainConfig, parts: RunParts, state: LoopState, on_step: OnS
             logs.update(
                 {f"lr/{d}": float(lr) for d, lr in zip(parts.group_descriptions, parts.lr_scheduler.get_last_lr())}
             )
-            logs.update(step_diagnostics(state, progress.step))
+            logs.update(diagnostics)
             accelerator.log(logs, step=progress.step)
             # Validation, checkpoint and samples when due (and at an epoch's end those of the epoch), then the caller.
             validation = after_step(
