@@ -60,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     if result.is_main_process:
         print(f"LoRA saved to {result.final_path}")
+        if result.report_page is not None:  # last: what to open next
+            print(f"report: {result.report_page}")
     return 0
 
 

@@ -316,10 +316,11 @@ def full_disk(
     code: str = "ENOSPC",
     may_change: tuple[str, ...] = (),
     make_argv: Callable[[Case], list[str]] | None = None,
+    expect: int = 2,
 ) -> None:
     """A run whose writes of files named like `target` (a regex) fail with `code` once a few bytes are in."""
 
-    @fault(key, DISK, title, may_change=may_change)
+    @fault(key, DISK, title, expect=expect, may_change=may_change)
     def setup(case: Case) -> Action:
         argv = make_argv(case) if make_argv else case.argv()
         return lambda: case.train(argv, {"full_disk": target, "errno": code})
@@ -335,9 +336,11 @@ full_disk(
 )
 full_disk(
     "disk_report",
-    "ENOSPC writing run_report.json (after the LoRA, EMA, groups and state: this run's)",
+    "ENOSPC writing run_report.json (after the LoRA, EMA, groups and state: this run's): a warning line, the run "
+    "ends (exit 0), the earlier report and page are kept",
     r"run_report\.json",
     may_change=RUN_FILES,
+    expect=0,
 )
 full_disk(
     "disk_latent_cache",

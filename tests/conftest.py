@@ -5,6 +5,8 @@
 - ``no_network``: any socket resolve or connect fails the test (offline loading checks).
 - ``tiny_models``: ``library.model.loading.SDXLModels`` loaded from the single file in fp32 (shared: tests that change
   the models must work on copies).
+- every test runs with ``LORAPLUS_STRICT_REPORTS=1``: a run report the trainer cannot write raises (in training it is
+  a warning line), so a bug in the report fails the test that meets it; a test of that warning unsets it.
 
 A test that uses one of the module fixtures in ``TRAINING_FIXTURES`` (each trains the tiny model, tens of seconds on 2
 cores) is marked ``slow``: ``make test-fast`` leaves it out, ``make test`` runs it.
@@ -53,3 +55,9 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(autouse=True)
+def strict_reports(monkeypatch):
+    """A report error raises in tests instead of being a warning (library.train.report_files.STRICT_ENV)."""
+    monkeypatch.setenv("LORAPLUS_STRICT_REPORTS", "1")

@@ -410,6 +410,8 @@ def test_training_stops_with_one_line_when_the_disk_fills(tiny_sdxl, data, tmp_p
         "run-step00000001-state",
         "run-step00000001.safetensors",
         "run-step00000002.safetensors",
-    ]  # no final file: no groups JSON
+        "run_report.html",
+        "run_report.json",
+    ]  # no final file: no groups JSON; the report as of step 1's save
     check_resume_folder(out / "run-step00000001-state")
     assert _temporaries(out, data) == []

@@ -67,8 +67,15 @@ def _argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
         "run",
         "--ema_decay",
         "0.8",
+        "--diagnostics_every_n_steps",
+        "2",
         *extra,
     )
+
+
+def _history(out: Path) -> dict:
+    """The report's history: every step's loss and group lrs, the LoRA+ diagnostics (steps 2, 4, 6)."""
+    return json.loads((out / "run_report.json").read_text())["history"]
 
 
 def _train(argv: list[str]):
@@ -116,6 +123,10 @@ def test_resumed_twice_ends_with_identical_weights(uninterrupted, tiny_sdxl, dat
         _argv(tiny_sdxl.single_file, data, tmp_path / "r2", "--resume", str(tmp_path / "r1" / "run-step00000004-state"))
     )
     assert second.losses == reference.losses[4:]
+    # The reports cover the whole training: r1 took steps 1-2 from the report beside the state it resumed (in the
+    # uninterrupted run's folder), r2 steps 1-4 from r1's; the numbers are the uninterrupted run's, to the digit.
+    assert _history(tmp_path / "r1") == _history(tmp_path / "r2") == _history(out)
+    assert _history(out)["diagnostics"]["steps"] == [2, 4, 6]
     want, got = load_file(str(reference.final_path)), load_file(str(second.final_path))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     ema_want = load_file(str(reference.final_path.with_name("run-ema.safetensors")))
@@ -145,8 +156,10 @@ def test_ctrl_c_saves_lora_and_state_and_resume_is_exact(uninterrupted, tiny_sdx
     assert stop.value.lora_path == tmp_path / "c" / "run-step00000003.safetensors" and stop.value.lora_path.is_file()
     assert stop.value.state_path == tmp_path / "c" / "run-step00000003-state"
     monkeypatch.setattr(loop_module, "backward_step", real_step)
+    assert _history(tmp_path / "c")["steps"] == [1, 2, 3]  # the interrupt brought the report up to date
     resumed = _train(_argv(tiny_sdxl.single_file, data, tmp_path / "c2", "--resume", str(stop.value.state_path)))
     assert resumed.losses == reference.losses[3:]
+    assert _history(tmp_path / "c2") == _history(uninterrupted[0])  # steps 1-3 from the interrupted run's report
     want, got = load_file(str(reference.final_path)), load_file(str(resumed.final_path))
     assert all(torch.equal(want[k], got[k]) for k in want)
 
@@ -179,6 +192,7 @@ def test_sigterm_at_any_point_of_a_step_resumes_exactly(
     monkeypatch.setattr(module, where, real)
     resumed = _train(_argv(tiny_sdxl.single_file, data, tmp_path / "t2", "--resume", str(stop.value.state_path)))
     assert resumed.losses == reference.losses[saved_step:]
+    assert _history(tmp_path / "t2") == _history(uninterrupted[0])  # the report kept every step up to the state's
     want, got = load_file(str(reference.final_path)), load_file(str(resumed.final_path))
     assert all(torch.equal(want[k], got[k]) for k in want)
 

@@ -53,13 +53,17 @@ def test_seed_command_runs_under_accelerate_launch(tiny_sdxl, tmp_path):
     assert names == [f"utaha_xl_loraplus-{e:06d}.safetensors" for e in (2, 4, 6, 8, 10, 12)] + [
         "utaha_xl_loraplus.safetensors",
         "utaha_xl_loraplus_param_groups.json",
+        "utaha_xl_loraplus_report.html",
         "utaha_xl_loraplus_report.json",
     ]
     report = json.loads((tmp_path / "out" / "utaha_xl_loraplus_report.json").read_text())
     # The seed command on a CPU: fp8 Linear/Conv storage, fp32 compute, SDPA instead of xformers.
     assert report["precision"]["unet_weights"] == report["precision"]["text_encoder_weights"] == "float8_e4m3fn"
     assert (report["precision"]["compute"], report["attention"], report["steps"]) == ("float32", "sdpa", 14)
-    assert f"LoRA saved to {tmp_path / 'out' / 'utaha_xl_loraplus.safetensors'}" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-2:] == [  # what `make demo` ends with: the LoRA, then the page
+        f"LoRA saved to {tmp_path / 'out' / 'utaha_xl_loraplus.safetensors'}",
+        f"report: {tmp_path / 'out' / 'utaha_xl_loraplus_report.html'}",
+    ]
     assert "xformers cannot run on this machine (it needs a CUDA GPU); using PyTorch SDPA" in proc.stdout + proc.stderr
     assert "fp16 needs a CUDA GPU" in proc.stdout + proc.stderr
     with safe_open(str(tmp_path / "out" / "utaha_xl_loraplus.safetensors"), "pt") as f:

@@ -49,7 +49,7 @@ def _own_names(output_name: str) -> list[str]:
     files = [saver.final_path, saver.epoch_path(2), saver.step_path(40)]
     names = [p.name for p in files] + [saver.ema_path(p).name for p in files]
     names += [saver.state_path(p).name for p in files]
-    names += [saver.param_groups_path.name, saver.report_path.name, f"{output_name}.toml"]
+    names += [saver.param_groups_path.name, saver.report_path.name, saver.report_page_path.name, f"{output_name}.toml"]
     names += [
         sample_file_name(output_name, step=10, epoch=None, index=1, seed=5),
         sample_file_name(output_name, step=0, epoch=3, index=0, seed=7),

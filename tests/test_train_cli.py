@@ -82,6 +82,7 @@ def test_writes_final_and_epoch_files(loraplus_run):
         "tiny_lora-000002.safetensors",
         "tiny_lora.safetensors",
         "tiny_lora_param_groups.json",
+        "tiny_lora_report.html",
         "tiny_lora_report.json",
     ]
 

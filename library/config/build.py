@@ -395,6 +395,7 @@ def output_config(args: argparse.Namespace) -> OutputConfig:
         resume=Path(args.resume) if args.resume else None,
         log_with=log_with,
         log_tracker_name=args.log_tracker_name,
+        diagnostics_every_n_steps=args.diagnostics_every_n_steps,
     )
 
 

@@ -78,16 +78,25 @@ def run_labels(runs: Sequence[RunRecord]) -> tuple[list[str], list[str]]:
     keys = list(dict.fromkeys(key for run in with_settings for key in run.settings))
     if all(setting(run, "loraplus_lr_ratio") is not None for run in with_settings) and with_settings:
         keys = ["loraplus_lr_ratio" if key == RATIO_KEYS[0] else key for key in keys if key != RATIO_KEYS[1]]
-    differing = [key for key in keys if len({_format(setting(run, key)) for run in with_settings}) > 1]
+    differing = [key for key in keys if len({_label_value(run, key) for run in with_settings}) > 1]
     labels = []
     for run in runs:
         if run.settings and differing:
-            labels.append(", ".join(f"{key}={_format(setting(run, key))}" for key in differing))
+            labels.append(", ".join(f"{key}={_label_value(run, key)}" for key in differing))
         else:
             labels.append(run.name)
     counts = {label: labels.count(label) for label in labels}
     labels = [f"{label} ({_place(run)})" if counts[label] > 1 else label for label, run in zip(labels, runs)]
     return labels, differing
+
+
+def _label_value(run: RunRecord, key: str) -> str:
+    """A setting as a label shows it; `network_args` without the LoRA+ ratios (the trainer folds them in, and they
+    have settings of their own), so runs that differ only in the ratio are not labelled twice by it."""
+    value = setting(run, key)
+    if key == "network_args" and isinstance(value, str):
+        value = " ".join(arg for arg in value.split() if not arg.startswith("loraplus_"))
+    return _format(value)
 
 
 def is_plain_lora(run: RunRecord) -> bool:

@@ -123,7 +123,8 @@ def lr_figure(runs: Runs) -> bytes | None:
                 linewidth=1.5,
                 label=group if single else None,
             )
-    axes.set_yscale("log")
+    if any(v > 0 for _, h in runs for series in h.lr.values() for v in series.values):  # warm-up starts at 0
+        axes.set_yscale("log")
     axes.set_xlabel("step")
     axes.set_ylabel("learning rate")
     axes.set_title("Learning rate per parameter group (dashed: LoRA+ B groups)")

@@ -27,6 +27,11 @@ ul.notes { color: #8a5a00; } .missing { color: #999; font-style: italic; }
 """
 
 
+GRID_MAX_WIDTH, GRID_MIN_WIDTH = 160, 64
+GRID_SPACE = 900
+"""Pixels of the page's width (1200 less the row labels) the images of a sample grid's row share."""
+
+
 def escape(text: object) -> str:
     return html.escape(str(text), quote=True)
 
@@ -57,13 +62,15 @@ def table(header: Sequence[object], rows: Iterable[Sequence[object]], numeric: S
 
 def image_grid(rows: Sequence[tuple[str, Sequence[Path | None]]], columns: Sequence[str]) -> str:
     """Sample images as a table: a header row of `columns`, then one row per (label, paths). Each image is an
-    inline thumbnail linked to its file (the link works while the file is where it was)."""
+    inline thumbnail linked to its file (the link works while the file is where it was), shown narrower when there
+    are many columns so the grid fits the page's width."""
     head = "<th></th>" + "".join(f"<th>{escape(c)}</th>" for c in columns)
+    width = max(GRID_MIN_WIDTH, min(GRID_MAX_WIDTH, GRID_SPACE // max(1, len(columns))))
     body = []
     for label, paths in rows:
         cells = "".join(
             f'<td><a href="{escape(path.resolve().as_uri())}"><img alt="{escape(label)}, {escape(column)}" '
-            f'src="{jpeg_uri(thumbnail_jpeg(path))}"></a></td>'
+            f'style="width:{width}px" src="{jpeg_uri(thumbnail_jpeg(path))}"></a></td>'
             if path
             else '<td class="missing">no sample</td>'
             for path, column in zip(paths, columns)

@@ -57,6 +57,10 @@ class RunRecord:
 
     @property
     def steps_per_epoch(self) -> float | None:
+        """The report's own figure (runs that record it), else steps / epochs of a finished run."""
+        recorded = self.cost.get("steps_per_epoch")
+        if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0:
+            return float(recorded)
         steps, epochs = self.cost.get("steps"), self.cost.get("epochs")
         return steps / epochs if isinstance(steps, int) and isinstance(epochs, int) and epochs > 0 else None
 

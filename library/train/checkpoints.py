@@ -30,12 +30,13 @@ def save_run_state(parts: RunParts, folder: Path, progress: TrainProgress) -> Pa
     )
 
 
-def save_step_checkpoint(out: OutputConfig, parts: RunParts, progress: TrainProgress, timer: StepTimer) -> None:
-    """--save_every_n_steps: `<name>-step<N>.safetensors` (+ state with --save_state), then rotation."""
+def save_step_checkpoint(out: OutputConfig, parts: RunParts, progress: TrainProgress, timer: StepTimer) -> bool:
+    """--save_every_n_steps: `<name>-step<N>.safetensors` (+ state with --save_state), then rotation; whether
+    this step was saved."""
     saver, accelerator = parts.saver, parts.accelerator
     every = out.save_every_n_steps
     if not every or progress.step % every or progress.step >= parts.schedule.total_steps:
-        return
+        return False
     if accelerator.is_main_process:
         metadata = progress_metadata(parts.base_metadata, steps=progress.step, epoch=progress.epoch, finished=False)
         accelerator.print(f"saved {saver.save_step(parts.network, metadata, progress.step)}")
@@ -46,18 +47,19 @@ def save_step_checkpoint(out: OutputConfig, parts: RunParts, progress: TrainProg
             saver.remove_states(saver.old_step_paths(progress.step, every, out.save_last_n_steps_state))
     accelerator.wait_for_everyone()
     timer.restart()  # saving is not a step
+    return True
 
 
 def save_epoch_checkpoint(
     out: OutputConfig, parts: RunParts, progress: TrainProgress, timer: StepTimer, *, epoch: int
-) -> None:
+) -> bool:
     """--save_every_n_epochs: `<name>-<epoch>.safetensors` (+ state with --save_state), then rotation; the
-    last epoch's weights are the final file instead."""
+    last epoch's weights are the final file instead. Whether this epoch was saved."""
     saver, accelerator = parts.saver, parts.accelerator
     every = out.save_every_n_epochs
     accelerator.wait_for_everyone()
     if not every or epoch % every or epoch >= parts.schedule.num_epochs:
-        return
+        return False
     if accelerator.is_main_process:
         metadata = progress_metadata(parts.base_metadata, steps=progress.step, epoch=epoch, finished=False)
         accelerator.print(f"saved {saver.save_epoch(parts.network, metadata, epoch)}")
@@ -68,6 +70,7 @@ def save_epoch_checkpoint(
             saver.remove_states(saver.old_epoch_paths(epoch, every, out.save_last_n_epochs_state))
     accelerator.wait_for_everyone()
     timer.restart()  # saving is not a step
+    return True
 
 
 def save_interrupted(

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from library.train.checkpoints import save_epoch_checkpoint, save_step_checkpoint
 from library.train.interrupts import interrupts_deferred
 from library.train.parts import LoopState, RunParts
+from library.train.report_files import write_report_files
 from library.train.run_config import LoopConfig, OutputConfig, TrainConfig
 from library.train.run_report import StepTimer
 from library.train.sampling import SamplingConfig
@@ -101,11 +102,12 @@ def _run_steps(cfg: TrainConfig, parts: RunParts, state: LoopState, on_step: OnS
                     progress.epoch, progress.steps_in_epoch = epoch + 1, 0
                 state.timer.step_done()
                 state.rng_at_step = RngSnapshot.take()
+                state.losses.append(loss)  # with the step, so the report's lists never differ in length
+                state.lrs.append(lrs)
+                diagnostics = step_diagnostics(state, progress.step)  # of these weights, even if a Ctrl-C follows
 
             # Logs: the loss, its running average and each group's rate as sd-scripts logs it (after this step's
-            # scheduler step).
-            state.losses.append(loss)
-            state.lrs.append(lrs)
+            # scheduler step), and the LoRA+ diagnostics when due.
             average = recent_average(state.losses)
             progress_bar.update(1)
             progress_bar.set_postfix(avr_loss=f"{average:.4f}")
@@ -113,6 +115,7 @@ def _run_steps(cfg: TrainConfig, parts: RunParts, state: LoopState, on_step: OnS
             logs.update(
                 {f"lr/{d}": float(lr) for d, lr in zip(parts.group_descriptions, parts.lr_scheduler.get_last_lr())}
             )
+            logs.update(diagnostics)
             accelerator.log(logs, step=progress.step)
             # Validation, checkpoint and samples when due (and at an epoch's end those of the epoch), then the caller.
             validation = after_step(
@@ -128,19 +131,32 @@ def after_step(
     cfg: TrainConfig, parts: RunParts, state: LoopState, *, train_average: float, epoch_end: int | None
 ) -> float | None:
     """What follows an optimizer step, in this order: validation, step checkpoint, samples; after the last step
-    of epoch `epoch_end` the same for the epoch. Returns the validation loss when one was computed."""
+    of epoch `epoch_end` the same for the epoch; then, when a checkpoint was saved, the run report (so the page
+    shows that step's samples). Returns the validation loss when one was computed."""
     step, timer = state.progress.step, state.timer
     validation = maybe_validate(cfg.validation, parts, state, step=step, epoch_end=None, train_average=train_average)
-    save_step_checkpoint(cfg.output, parts, state.progress, timer)
+    saved = save_step_checkpoint(cfg.output, parts, state.progress, timer)
     maybe_sample(cfg.sampling, cfg.output, cfg.loop, parts, timer, step=step, epoch=None)
     if epoch_end is not None:
         at_epoch_end = maybe_validate(
             cfg.validation, parts, state, step=step, epoch_end=epoch_end, train_average=train_average
         )
-        save_epoch_checkpoint(cfg.output, parts, state.progress, timer, epoch=epoch_end)
+        saved = save_epoch_checkpoint(cfg.output, parts, state.progress, timer, epoch=epoch_end) or saved
         maybe_sample(cfg.sampling, cfg.output, cfg.loop, parts, timer, step=step, epoch=epoch_end)
         validation = at_epoch_end if at_epoch_end is not None else validation
+    if saved:
+        write_report_files(cfg, parts, state)
+        timer.restart()  # writing the report is not a step
     return validation
+
+
+def step_diagnostics(state: LoopState, step: int) -> dict[str, float]:
+    """The LoRA+ diagnostics of `step` when due (kept in `state.diagnostic_values` for the report), else none."""
+    values = state.diagnostics.after_step(step) if state.diagnostics is not None else None
+    if values is None:
+        return {}
+    state.diagnostic_values.append((step, values))
+    return values
 
 
 def recent_average(losses: list[float]) -> float:

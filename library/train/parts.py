@@ -7,7 +7,7 @@ are handed. The parts are frozen (their objects - the optimizer, the network - c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,8 @@ from library.files.finite import NonFiniteSteps
 from library.model.base_models import Encoder
 from library.model.loading import SDXLModels
 from library.model.precision import PrecisionPlan
+from library.report.history import Scalar
+from library.train.diagnostics import LoRADiagnostics
 from library.train.ema import LoRAEMA
 from library.train.loss import LossOptions
 from library.train.run_report import StepTimer
@@ -66,6 +68,26 @@ class ValidationSource:
 
 
 @dataclass(frozen=True)
+class ReportBasis:
+    """What the run's report (`library.train.report_files`) holds besides the loop's own lists, fixed once the run
+    is set up: the settings that ran, the sample prompts, where this run's steps start, and the earlier history a
+    resumed run continues."""
+
+    settings: Mapping[str, Scalar]
+    """`library.train.trackers.run_hparams`: what the trackers record too."""
+    sample_prompts: tuple[str, ...]
+    """The prompt of each sample index (the report's sample-grid rows)."""
+    first_step: int
+    """The step this run started from: 0, or where a resumed state stood."""
+    started_at: float
+    """`time.time()` at the start of `train`."""
+    load_seconds: float
+    """Time to load the base model."""
+    earlier_history: Mapping[str, Any] | None = None
+    """The `history` section of the report a resumed run continues (its steps up to `first_step` are kept)."""
+
+
+@dataclass(frozen=True)
 class RunParts:
     """The fixed parts of one run, built by `library.train.setup_parts` from the config slices."""
 
@@ -84,6 +106,7 @@ class RunParts:
     saver: LoRASaver
     base_metadata: dict[str, str]
     """What every saved file says about this run (progress fields are added per save)."""
+    report: ReportBasis
     ema: LoRAEMA | None = None
     validation: ValidationSource | None = None
 
@@ -109,6 +132,10 @@ class LoopState:
     """The learning rate of every group (by description) each step run here ran with."""
     validation_losses: list[tuple[int, float]] = field(default_factory=list)
     """(step, validation loss) of every evaluation."""
+    diagnostics: LoRADiagnostics | None = None
+    """The LoRA+ diagnostics' schedule and the copy of the weights it keeps (main process, when on)."""
+    diagnostic_values: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    """(step, {tracker name: value}) of every diagnostic step run here."""
 
     def validated_at(self, step: int) -> bool:
         return bool(self.validation_losses) and self.validation_losses[-1][0] == step

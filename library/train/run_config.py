@@ -117,6 +117,9 @@ class OutputConfig:
     log_with: tuple[str, ...] = ()
     """Trackers: "tensorboard", "wandb"."""
     log_tracker_name: str | None = None
+    diagnostics_every_n_steps: int = 0
+    """Log the LoRA+ diagnostics (`library.train.diagnostics`) every N optimizer steps; 0: off (the command line's
+    default is `library.config.cli.DIAGNOSTICS_EVERY_N_STEPS`)."""
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,11 @@ class LoRASaver:
     def report_path(self) -> Path:
         return self.output_dir / f"{self.output_name}_report.json"
 
+    @property
+    def report_page_path(self) -> Path:
+        """`library.report.run_page.write_run_report`'s page, built from `report_path` and the sample images."""
+        return self.output_dir / f"{self.output_name}_report.html"
+
     def save_param_groups(self, infos: Sequence, weight_decay: float | None) -> Path:
         """The optimizer groups (LoRA+ base/plus, lr, sizes) as JSON beside the final LoRA file, written with it
         (every LoRA file also carries them as `ss_lr_param_groups`)."""
@@ -128,6 +133,6 @@ def output_file_pattern(output_name: str) -> re.Pattern[str]:
     name = re.escape(output_name)
     checkpoint = rf"{name}(?:-\d{{6}}|-step\d{{8}})?"
     return re.compile(
-        rf"{checkpoint}(?:-ema)?\.safetensors|{checkpoint}-state|{name}_param_groups\.json|{name}_report\.json"
+        rf"{checkpoint}(?:-ema)?\.safetensors|{checkpoint}-state|{name}_param_groups\.json|{name}_report\.(?:json|html)"
         rf"|{name}\.toml|{name}_(?:e\d{{6}}|\d{{6}})_\d{{2}}_\d{{14}}_\d+\.png"
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import math
 import random
+from collections.abc import Mapping
 from functools import partial
 
 import torch
@@ -33,13 +34,21 @@ from library.model.base_models import (
 from library.model.loading import SDXLModels, load_sdxl
 from library.model.precision import PrecisionConfig, PrecisionPlan
 from library.model.text_encoding import encode_captions
+from library.train.diagnostics import LoRADiagnostics
 from library.train.ema import EMAConfig, LoRAEMA
 from library.train.interrupts import NOTHING_SAVED, Phase
 from library.train.metadata import DatasetSummary, training_metadata
 from library.train.optim import build_lr_scheduler, build_optimizer, decay_steps, total_training_steps, warmup_steps
 from library.train.parts import Schedule, ValidationSource
-from library.train.run_config import LoopConfig, ModelConfig, NetworkConfig, OptimizerConfig, TrainConfig
-from library.train.trackers import run_hparams, store_run_config
+from library.train.run_config import (
+    LoopConfig,
+    ModelConfig,
+    NetworkConfig,
+    OptimizerConfig,
+    OutputConfig,
+    TrainConfig,
+)
+from library.train.trackers import Scalar, run_hparams, store_run_config
 from library.train.validation import (
     ValidationConfig,
     ValidationSet,
@@ -379,21 +388,12 @@ def run_metadata(
     return metadata
 
 
-def start_trackers(
-    cfg: TrainConfig,
-    accelerator: Accelerator,
-    *,
-    plan: PrecisionPlan,
-    schedule: Schedule,
-    num_train_images: int,
-    validating: bool,
-) -> None:
-    """--log_with's trackers, with the run's settings (network, optimizer, loop, precision) so runs can be
-    compared; a tracker that refuses them is a warning line."""
-    if not cfg.output.log_with:
-        return
-    accelerator.init_trackers(cfg.output.log_tracker_name or "network_train")
-    hparams = run_hparams(
+def run_settings(
+    cfg: TrainConfig, plan: PrecisionPlan, schedule: Schedule, *, num_train_images: int
+) -> dict[str, Scalar]:
+    """The settings that run (network, optimizer, loop, precision), as the trackers and the run report record them,
+    so runs can be compared."""
+    return run_hparams(
         cfg.network,
         cfg.optimizer,
         cfg.loop,
@@ -402,6 +402,26 @@ def start_trackers(
         num_epochs=schedule.num_epochs,
         num_train_images=num_train_images,
     )
+
+
+def start_trackers(
+    out: OutputConfig, accelerator: Accelerator, settings: Mapping[str, Scalar], *, validating: bool
+) -> None:
+    """--log_with's trackers, with the run's `settings`; a tracker that refuses them is a warning line."""
+    if not out.log_with:
+        return
+    accelerator.init_trackers(out.log_tracker_name or "network_train")
     metrics = ("loss/average", "loss/validation") if validating else ("loss/average",)
-    for problem in store_run_config(accelerator.trackers, hparams, metrics):
+    for problem in store_run_config(accelerator.trackers, settings, metrics):
         accelerator.print(f"warning: {problem}")
+
+
+def setup_diagnostics(
+    out: OutputConfig, network, groups: list[ParamGroupInfo], accelerator: Accelerator, *, start_step: int
+) -> LoRADiagnostics | None:
+    """The LoRA+ diagnostics every --diagnostics_every_n_steps steps (per UNet block too when the groups are split
+    by block), on the main process, which alone logs them and writes the report; None when off."""
+    if not out.diagnostics_every_n_steps or not accelerator.is_main_process:
+        return None
+    by_block = any(group.block is not None for group in groups)
+    return LoRADiagnostics(network, out.diagnostics_every_n_steps, by_block=by_block, start_step=start_step)

@@ -52,6 +52,11 @@ class TrainProgress:
     steps_in_epoch: int = 0
     """Optimizer steps done within `epoch` (its first `steps_in_epoch * accumulation` batches are consumed)."""
 
+    @property
+    def epochs_run(self) -> int:
+        """Epochs with at least one step done (the last may be partial): what metadata and reports call epochs."""
+        return self.epoch - 1 if self.steps_in_epoch == 0 else self.epoch
+
     def state_dict(self) -> dict[str, int]:
         return asdict(self)
 

@@ -13,6 +13,7 @@ own parts and state (accelerate's process-wide state is reset per run), so runs 
     cfg = config_from_args(build_parser().parse_args([...]))  # the one validated way to a config
     result = train(cfg, on_step=lambda info: print(info.step, info.loss, dict(info.lrs)))
     result.final_path, result.losses, result.lrs, result.validation_losses, result.report, result.param_groups
+    result.report_page  # <output_name>_report.html: the run's curves, group lrs, diagnostics and samples
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ from library.train.loop import OnStep, StepInfo, run_loop
 from library.train.loss import loss_option_warnings, make_noise_scheduler
 from library.train.metadata import progress_metadata
 from library.train.parts import LoopState, LossParts, RunParts
+from library.train.report_files import earlier_history, report_basis, write_report_files
 from library.train.run_config import OutputConfig, TrainConfig
-from library.train.run_report import build_report, peak_memory, write_report
 from library.train.saving import LoRASaver, output_file_pattern
 from library.train.setup_parts import (
     cache_latents_once,
@@ -52,6 +53,8 @@ from library.train.setup_parts import (
     plan_schedule,
     release_text_encoders,
     run_metadata,
+    run_settings,
+    setup_diagnostics,
     setup_lr_scheduler,
     setup_network,
     setup_optimizer,
@@ -88,6 +91,8 @@ class TrainResult:
     """The content of `report_path` (main process only)."""
     param_groups: list[ParamGroupInfo] = field(default_factory=list)
     """The optimizer's groups (LoRA+ base/plus, per block), as `<output_name>_param_groups.json` lists them."""
+    report_page: Path | None = None
+    """`<output_name>_report.html`, the run on one page (main process only; None when it could not be written)."""
 
 
 def make_accelerator(cfg: TrainConfig) -> tuple[Accelerator, PrecisionPlan]:
@@ -163,7 +168,7 @@ def run_training(
 ) -> TrainResult:
     """Set-up, the loop and the final files; `phase` says what is going on, for the line an interrupt prints;
     `run_scope` holds the output lock until the run ends, however it ends."""
-    parts, state, load_seconds = set_up(cfg, started_at, phase, run_scope)
+    parts, state = set_up(cfg, started_at, phase, run_scope)
     # The loop; an interrupt in it saves the last finished step.
     phase.enter("training")
     try:
@@ -174,6 +179,7 @@ def run_training(
             "files being written were left as they were (writes are atomic); checkpoints saved before are kept",
         )
         lora_path, state_path, step = save_interrupted(parts, state.progress, state.rng_at_step)
+        report_after_interrupt(cfg, parts, state)
         raise TrainingInterrupted(
             lora_path,
             state_path,
@@ -181,13 +187,22 @@ def run_training(
             signal_name=signal_name(interrupt),
             is_main_process=parts.accelerator.is_main_process,
         ) from None
-    return finish(cfg, parts, state, phase, load_seconds=load_seconds, started_at=started_at)
+    return finish(cfg, parts, state, phase)
+
+
+def report_after_interrupt(cfg: TrainConfig, parts: RunParts, state: LoopState) -> None:
+    """The run report as the interrupt left it (its history is what a resume continues); a second Ctrl-C stops
+    only this, so the lines saying what was saved and how to go on are still printed."""
+    try:
+        write_report_files(cfg, parts, state)
+    except KeyboardInterrupt:
+        parts.accelerator.print("warning: the run report was not brought up to date (interrupted again)")
 
 
 def set_up(
     cfg: TrainConfig, started_at: float, phase: Phase, run_scope: contextlib.ExitStack
-) -> tuple[RunParts, LoopState, float]:
-    """The run's fixed parts and its loop state (resumed when --resume is given), and the model's load seconds."""
+) -> tuple[RunParts, LoopState]:
+    """The run's fixed parts and its loop state (resumed when --resume is given)."""
     # Data first: a missing folder or broken image stops here, before any model loads.
     phase.enter("reading the training data")
     records, validation = split_validation(cfg.data, cfg.validation, cfg.loop.batch_size)
@@ -247,14 +262,8 @@ def set_up(
         optimizer_name=f"{type(inner).__module__}.{type(inner).__name__}",
     )
     saver = LoRASaver(cfg.output.output_dir, cfg.output.output_name, save_dtype(cfg.output.save_precision), ema=ema)
-    start_trackers(
-        cfg,
-        accelerator,
-        plan=plan,
-        schedule=schedule,
-        num_train_images=dataset.num_train_images,
-        validating=validation is not None,
-    )
+    settings = run_settings(cfg, plan, schedule, num_train_images=dataset.num_train_images)
+    start_trackers(cfg.output, accelerator, settings, validating=validation is not None)
 
     # Resume: optimizer, scheduler, RNG, LoRA weights and the position in the data come back from the state
     # folder, registered objects in a fixed order (the load must see them in the order they were saved).
@@ -265,6 +274,16 @@ def set_up(
         accelerator.print(
             f"resumed from {cfg.output.resume} at step {state.progress.step}, epoch {state.progress.epoch}"
         )
+    # The LoRA+ diagnostics (from the step the run starts at) and what the run report holds besides the loop's lists.
+    state.diagnostics = setup_diagnostics(cfg.output, network, groups, accelerator, start_step=state.progress.step)
+    report = report_basis(
+        cfg.sampling,
+        settings,
+        first_step=state.progress.step,
+        started_at=started_at,
+        load_seconds=load_seconds,
+        earlier_history=resumed_history(cfg.output, saver, accelerator),
+    )
     loss = LossParts(
         models,
         encode,
@@ -288,20 +307,30 @@ def set_up(
         schedule,
         saver,
         base_metadata,
+        report,
         ema=ema,
         validation=validation_source,
     )
-    return parts, state, load_seconds
+    return parts, state
 
 
-def finish(
-    cfg: TrainConfig, parts: RunParts, state: LoopState, phase: Phase, *, load_seconds: float, started_at: float
-) -> TrainResult:
+def resumed_history(out: OutputConfig, saver: LoRASaver, accelerator: Accelerator) -> dict | None:
+    """On a resume (main process), the history of the report the run continues: the one beside the state folder
+    (the run that saved it), else this output's (a state moved elsewhere)."""
+    if out.resume is None or not accelerator.is_main_process:
+        return None
+    history, problem = earlier_history([out.resume.parent / saver.report_path.name, saver.report_path])
+    if problem is not None:
+        accelerator.print(f"warning: {problem}")
+    return history
+
+
+def finish(cfg: TrainConfig, parts: RunParts, state: LoopState, phase: Phase) -> TrainResult:
     """The final LoRA (and state with --save_state / --save_state_on_train_end), the skipped-steps warning, the run
-    report; then the trackers end."""
+    report (JSON and page); then the trackers end."""
     accelerator, saver, progress = parts.accelerator, parts.saver, state.progress
-    epochs_done = progress.epoch - 1 if progress.steps_in_epoch == 0 else progress.epoch
-    final_path, report_path, report = saver.final_path, None, None
+    epochs_done = progress.epochs_run
+    final_path = saver.final_path
     final_metadata = progress_metadata(parts.base_metadata, steps=progress.step, epoch=epochs_done, finished=True)
     phase.enter("writing the final LoRA", "the checkpoints saved before are kept; no final LoRA was written")
     if accelerator.is_main_process:
@@ -317,19 +346,9 @@ def finish(
             f"warning: {len(skipped)} steps had a NaN/inf loss or gradients and were "
             f"skipped (--max_nan_steps {cfg.loop.max_nan_steps}): steps {skipped}"
         )
-    if accelerator.is_main_process:
-        report = run_report(
-            cfg,
-            parts,
-            state,
-            steps=progress.step,
-            epochs=epochs_done,
-            load_seconds=load_seconds,
-            total_seconds=time.time() - started_at,
-        )
-        report_path = write_report(saver.report_path, report)
-        for warning in report["warnings"]:
-            accelerator.print(f"warning: {warning}")
+    report, page = write_report_files(cfg, parts, state)
+    for warning in report["warnings"] if report is not None else ():
+        accelerator.print(f"warning: {warning}")
     accelerator.end_training()
     return TrainResult(
         final_path,
@@ -338,38 +357,10 @@ def finish(
         epochs_done,
         list(state.losses),
         accelerator.is_main_process,
-        report_path,
+        saver.report_path if report is not None else None,
         list(state.validation_losses),
         lrs=[dict(lrs) for lrs in state.lrs],
         report=report,
         param_groups=list(parts.groups),
+        report_page=page,
     )
-
-
-def run_report(
-    cfg: TrainConfig,
-    parts: RunParts,
-    state: LoopState,
-    *,
-    steps: int,
-    epochs: int,
-    load_seconds: float,
-    total_seconds: float,
-) -> dict:
-    """The content of `<output_name>_report.json`: what the run cost and what actually ran."""
-    accelerator, plan, loop = parts.accelerator, parts.plan, cfg.loop
-    samples_per_step = loop.batch_size * loop.gradient_accumulation_steps * accelerator.num_processes
-    extra = {
-        "attention": plan.attention,
-        "gradient_checkpointing": cfg.precision.gradient_checkpointing,
-        "device": str(accelerator.device),
-        "processes": accelerator.num_processes,
-        "steps": steps,
-        "epochs": epochs,
-        "cached_latents": loop.cache_latents,
-        "cached_text_encoder_outputs": loop.cache_text_encoder_outputs,
-        "non_finite_steps_skipped": len(state.non_finite.skipped),
-        "load_seconds": round(load_seconds, 3),
-        "total_seconds": round(total_seconds, 3),
-    }
-    return build_report(state.timer, samples_per_step, peak_memory(accelerator.device), plan.summary(), extra)
