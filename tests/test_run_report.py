@@ -185,6 +185,7 @@ def test_diagnostics_are_logged_at_the_flags_interval(runs):
 
 
 @pytest.mark.parametrize("flag, logged_at", [((), [10]), (("--diagnostics_every_n_steps", "0"), [])])
+@pytest.mark.slow
 def test_diagnostics_by_default_every_10_steps_and_none_at_0(tiny_sdxl, data, tmp_path, flag, logged_at):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
