@@ -336,3 +336,9 @@ def test_large_samples_are_embedded_as_small_thumbnails(tmp_path):
     assert (tmp_path / "sample" / "lora_000010_00_20250101120000_1.png").stat().st_size > 1_000_000
     text = write_run_report(tmp_path, "lora").read_text()
     assert len(text) < 400_000
+
+
+def test_the_smoothing_window_smooths_short_runs_and_stays_within_the_run():
+    from library.report.figures import smoothing_window
+
+    assert [smoothing_window(n) for n in (1, 3, 28, 200, 1000, 5000)] == [1, 3, 5, 10, 50, 100]

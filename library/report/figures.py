@@ -55,8 +55,10 @@ def smooth(values: Sequence[float], window: int) -> list[float]:
 
 
 def smoothing_window(steps: int) -> int:
-    """About a twentieth of the run, between 1 and 100 steps (the trainer's loss/average uses 100)."""
-    return max(1, min(100, steps // 20))
+    """About a twentieth of the run, at least 5 steps (a short run's curve is otherwise not smoothed at all: the
+    demo's 28 steps gave a window of 1) and at most 100 (the trainer's loss/average uses 100); never more than the
+    run has."""
+    return max(1, min(steps, max(5, min(100, steps // 20))))
 
 
 def loss_figure(runs: Runs) -> bytes | None:
