@@ -19,9 +19,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from library.report.history import history_section
 from library.report.run_page import write_run_report  # imported with the trainer: never half-done by a Ctrl-C
@@ -29,6 +30,8 @@ from library.train.parts import LoopState, ReportBasis, RunParts
 from library.train.run_config import TrainConfig
 from library.train.run_report import build_report, peak_memory, write_report
 from library.train.sampling import SamplingConfig
+
+T = TypeVar("T")
 
 
 def report_basis(
@@ -111,22 +114,30 @@ def write_report_files(
     accelerator, saver = parts.accelerator, parts.saver
     if not accelerator.is_main_process:
         return None, None
-    try:
+
+    def write_json() -> dict[str, Any]:
         report = run_report(cfg, parts, state)
         write_report(saver.report_path, report)
+        return report
+
+    report = _tolerated(accelerator, saver.report_path, write_json)
+    if report is None:
+        return None, None
+    page = _tolerated(
+        accelerator, saver.report_page_path, lambda: write_run_report(saver.output_dir, saver.output_name)
+    )
+    return report, page
+
+
+def _tolerated(accelerator: Any, path: Path, write: Callable[[], T]) -> T | None:
+    """`write()`, or None after one warning line naming `path` when it fails (raised under STRICT_ENV)."""
+    try:
+        return write()
     except Exception as error:  # noqa: BLE001 - a report never costs the run
         if os.environ.get(STRICT_ENV):
             raise
-        accelerator.print(f"warning: {report_problem(saver.report_path, error)}")
-        return None, None
-    try:
-        page = write_run_report(saver.output_dir, saver.output_name)
-    except Exception as error:  # noqa: BLE001 - as above
-        if os.environ.get(STRICT_ENV):
-            raise
-        accelerator.print(f"warning: {report_problem(saver.report_page_path, error)}")
-        return report, None
-    return report, page
+        accelerator.print(f"warning: {report_problem(path, error)}")
+        return None
 
 
 REPORT_PROBLEM = "could not write the run report"
