@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from library.data.buckets import sdscripts_crop_ltrb
 from library.data.dataset import ImageRecord, TrainDataset
+from library.data.process_share import ONE_PROCESS, CachePass, ProcessShare
 from library.errors import UserInputError
 from library.files.atomic import DAMAGED, NPZ_READ_ERRORS, npz_damage, write_npz_atomic
 from library.files.stale_files import remove_stale_cache_temps
@@ -159,6 +161,32 @@ def _encode_batch(
     return latents, flipped
 
 
+def _check_cache_files(dataset: TrainDataset, indices: list[int], vae_fingerprint: str | None) -> list[int]:
+    """Give each of the records `indices` whose npz fits its latents; the others (file missing or not fitting)."""
+    missing = []
+    for index in indices:
+        record = dataset.records[index]
+        npz_path = npz_cache_path(record.path, record.original_size)
+        cached, reason = load_cached_latents(
+            npz_path, record, need_flipped=dataset.needs_flipped_latents(index), vae_fingerprint=vae_fingerprint
+        )
+        if cached is not None:
+            dataset.set_latents(index, *cached)
+            continue
+        if reason.startswith(DAMAGED):
+            logger.warning("latent cache %s: %s; recomputing it", npz_path, reason)
+        elif npz_path.exists():
+            logger.info("recomputing latent cache %s: %s", npz_path, reason)
+        missing.append(index)
+    return missing
+
+
+def _latent_bytes(dataset: TrainDataset, index: int) -> int:
+    """Bytes of one record's cached latents (float32, twice with the mirror image's)."""
+    channels, height, width = expected_latent_shape(dataset.records[index].bucket)
+    return 4 * channels * height * width * (2 if dataset.needs_flipped_latents(index) else 1)
+
+
 def cache_latents(
     dataset: TrainDataset,
     encode: Encoder,
@@ -167,7 +195,8 @@ def cache_latents(
     batch_size: int = 1,
     show_progress: bool = True,
     vae_fingerprint: str | None = None,
-) -> None:
+    share: ProcessShare = ONE_PROCESS,
+) -> CachePass:
     """Give every used record of `dataset` its latents, so training never decodes an image again.
 
     Records of `flip_aug` subsets also get the latents of their mirror image (npz key `latents_flipped`, as
@@ -175,53 +204,63 @@ def cache_latents(
     loaded instead of encoding, and new latents are written there. Images are encoded in batches of up to
     `batch_size` from one bucket. `encode` gets (B, 3, H, W) images in [-1, 1] and returns unscaled
     (B, 4, H/8, W/8) latents.
+
+    With several processes (`share`) each encodes its share of the missing images and writes their files, and
+    every process ends with every record's latents (`library.data.process_share`); every process must call this
+    for the same datasets in the same order.
     """
     if any(dataset.options(i).random_crop for i, record in enumerate(dataset.records) if record.used):
         raise UserInputError(
             "--random_crop cannot be used with --cache_latents (a cached latent holds one fixed crop): drop one of them"
         )
-    pending: dict[tuple[tuple[int, int], bool], list[int]] = {}
+    todo = [index for index, record in enumerate(dataset.records) if record.used and not dataset.has_latents(index)]
     if to_disk:  # what killed runs left beside the images
-        remove_stale_cache_temps({record.path.parent for record in dataset.records if record.used})
-    for index, record in enumerate(dataset.records):
-        if not record.used or dataset.has_latents(index):
-            continue
-        need_flipped = dataset.needs_flipped_latents(index)
-        if to_disk:
-            npz_path = npz_cache_path(record.path, record.original_size)
-            cached, reason = load_cached_latents(
-                npz_path, record, need_flipped=need_flipped, vae_fingerprint=vae_fingerprint
-            )
-            if cached is not None:
-                dataset.set_latents(index, *cached)
-                continue
-            if reason.startswith(DAMAGED):
-                logger.warning("latent cache %s: %s; recomputing it", npz_path, reason)
-            elif npz_path.exists():
-                logger.info("recomputing latent cache %s: %s", npz_path, reason)
-        pending.setdefault((record.bucket, need_flipped), []).append(index)
+        remove_stale_cache_temps({dataset.records[index].path.parent for index in todo})
+        missing = _check_cache_files(dataset, todo, vae_fingerprint)
+    else:
+        missing = todo
+    # The same order in every process: by bucket and mirror flag (a batch holds one bucket), then index.
+    work = sorted(
+        share.agree(missing),
+        key=lambda index: (dataset.records[index].bucket, dataset.needs_flipped_latents(index), index),
+    )
+    mine = share.mine(work)
 
-    total = sum(len(indices) for indices in pending.values())
-    if total == 0:
-        return
-    with tqdm(total=total, desc="caching latents", unit="img", disable=not show_progress) as progress:
+    def write(index: int, latents: CachedLatents) -> None:  # as it goes: an interrupted pass keeps its files
+        record = dataset.records[index]
+        path = npz_cache_path(record.path, record.original_size)
+        save_cached_latents(path, latents[0], record, latents[1], vae_fingerprint)
+
+    done = _encode_share(dataset, encode, mine, batch_size, show_progress, write if to_disk else None)
+    for index, latents in share.exchange(work, done, partial(_latent_bytes, dataset)).items():
+        dataset.set_latents(index, *latents)
+    return CachePass(len(todo), len(todo) - len(work), len(work), len(mine), len(mine) if to_disk else 0)
+
+
+def _encode_share(
+    dataset: TrainDataset,
+    encode: Encoder,
+    indices: list[int],
+    batch_size: int,
+    show_progress: bool,
+    on_encoded: Callable[[int, CachedLatents], None] | None,
+) -> dict[int, CachedLatents]:
+    """The latents (and mirror latents where needed) of the records `indices`, encoded in batches from one bucket;
+    `on_encoded` (writing the file) is called for each as soon as it is encoded."""
+    pending: dict[tuple[tuple[int, int], bool], list[int]] = {}
+    for index in indices:
+        pending.setdefault((dataset.records[index].bucket, dataset.needs_flipped_latents(index)), []).append(index)
+    done: dict[int, CachedLatents] = {}
+    with tqdm(total=len(indices), desc="caching latents", unit="img", disable=not show_progress or not indices) as bar:
         for bucket, with_flipped in sorted(pending):
-            indices = pending[(bucket, with_flipped)]
+            group = pending[(bucket, with_flipped)]
             step = max(1, batch_size)
-            for start in range(0, len(indices), step):
-                chunk = indices[start : start + step]
+            for start in range(0, len(group), step):
+                chunk = group[start : start + step]
                 latents, flipped = _encode_batch(encode, dataset, chunk, with_flipped)
                 for i, index in enumerate(chunk):
-                    sample = latents[i].clone()
-                    sample_flipped = flipped[i].clone() if flipped is not None else None
-                    dataset.set_latents(index, sample, sample_flipped)
-                    if to_disk:
-                        record = dataset.records[index]
-                        save_cached_latents(
-                            npz_cache_path(record.path, record.original_size),
-                            sample,
-                            record,
-                            sample_flipped,
-                            vae_fingerprint,
-                        )
-                progress.update(len(chunk))
+                    done[index] = (latents[i].clone(), flipped[i].clone() if flipped is not None else None)
+                    if on_encoded is not None:
+                        on_encoded(index, done[index])
+                bar.update(len(chunk))
+    return done

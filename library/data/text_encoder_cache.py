@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from library.data.process_share import ONE_PROCESS, CachePass, ProcessShare
 from library.errors import UserInputError
 from library.files.atomic import DAMAGED, NPZ_READ_ERRORS, npz_damage, write_npz_atomic
 from library.files.stale_files import remove_stale_cache_temps
@@ -83,6 +84,8 @@ class TextEncoderCache:
     """Record index -> per variant (context (L, D), pooled (P,))."""
     num_variants: int
     seed: int
+    made: CachePass | None = None
+    """What the pass that made the cache did (the items it encoded are captions)."""
 
     def lookup(self, index: int, epoch: int, repeat: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.outputs[index][pick_variant(self.seed, index, epoch, repeat, self.num_variants)]
@@ -128,6 +131,45 @@ def _save(
     write_npz_atomic(npz_path, arrays, what="text-encoder cache", flag="--cache_text_encoder_outputs_to_disk")
 
 
+def _load_files(
+    image_paths: Sequence[Path], captions: dict[int, list[str]], model: str, length: int, te1_width: int
+) -> dict[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The outputs of every image whose cache file fits this run (the others are logged and left out)."""
+    remove_stale_cache_temps({Path(path).parent for path in image_paths})  # what killed runs left
+    outputs = {}
+    for index, path in enumerate(image_paths):
+        loaded, reason = _load(te_cache_path(path), captions[index], model, length, te1_width)
+        if loaded is not None:
+            outputs[index] = loaded
+        elif reason.startswith(DAMAGED):
+            logger.warning("text-encoder cache %s: %s; recomputing it", te_cache_path(path), reason)
+        elif te_cache_path(path).exists():
+            logger.info("recomputing text-encoder cache %s: %s", te_cache_path(path), reason)
+    return outputs
+
+
+def _encode_all(
+    captions: Sequence[str], encode: CaptionEncoder, dtype: torch.dtype, batch_size: int, show_progress: bool
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(context, pooled) of each of `captions`, on the CPU in `dtype`."""
+    encoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    step = max(1, batch_size)
+    with tqdm(
+        total=len(captions),
+        desc="caching text encoder outputs",
+        unit="caption",
+        disable=not show_progress or not captions,
+    ) as progress:
+        for start in range(0, len(captions), step):
+            chunk = list(captions[start : start + step])
+            with torch.no_grad():
+                context, pooled = encode(chunk)
+            for caption, c, p in zip(chunk, context, pooled):
+                encoded[caption] = (c.detach().to("cpu", dtype).clone(), p.detach().to("cpu", dtype).clone())
+            progress.update(len(chunk))
+    return encoded
+
+
 def cache_text_encoder_outputs(
     image_paths: Sequence[Path],
     caption_of: CaptionOf,
@@ -142,53 +184,39 @@ def cache_text_encoder_outputs(
     model: str = "",
     batch_size: int = 8,
     show_progress: bool = True,
+    share: ProcessShare = ONE_PROCESS,
 ) -> TextEncoderCache:
-    """Encode every distinct caption (all variants of all records) once and return the cache.
+    """Encode every distinct caption (all variants of all records) once and return the cache (with what the pass
+    did: `TextEncoderCache.made`).
 
     `image_paths[i]` is record i's image (for the npz beside it); `length` is the context length
     (max_token_length + 2) and `te1_width` TE1's hidden size (where a context splits into the two npz keys).
-    Outputs are kept on the CPU in `dtype`.
+    Outputs are kept on the CPU in `dtype`. With several processes (`share`) each encodes its share of the
+    distinct captions, every process gets all of them through the collective, and each missing file is written
+    by one process (`library.data.process_share`).
     """
     if num_variants < 1:
         raise UserInputError(f"--text_encoder_cache_variants {num_variants} must be at least 1")
     captions = {index: variant_captions(caption_of, index, num_variants) for index in range(len(image_paths))}
     if num_variants == 1:
         check_captions_fixed(caption_of, [captions[index][0] for index in range(len(image_paths))])
-    outputs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    if to_disk:
-        remove_stale_cache_temps({Path(path).parent for path in image_paths})  # what killed runs left
-        for index, path in enumerate(image_paths):
-            loaded, reason = _load(te_cache_path(path), captions[index], model, length, te1_width)
-            if loaded is not None:
-                outputs[index] = [(c.to(dtype), p.to(dtype)) for c, p in loaded]
-            elif reason.startswith(DAMAGED):
-                logger.warning("text-encoder cache %s: %s; recomputing it", te_cache_path(path), reason)
-            elif te_cache_path(path).exists():
-                logger.info("recomputing text-encoder cache %s: %s", te_cache_path(path), reason)
+    loaded = _load_files(image_paths, captions, model, length, te1_width) if to_disk else {}
+    missing = share.agree(index for index in range(len(image_paths)) if index not in loaded)
+    work = sorted({caption for index in missing for caption in captions[index]})
+    mine = share.mine(work)
+    encoded = _encode_all(mine, encode, dtype, batch_size, show_progress)
+    # Only cuts the exchange into rounds, so an over-estimate will do: TE2 is at most 3 times as wide as TE1.
+    item_bytes = length * 4 * te1_width * torch.finfo(dtype).bits // 8
+    encoded = share.exchange(work, encoded, lambda caption: item_bytes)
 
-    pending = sorted({c for index, caps in captions.items() if index not in outputs for c in caps})
-    encoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    with tqdm(
-        total=len(pending),
-        desc="caching text encoder outputs",
-        unit="caption",
-        disable=not show_progress or not pending,
-    ) as progress:
-        for start in range(0, len(pending), max(1, batch_size)):
-            chunk = pending[start : start + max(1, batch_size)]
-            with torch.no_grad():
-                context, pooled = encode(chunk)
-            for caption, c, p in zip(chunk, context, pooled):
-                encoded[caption] = (c.detach().to("cpu", dtype).clone(), p.detach().to("cpu", dtype).clone())
-            progress.update(len(chunk))
-
-    for index, path in enumerate(image_paths):
-        if index in outputs:
-            continue
+    outputs = {index: [(c.to(dtype), p.to(dtype)) for c, p in loaded[index]] for index in loaded}
+    for index in missing:
         outputs[index] = [encoded[caption] for caption in captions[index]]
-        if to_disk:
-            _save(te_cache_path(path), captions[index], model, outputs[index], te1_width)
-    return TextEncoderCache(outputs, num_variants, seed)
+    written = share.mine(missing) if to_disk else []
+    for index in written:
+        _save(te_cache_path(image_paths[index]), captions[index], model, outputs[index], te1_width)
+    made = CachePass(len(image_paths), len(image_paths) - len(missing), len(work), len(mine), len(written))
+    return TextEncoderCache(outputs, num_variants, seed, made)
 
 
 class CachedTextDataset(torch.utils.data.Dataset):

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from library.train.checkpoints import save_epoch_checkpoint, save_step_checkpoint
@@ -20,7 +21,7 @@ from library.train.sampling import SamplingConfig
 from library.train.step import apply_update, backward_step, batch_loss
 from library.train.trackers import log_sample_images
 from library.train.train_state import RngSnapshot
-from library.train.validation import ValidationConfig, validation_logs, validation_loss
+from library.train.validation import ValidationConfig, mean_validation_loss, validation_logs, validation_losses
 
 
 @dataclass(frozen=True)
@@ -175,8 +176,9 @@ def maybe_validate(
     train_average: float,
 ) -> float | None:
     """The validation loss when due (fixed timesteps, noise and seeds: the same weights give the same number in
-    any run), logged as `loss/validation` and kept in `state.validation_losses`; every process computes it, so no
-    reduce is needed. Its time is not a step's."""
+    any run), logged as `loss/validation` and kept in `state.validation_losses`. Each process computes its share
+    of the batches and every process gets the same mean, the number one process would get. Its time is not a
+    step's."""
     if parts.validation is None or val_cfg is None or not val_cfg.is_due(step, epoch_end) or state.validated_at(step):
         return None
 
@@ -185,16 +187,18 @@ def maybe_validate(
 
     was_training = parts.network.training
     parts.network.eval()  # no LoRA dropout
+    accelerator = parts.accelerator
     try:
-        loss = validation_loss(
-            parts.validation.batches(),
+        items = validation_losses(
+            parts.validation.share(accelerator.process_index, accelerator.num_processes),
             compute,
             timesteps=val_cfg.timesteps,
             seed=val_cfg.seed,
-            device=parts.accelerator.device,
+            device=accelerator.device,
         )
     finally:
         parts.network.train(was_training)
+    loss = mean_validation_loss(gather_object(items))  # every process's items (its own alone with one process)
     state.validation_losses.append((step, loss))
     parts.accelerator.log(validation_logs(loss, train_average), step=step)
     state.timer.restart()  # validating is not a step

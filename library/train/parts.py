@@ -66,6 +66,10 @@ class ValidationSource:
     def batches(self) -> Iterator[dict]:
         return self.validation.iter_batches(self.source, self.collate)
 
+    def share(self, rank: int, num_processes: int) -> Iterator[tuple[int, dict]]:
+        """(batch number, batch) of the batches process `rank` of `num_processes` computes."""
+        return self.validation.iter_share(self.source, self.collate, rank=rank, num_processes=num_processes)
+
 
 @dataclass(frozen=True)
 class ReportBasis:

@@ -8,15 +8,18 @@ from __future__ import annotations
 import importlib
 import math
 import random
+import time
 from collections.abc import Mapping
 from functools import partial
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
 from library.data.dataset import BucketBatchSampler, DatasetConfig, TrainDataset, collate_examples, scan_train_data_dir
 from library.data.latent_cache import cache_latents
+from library.data.process_share import ONE_PROCESS, CachePass, ProcessShare
 from library.data.text_encoder_cache import (
     CachedTextDataset,
     TextEncoderCache,
@@ -140,6 +143,23 @@ def load_base_model(
     return models, attention
 
 
+def process_share(accelerator: Accelerator) -> ProcessShare:
+    """This process's share of a caching pass; the processes exchange what they encoded through
+    `torch.distributed.all_gather_object` (accelerate's `gather_object`), which works over gloo and NCCL."""
+    if accelerator.num_processes == 1:
+        return ONE_PROCESS
+    return ProcessShare(accelerator.process_index, accelerator.num_processes, gather_object)
+
+
+def describe_cache_pass(what: str, made: CachePass, items: str, seconds: float) -> str:
+    """The line a caching pass prints: what came from files, what was encoded and by how many processes."""
+    line = f"cached {what} of {made.images} images in {seconds:.1f} s: {made.from_files} read from cache files"
+    line += f", {made.encoded} {items} encoded"
+    if made.encoded_here != made.encoded:
+        line += f" (this process: {made.encoded_here})"
+    return line
+
+
 def cache_latents_once(
     loop: LoopConfig,
     datasets: list[TrainDataset],
@@ -161,14 +181,17 @@ def cache_latents_once(
         + ("; the latents cached to disk so far are kept and reused" if loop.cache_latents_to_disk else ""),
     )
     for dataset in datasets:
-        cache_latents(
+        started = time.perf_counter()
+        made = cache_latents(
             dataset,
             encode,
             to_disk=loop.cache_latents_to_disk,
             batch_size=loop.vae_batch_size,
             show_progress=accelerator.is_local_main_process,
             vae_fingerprint=vae_fingerprint(models.vae),
+            share=process_share(accelerator),
         )
+        accelerator.print(describe_cache_pass("latents", made, "images", time.perf_counter() - started))
     models.vae = release_model(models.vae, keep_vae, highvram, accelerator.device)
     free_memory(accelerator.device)
     return None
@@ -192,6 +215,7 @@ def cache_text_conditioning(
             return encode_captions(models, captions, loop.max_token_length, device)
 
     half = plan.weight_dtype in (torch.float16, torch.bfloat16)
+    started = time.perf_counter()
     cache = cache_text_encoder_outputs(
         [record.path for record in dataset.records],
         lambda index, epoch: dataset.caption(index, epoch),
@@ -205,7 +229,12 @@ def cache_text_conditioning(
         model=model_id,
         batch_size=max(loop.batch_size, 8),
         show_progress=accelerator.is_local_main_process,
+        share=process_share(accelerator),
     )
+    if cache.made is not None:
+        accelerator.print(
+            describe_cache_pass("text-encoder outputs", cache.made, "captions", time.perf_counter() - started)
+        )
     return cache
 
 

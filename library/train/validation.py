@@ -183,12 +183,25 @@ class ValidationSet:
     def iter_batches(self, source: Any = None, collate: Callable[[list[dict]], Batch] | None = None) -> Iterator[Batch]:
         """The collated batches in order. `source`: what to index with the keys (default the dataset; e.g. a
         `CachedTextDataset` of it); `collate`: default `collate_examples`."""
+        for _, batch in self.iter_share(source, collate):
+            yield batch
+
+    def iter_share(
+        self,
+        source: Any = None,
+        collate: Callable[[list[dict]], Batch] | None = None,
+        *,
+        rank: int = 0,
+        num_processes: int = 1,
+    ) -> Iterator[tuple[int, Batch]]:
+        """(batch number, collated batch) of the batches process `rank` of `num_processes` computes: numbers rank,
+        rank + num_processes, ... (all of them for one process); `source` and `collate` as in `iter_batches`."""
         from library.data.dataset import collate_examples
 
         source = self.dataset if source is None else source
         collate = collate_examples if collate is None else collate
-        for keys in self.batches:
-            yield collate([source[key] for key in keys])
+        for number in range(rank, len(self.batches), num_processes):
+            yield number, collate([source[key] for key in self.batches[number]])
 
 
 def build_validation_set(
@@ -242,13 +255,35 @@ def validation_loss(
     seed: int,
     device: torch.device | str | None = None,
 ) -> float:
-    """Mean of `compute_loss(batch, timesteps (B,) long, generator)` over every batch and every fixed timestep.
+    """Mean of `compute_loss(batch, timesteps (B,) long, generator)` over every batch and every fixed timestep
+    (`validation_losses` of all the batches, averaged)."""
+    return mean_validation_loss(
+        validation_losses(enumerate(batches), compute_loss, timesteps=timesteps, seed=seed, device=device)
+    )
 
-    The generator of (batch b, timestep i) is a CPU `torch.Generator` seeded from (seed, b, i) alone; pass it to
-    `noise_batch(..., timesteps=, generator=)` so the noise is the same at every call, on every device. Any draw
-    that still uses the global RNG (VAE posterior sampling, say) happens under a forked and seeded global RNG
-    (CPU and `device`), so it is fixed too and the training RNG stream is left exactly as it was. Runs under
-    `torch.no_grad()`; the caller puts the network in eval mode (dropouts off) and back.
+
+LossItem = tuple[int, int, float]
+"""(batch number, timestep number, loss) of one validation batch at one fixed timestep."""
+
+
+def validation_losses(
+    numbered_batches: Iterable[tuple[int, Batch]],
+    compute_loss: LossFn,
+    *,
+    timesteps: Sequence[int],
+    seed: int,
+    device: torch.device | str | None = None,
+) -> list[LossItem]:
+    """`compute_loss(batch, timesteps (B,) long, generator)` of each (batch number b, batch) at each fixed timestep.
+
+    Every value depends on (seed, b, i) and the weights alone, not on which batches ran before it, so processes
+    can each compute a share of the batches (`ValidationSet.iter_share`) and `mean_validation_loss` of all their
+    items is the number one process gets. The generator of (batch b, timestep i) is a CPU `torch.Generator`
+    seeded from (seed, b, i); pass it to `noise_batch(..., timesteps=, generator=)` so the noise is the same at
+    every call, on every device. Any draw that still uses the global RNG (VAE posterior sampling, say) happens
+    under a forked global RNG (CPU and `device`) seeded per batch, so it is fixed too and the training RNG stream
+    is left exactly as it was. Runs under `torch.no_grad()`; the caller puts the network in eval mode (dropouts
+    off) and back.
     """
     import torch
 
@@ -257,22 +292,31 @@ def validation_loss(
         index = torch.device(device).index
         devices = [torch.cuda.current_device() if index is None else index]
     python_state = random.getstate()
-    total, count = 0.0, 0
+    items: list[LossItem] = []
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
-            torch.manual_seed(_seeded_int("validation_global", seed))
-            for b, batch in enumerate(batches):
+            for b, batch in numbered_batches:
+                torch.manual_seed(_seeded_int("validation_global", seed, b))
                 size = _batch_size(batch)
                 for i, timestep in enumerate(timesteps):
                     generator = torch.Generator("cpu").manual_seed(_seeded_int("validation_noise", seed, b, i))
                     steps = torch.full((size,), int(timestep), dtype=torch.long)
-                    total += float(compute_loss(batch, steps, generator).detach().float())
-                    count += 1
+                    items.append((b, i, float(compute_loss(batch, steps, generator).detach().float())))
     finally:
         random.setstate(python_state)
-    if count == 0:
+    return items
+
+
+def mean_validation_loss(items: Iterable[LossItem]) -> float:
+    """The mean of every (batch, timestep) loss, summed in (batch, timestep) order: the same number whichever
+    process computed which item."""
+    ordered = sorted(items)
+    if not ordered:
         raise ValueError("no validation batches (or no timesteps) to compute a loss on")
-    return total / count
+    total = 0.0
+    for _, _, loss in ordered:
+        total += loss
+    return total / len(ordered)
 
 
 def validation_logs(loss: float, train_average: float | None = None) -> dict[str, float]:
