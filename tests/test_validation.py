@@ -20,10 +20,12 @@ from library.train.loss import LossOptions, make_noise_scheduler, noise_batch
 from library.train.validation import (
     ValidationConfig,
     build_validation_set,
+    mean_validation_loss,
     scan_validation_dir,
     split_records,
     validation_logs,
     validation_loss,
+    validation_losses,
     validation_metadata,
     validation_timesteps,
 )
@@ -326,6 +328,26 @@ def test_validation_loss_fixes_global_draws_too():
     assert validation_loss(batches, compute, timesteps=(1,), seed=0) == first
     torch.manual_seed(10)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_validation_shares_of_two_processes_give_the_one_process_mean():
+    """Each process scores batches rank, rank + 2, ...; every value depends on its batch alone (a global draw too),
+    so the gathered items give exactly the one-process number, whatever order they arrive in."""
+
+    def compute(batch, timesteps, generator):
+        drawn = torch.randn(batch["latents"].shape)  # a global draw, as VAE posterior sampling makes
+        noise = torch.randn(batch["latents"].shape, generator=generator)
+        return (batch["latents"] + drawn + noise * timesteps[0]).square().mean()
+
+    batches = fake_batches(count=5)
+    whole = validation_loss(batches, compute, timesteps=(1, 2), seed=4)
+    shares = [
+        validation_losses(list(enumerate(batches))[rank::2], compute, timesteps=(1, 2), seed=4) for rank in (1, 0)
+    ]
+    assert [len(share) for share in shares] == [2 * 2, 3 * 2]
+    assert mean_validation_loss(shares[0] + shares[1]) == whole
+    as_first, as_second = (validation_losses([(b, batches[1])], compute, timesteps=(1,), seed=4) for b in (0, 1))
+    assert as_first[0][2] != as_second[0][2]  # the batch number, not the order, picks the seeds
 
 
 def test_validation_loss_needs_batches():

@@ -2,7 +2,9 @@
 
 The npz files sit beside the images under sd-scripts' name (`<stem>_<W>x<H>_sdxl.npz`) with its keys, so a
 cache made by either trainer is used by the other. Unlike sd-scripts we check that a cache fits the bucket
-the image is in now (latent shape, original size, crop) and recompute it when it does not.
+the image is in now (latent shape, original size, crop) and recompute it when it does not. With several processes
+each encodes a share of the missing images and writes their files, and every process gets every latent
+(`library.data.process_share`).
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ sd-scripts reads our files). We add `captions` (the cached caption of every vari
 identifier of the base model), and `hidden_state1_<k>` / `hidden_state2_<k>` / `pool2_<k>` for variants
 k >= 1; a file whose captions, model or shapes differ from this run's is recomputed.
 
-This module knows captions only through `caption_of(index, epoch) -> str`, and examples only as dicts.
+With several processes each encodes a share of the distinct captions, every process gets all of them, and each
+missing file is written by one process (`library.data.process_share`). This module knows captions only through
+`caption_of(index, epoch) -> str`, and examples only as dicts.
 """
 
 from __future__ import annotations

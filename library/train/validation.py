@@ -7,7 +7,9 @@ range: 200, 400, 600, 800 by default), plus our `--validation_data_dir`. Deliber
 - the split never puts an image in both sets (sd-scripts' ceil/round can), is drawn per folder from its own seeded
   RNG (not Python's global `random`), leaves regularisation images in training and keeps >= 1 image on each side;
 - a validation example is always the same: no flip, centre crop, caption as written (no shuffle or dropout);
-- each (batch, timestep) has its own noise generator, so the value does not depend on what ran before it.
+- each (batch, timestep) has its own noise generator (and each batch its own seed of the global RNG), so a value
+  does not depend on what ran before it: with several processes each computes a share of the batches, and the mean
+  of all their values is the number one process gets.
 
 Torch-free at import time: torch is imported by the functions that compute, so the config reads
 `ValidationConfig` without it.
