@@ -4,10 +4,13 @@ whole (batches are drawn across the whole dataset, so every process needs every 
 The pass goes in three steps, each process running the same code:
 1. every process reads the cache files and finds what is missing; the processes agree on the union of it
    (`ProcessShare.agree`, a collective: no process goes on to write before every process has finished reading);
-2. item k of that agreed list is encoded by process k % N (`ProcessShare.mine`), which alone writes its file;
+2. item k of that agreed list is encoded by process k % N (`ProcessShare.mine`), which alone writes its file (a
+   text-encoder file holds several captions: missing file k is written by process k % N once the captions are
+   exchanged);
 3. the encoded items travel to every process through the collective (`ProcessShare.exchange`), in rounds of
    bounded size; no process reads a file another wrote in this pass, so none reads a file half-written, and a
-   cache folder that is not shared between machines still gives every process every item.
+   cache folder that is not shared between machines still gives every process every item (each machine's copy
+   of the folder then holds only the files its own processes wrote: share the folder to keep a whole disk cache).
 
 No collective is held across the long part: the processes meet before encoding and after it, and a share
 differs from another by at most one item, so each wait lasts about one item's encoding, well inside the
