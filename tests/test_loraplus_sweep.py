@@ -199,9 +199,9 @@ def test_a_sweep_stopped_midway_continues_without_repeating_a_run(tiny_sdxl, sma
     assert command in second.stdout
     words = shlex.split(command)
     assert words[:2] == [sys.executable, str(REPO / "train_network.py")]
-    from library.train.trainer import train
     from library.config.build import config_from_args
     from library.config.config_file import parse_args
+    from library.train.trainer import train
 
     argv_rec = [*words[2:], "--output_dir", str(tmp_path / "recommended")]
     result = train(config_from_args(parse_args(build_parser(), argv_rec)))
