@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from library.config.argv_edit import join_command
 from library.train.loss import HUBER_SCHEDULES, LOSS_TYPES
 from library.train.optim import OPTIMIZER_TYPES, SCHEDULERS
 from library.train.sampling import DEFAULT_SAMPLER, SAMPLERS
@@ -558,15 +557,11 @@ def resume_command(argv: Sequence[str], state: Path, program: str | None = None)
     if program is None:
         python = "python" if _same_file(shutil.which("python"), sys.executable) else sys.executable
         script = sys.argv[0] if Path(sys.argv[0]).name in ENTRY_SCRIPTS else "train_network.py"  # else: in-process
-        program = _join([python, script])
-    return f"{program} {_join([*args, '--resume', str(state)])}"
+        program = join_command([python, script])
+    return f"{program} {join_command([*args, '--resume', str(state)])}"
 
 
 def _same_file(a: str | None, b: str) -> bool:
     """The same path (not resolved: a virtual environment's python links to the system one, which lacks its
     packages)."""
     return a is not None and os.path.normcase(os.path.abspath(a)) == os.path.normcase(os.path.abspath(b))
-
-
-def _join(words: Sequence[str]) -> str:
-    return subprocess.list2cmdline(list(words)) if os.name == "nt" else shlex.join(words)
