@@ -358,11 +358,10 @@ def start_run(run: Run, resume: Path | None, device: str | None, jobs: int, log_
 
 
 def stop_run(process: subprocess.Popen) -> None:
-    """Ask a training to stop as Ctrl-C would (it saves its LoRA and state); on Windows it is ended."""
-    if os.name == "nt":
-        process.terminate()
-    else:
-        process.send_signal(signal.SIGINT)
+    """Ask a training to stop: SIGTERM, which the trainer takes as Ctrl-C (it saves its LoRA and state). Not SIGINT:
+    a sweep started in the background by a shell script inherits an ignored SIGINT, and so would its trainings. On
+    Windows the training is ended (it then starts over on the next sweep)."""
+    process.terminate()
 
 
 def last_error(log_path: Path) -> str:
