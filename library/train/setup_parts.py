@@ -324,21 +324,21 @@ def setup_optimizer(
 
 def setup_lr_scheduler(opt: OptimizerConfig, optimizer: torch.optim.Optimizer, schedule: Schedule, num_processes: int):
     """--lr_scheduler over the run's steps; accelerate steps a prepared scheduler once per process per optimizer
-    step, so its lengths count every process's steps."""
-    n = num_processes
+    step, so `build_lr_scheduler` counts every length in those steps."""
     return build_lr_scheduler(
         opt.lr_scheduler,
         optimizer,
-        total_steps=schedule.total_steps * n,
-        warmup=warmup_steps(opt.lr_warmup_steps, schedule.total_steps) * n,
+        total_steps=schedule.total_steps,
+        warmup=warmup_steps(opt.lr_warmup_steps, schedule.total_steps),
         num_cycles=opt.lr_scheduler_num_cycles,
         power=opt.lr_scheduler_power,
-        decay=decay_steps(opt.lr_decay_steps, schedule.total_steps) * n,
+        decay=decay_steps(opt.lr_decay_steps, schedule.total_steps),
         min_lr_ratio=opt.lr_scheduler_min_lr_ratio,
         timescale=opt.lr_scheduler_timescale,
         scheduler_type=opt.lr_scheduler_type,
         scheduler_args=opt.lr_scheduler_args,
         initial_lr=opt.learning_rate,
+        num_processes=num_processes,
     )
 
 
