@@ -1,6 +1,7 @@
 """The LoRA gradients are averaged in a few bucketed collectives (`library.train.grad_sync`): two processes over gloo
 get the per-tensor mean, a gradient missing on one process counts as zeros and one missing on every process stays
-None; a two-process run with module_dropout and uneven batches does not hang and ends with identical weights."""
+None; a two-process run with module_dropout and uneven batches (each process drawing its own noise) does not hang
+and ends with identical weights."""
 
 from __future__ import annotations
 
@@ -176,27 +177,37 @@ def test_full_size_sdxl_unet_lora_dim8_needs_four_collectives_instead_of_1444():
 
 
 def _train_worker(rank: int, port: int, argv: list[str], out: Path) -> None:
-    """Train with `argv`, keeping what the parent checks: this process's final LoRA weights, and at every step which
-    parameters had no gradient before the sync."""
+    """Train with `argv`, keeping what the parent checks: this process's final LoRA weights, at every step which
+    parameters had no gradient before the sync and the first sample's noise, and when the GPU peak was reset."""
     _join_group(rank, port)
+    import library.train.loop as loop
     import library.train.step as step
     import library.train.trainer as trainer
     from library.config.build import config_from_args
     from library.config.cli import build_parser
 
     missing: list[list[int]] = []
-    sync, finish = step.average_gradients, trainer.finish
+    noise: list[torch.Tensor] = []
+    resets: list[tuple[str, int]] = []
+    sync, finish, draw = step.average_gradients, trainer.finish, step.noise_batch
 
     def recording_sync(params, accelerator):
         missing.append([index for index, param in enumerate(params) if param.grad is None])
         return sync(params, accelerator)
 
+    def recording_draw(*args, **kwargs):
+        noised = draw(*args, **kwargs)
+        noise.append(noised.noise[0].clone())
+        return noised
+
     def keeping_finish(cfg, parts, state, phase):
         weights = {name: value.detach().clone() for name, value in parts.network.state_dict().items()}
-        torch.save({"weights": weights, "missing": missing, "losses": list(state.losses)}, out / f"rank{rank}.pt")
+        kept = {"weights": weights, "missing": missing, "noise": noise, "resets": resets, "losses": list(state.losses)}
+        torch.save(kept, out / f"rank{rank}.pt")
         return finish(cfg, parts, state, phase)
 
-    step.average_gradients, trainer.finish = recording_sync, keeping_finish
+    step.average_gradients, step.noise_batch, trainer.finish = recording_sync, recording_draw, keeping_finish
+    loop.reset_cuda_peak = lambda device: resets.append((device.type, len(missing)))
     trainer.train(config_from_args(build_parser().parse_args(argv)))
 
 
@@ -229,6 +240,8 @@ def test_module_dropout_with_uneven_batches_neither_hangs_nor_drifts(tiny_sdxl, 
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
     assert len(ranks[0]["missing"]) == len(ranks[1]["missing"]) == 4
     assert ranks[0]["missing"] != ranks[1]["missing"]  # the processes skipped different modules
+    assert not torch.equal(ranks[0]["noise"][0], ranks[1]["noise"][0])  # each process draws its own noise
+    assert ranks[0]["resets"] == ranks[1]["resets"] == [("cpu", 0)]  # the GPU peak restarts before the first step
     assert any(ranks[0]["missing"]) and any(ranks[1]["missing"])
     want, got = ranks[0]["weights"], ranks[1]["weights"]
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

@@ -13,6 +13,7 @@ from functools import partial
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from library.data.dataset import BucketBatchSampler, DatasetConfig, TrainDataset, collate_examples, scan_train_data_dir
@@ -288,6 +289,16 @@ def setup_network(
     if ema_cfg is None:
         return network, None
     return network, LoRAEMA(network, ema_cfg.decay, update_after_step=ema_cfg.update_after_step, warmup=ema_cfg.warmup)
+
+
+def seed_noise_per_process(seed: int, process_index: int) -> None:
+    """Each process draws its own noise, timesteps and LoRA dropouts: process r > 0 reseeds every global RNG with
+    `seed + r` (accelerate's `set_seed(device_specific=True)` rule), or all would train on the same draws. Called
+    once the network has its initial weights (drawn alike everywhere) and before a resumed state restores each
+    process's own RNGs. Process 0 keeps the run seed's stream, so a one-process run draws what it always drew; the
+    order of the data has its own generator (`make_loader`)."""
+    if process_index > 0:
+        set_seed(seed + process_index)
 
 
 def format_param_groups(infos: list[ParamGroupInfo], weight_decay: float | None) -> str:
