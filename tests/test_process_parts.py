@@ -12,6 +12,7 @@ import torch
 from accelerate.state import AcceleratorState
 
 from library.model.precision import PrecisionConfig, PrecisionRequest
+from library.report.run_page import cost_table
 from library.train.loss import LossOptions
 from library.train.run_report import build_report, memory_warnings, peak_memory, reset_cuda_peak
 from library.train.setup_parts import seed_noise_per_process
@@ -112,6 +113,8 @@ def test_the_report_gives_the_loops_allocated_and_reserved_peaks_and_the_gpus_to
     memory = build_report(SimpleNamespace(median=lambda: None, durations=[]), 1, peak, {}, {})["peak_memory"]
     assert memory["cuda_allocated_bytes"] == 6 * 2**30 and memory["cuda_reserved_bytes"] == 8 * 2**30
     assert memory["cuda_total_bytes"] == 80 * 2**30 and "training loop" in memory["cuda_since"]
+    page = cost_table({"peak_memory": memory})
+    assert "6.00 GiB of 80.0 GiB" in page and "peak GPU memory (reserved)" in page and "8.00 GiB of 80.0 GiB" in page
 
 
 def test_the_gpu_warning_weighs_what_the_allocator_reserved(fake_cuda):
