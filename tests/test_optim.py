@@ -19,6 +19,7 @@ from library.train.optim import (
     decay_steps,
     is_adaptive,
     optimizer_kwargs,
+    scaled_step_rules,
     schedule_problem,
     total_training_steps,
     warmup_steps,
@@ -433,3 +434,82 @@ def test_max_train_epochs_overrides_steps():
     assert total_training_steps(1600, None, 10, 1) == 1600
     assert total_training_steps(1600, 14, 10, 1) == 140
     assert total_training_steps(1600, 3, 10, 4) == 9  # ceil(10 / 4) optimizer steps per epoch
+
+
+# ---- several processes: accelerate steps a prepared schedule once per process per optimizer step -------------------
+
+PROCESS_CASES = {
+    **{name: (name, {"warmup": 4, **keywords}) for name, (keywords, _) in SCHEDULE_CASES.items()},
+    "lengths in --lr_scheduler_args": (
+        "linear",
+        {"scheduler_args": {"num_warmup_steps": "3", "num_training_steps": "15"}},
+    ),
+    "inverse_sqrt with its default timescale": ("inverse_sqrt", {"warmup": 0}),
+    "inverse_sqrt timescale in args": ("inverse_sqrt", {"warmup": 2, "scheduler_args": {"timescale": "5"}}),
+    "StepLR": ("constant", {"scheduler_type": "StepLR", "scheduler_args": {"step_size": "5", "gamma": "0.5"}}),
+    "ExponentialLR (a factor per step)": (
+        "constant",
+        {"scheduler_type": "ExponentialLR", "scheduler_args": {"gamma": "0.8"}},
+    ),
+    "MultiStepLR": ("constant", {"scheduler_type": "MultiStepLR", "scheduler_args": {"milestones": "[3, 7]"}}),
+    "CosineAnnealingLR": (
+        "constant",
+        {"scheduler_type": "torch.optim.lr_scheduler.CosineAnnealingLR", "scheduler_args": {"T_max": "12"}},
+    ),
+}
+
+
+def _curve_on(processes: int, name: str, keywords: dict, monkeypatch) -> list[list[float]]:
+    """The lr of each of 20 optimizer steps with the schedule stepped by accelerate's own wrapper as it steps on
+    `processes` processes (it reads the process count from AcceleratorState)."""
+    from types import SimpleNamespace
+
+    import accelerate.scheduler
+
+    monkeypatch.setattr(accelerate.scheduler, "AcceleratorState", lambda: SimpleNamespace(num_processes=processes))
+    optimizer = _sgd()
+    schedule = build_lr_scheduler(name, optimizer, total_steps=20, **{"warmup": 0, **keywords}, num_processes=processes)
+    return _curve(accelerate.scheduler.AcceleratedScheduler(schedule, [], split_batches=False), optimizer)
+
+
+@pytest.mark.parametrize("case", list(PROCESS_CASES))
+def test_every_schedule_length_follows_the_optimizer_steps_on_two_processes(case, monkeypatch):
+    name, keywords = PROCESS_CASES[case]
+    one = _curve_on(1, name, keywords, monkeypatch)
+    two = _curve_on(2, name, keywords, monkeypatch)
+    assert sum(two, []) == pytest.approx(sum(one, []), rel=1e-12, abs=1e-15)
+    assert len({round(lr_a, 12) for lr_a, _ in one}) >= (
+        1 if name == "constant" and "scheduler_type" not in keywords else 3
+    )
+
+
+def test_step_rules_scale_and_unreadable_rules_are_left_to_diffusers():
+    assert scaled_step_rules("1:5,0.5:12,0.1", 2) == "1:10,0.5:24,0.1"
+    assert scaled_step_rules("0.3", 4) == "0.3"
+    assert scaled_step_rules("1-5,0.1", 2) == "1-5,0.1"
+    with pytest.raises(UserInputError, match="--lr_scheduler piecewise_constant: .*check --lr_scheduler_args"):
+        build_lr_scheduler(
+            "piecewise_constant", _sgd(), total_steps=20, scheduler_args={"step_rules": "1-5,0.1"}, num_processes=2
+        )
+
+
+def test_a_wrapped_scheduler_class_saves_and_resumes_as_one_process_would():
+    optimizer = _sgd()
+    wrapped = build_lr_scheduler(
+        "constant",
+        optimizer,
+        total_steps=20,
+        scheduler_type="StepLR",
+        scheduler_args={"step_size": "2"},
+        num_processes=3,
+    )
+    assert isinstance(wrapped, torch.optim.lr_scheduler.LRScheduler)  # so accelerate.prepare wraps and saves it
+    for _ in range(3 * 5):  # five optimizer steps on three processes
+        optimizer.step()
+        wrapped.step()
+    assert wrapped.state_dict()["last_epoch"] == 5
+    resumed = build_lr_scheduler(
+        "constant", _sgd(), total_steps=20, scheduler_type="StepLR", scheduler_args={"step_size": "2"}, num_processes=3
+    )
+    resumed.load_state_dict(wrapped.state_dict())
+    assert resumed.get_last_lr() == wrapped.get_last_lr() == pytest.approx([LRS[0] * 0.1**2, LRS[1] * 0.1**2])

@@ -109,6 +109,8 @@ def test_report_has_step_time_throughput_and_peak_memory(runs):
     assert report["peak_memory"]["rss_bytes"] > 100 * 2**20
     assert report["attention"] == "sdpa" and report["device"] == "cpu" and report["warnings"] == []
     assert report["load_seconds"] > 0 and report["total_seconds"] >= report["load_seconds"]
+    sync = report["gradient_sync"]  # one process: nothing to average
+    assert sync["collectives_per_step"] == 0 and sync["tensors"] > 0 and sync["bytes"] > 0
 
 
 def test_full_bf16_saves_a_lora_that_loads(runs):

@@ -155,6 +155,18 @@ def cost_table(cost: Mapping[str, Any]) -> str:
         rows.append(("peak RAM (process)", _gib(memory["rss_bytes"], memory.get("ram_limit_bytes"))))
     if memory.get("cuda_allocated_bytes") is not None:
         rows.append(("peak GPU memory (tensors)", _gib(memory["cuda_allocated_bytes"], memory.get("cuda_total_bytes"))))
+    if memory.get("cuda_reserved_bytes") is not None:
+        rows.append(("peak GPU memory (reserved)", _gib(memory["cuda_reserved_bytes"], memory.get("cuda_total_bytes"))))
+    sync = cost.get("gradient_sync") or {}
+    collectives = sync.get("collectives_per_step")
+    if collectives:
+        rows.append(
+            (
+                "gradient sync",
+                f"{sync.get('tensors')} tensors ({sync.get('bytes', 0) / 2**20:.1f} MiB) averaged over processes in "
+                f"{collectives} collective{'s' if collectives != 1 else ''} per step",
+            )
+        )
     for key, value in (cost.get("precision") or {}).items():
         rows.append((f"precision: {key}", str(value)))
     for key in (

@@ -6,4 +6,5 @@ EMA (`ema`), validation (`validation`), sample prompts and images (`sampling`), 
 `ss_*` metadata (`saving`, `metadata`), the run report (`run_report`), LoRA+ diagnostics (`diagnostics`), trackers
 (`trackers`), signals (`interrupts`), the process's malloc set-up (`allocator`) and the only reach into private
 parts of accelerate and torch (`accelerate_compat`). May import `data`, `model`, `report`, `files` and `networks`;
-never `library.config`, whose builders import this wing for its slices and checks."""
+never `library.config`, whose builders import this wing for its slices and checks. Across processes the step's
+gradients are averaged in a few bucketed collectives (`grad_sync`)."""

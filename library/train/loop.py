@@ -16,7 +16,7 @@ from library.train.interrupts import interrupts_deferred
 from library.train.parts import LoopState, RunParts
 from library.train.report_files import write_report_files
 from library.train.run_config import LoopConfig, OutputConfig, TrainConfig
-from library.train.run_report import StepTimer
+from library.train.run_report import StepTimer, reset_cuda_peak
 from library.train.sampling import SamplingConfig
 from library.train.step import apply_update, backward_step, batch_loss
 from library.train.trackers import log_sample_images
@@ -65,10 +65,11 @@ def _run_steps(cfg: TrainConfig, parts: RunParts, state: LoopState, on_step: OnS
     accelerator, progress, schedule = parts.accelerator, state.progress, parts.schedule
     accumulation = cfg.loop.gradient_accumulation_steps
     params = parts.network.get_trainable_params()
-    # Samples before the first step (--sample_at_first), then the clock and the RNG snapshot start.
+    # Samples before the first step (--sample_at_first), then the clock, the GPU memory peak and the RNG snapshot start.
     if progress.step == 0:
         maybe_sample(cfg.sampling, cfg.output, cfg.loop, parts, state.timer, step=0, epoch=0)
     state.timer.restart()
+    reset_cuda_peak(accelerator.device)
     state.rng_at_step = RngSnapshot.take()
     while progress.step < schedule.total_steps:
         # An epoch: the sampler skips the batches a resumed state already consumed.

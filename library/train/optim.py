@@ -487,11 +487,18 @@ def build_lr_scheduler(
     scheduler_type: str | None = None,
     scheduler_args: Mapping[str, str] | None = None,
     initial_lr: float = 0.0,
+    num_processes: int = 1,
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """The schedule `name` built by the library that defines it; every group's lr follows the same curve from
-    its own base lr. `warmup`, `decay`: steps; `scheduler_args`: `--lr_scheduler_args` strings (they override
-    what the flags give); `scheduler_type`: a class that replaces `name`; `initial_lr`: what the adafactor
-    schedule reports before the first step (sd-scripts passes `--learning_rate`)."""
+    its own base lr. `total_steps`, `warmup`, `decay`, `timescale`: optimizer steps; `scheduler_args`:
+    `--lr_scheduler_args` strings (they override what the flags give); `scheduler_type`: a class that replaces
+    `name`; `initial_lr`: what the adafactor schedule reports before the first step (sd-scripts passes
+    `--learning_rate`).
+
+    `num_processes`: accelerate steps a prepared schedule once per process at every optimizer step, so every length
+    is counted in those steps (`_scaled_lengths`): the flags', the transformers lengths among `scheduler_args`, the
+    piecewise_constant step rules. A `scheduler_type` class, whose arguments only it understands, is advanced once
+    per optimizer step instead (`OncePerOptimizerStep`). Either way N processes follow one process's curve."""
     args = parse_literals(scheduler_args)
     mode = _optimizer_adafactor_mode(optimizer)
     problem = _schedule_problem(name, mode, warmup, scheduler_type or None, args, min_lr_ratio)
@@ -499,14 +506,20 @@ def build_lr_scheduler(
         raise UserInputError(problem)
     if scheduler_type:
         scheduler_cls = scheduler_class(scheduler_type)
-        return _call_for_user(
+        scheduler = _call_for_user(
             f"--lr_scheduler_type {scheduler_type}",
             "check --lr_scheduler_args",
             lambda: scheduler_cls(optimizer, **args),
         )
+        if num_processes == 1:
+            return scheduler
+        from library.train.once_per_step import OncePerOptimizerStep
+
+        return OncePerOptimizerStep(scheduler, num_processes)
     name = canonical_scheduler(name)
     if name == "adafactor" or mode == "relative_step":
         return _adafactor_schedule(optimizer, name, initial_lr)
+    args = _scaled_lengths(name, args, num_processes)
     if name == "piecewise_constant":
         from diffusers.optimization import get_scheduler as diffusers_get_scheduler
 
@@ -521,20 +534,53 @@ def build_lr_scheduler(
             f"run's {total_steps} steps; lower --lr_warmup_steps or --lr_decay_steps"
         )
     schedule = _transformers_schedule(name)
+    n = num_processes
     kwargs = (
         _library_kwargs(
             name,
-            total_steps=total_steps,
-            warmup=warmup,
+            total_steps=total_steps * n,
+            warmup=warmup * n,
             num_cycles=num_cycles,
             power=power,
-            decay=decay,
+            decay=decay * n,
             min_lr_ratio=min_lr_ratio,
-            timescale=timescale,
+            # transformers' default (the warmup, else 10,000 steps) made explicit, so it is scaled too
+            timescale=timescale if n == 1 else (timescale or warmup or 10_000) * n,
         )
         | args
     )
     return _call_for_user(f"--lr_scheduler {name}", "check --lr_scheduler_args", lambda: schedule(optimizer, **kwargs))
+
+
+LENGTH_ARGS = ("num_warmup_steps", "num_training_steps", "num_stable_steps", "num_decay_steps", "timescale")
+"""The arguments of transformers' schedule functions that count steps."""
+
+
+def _scaled_lengths(name: str, args: dict[str, Any], steps_per_step: int) -> dict[str, Any]:
+    """`--lr_scheduler_args` with every length counted in schedule steps, `steps_per_step` of them per optimizer
+    step: the transformers lengths (`LENGTH_ARGS`), and piecewise_constant's step rules."""
+    if steps_per_step == 1:
+        return args
+    scaled = dict(args)
+    for key in LENGTH_ARGS:
+        if isinstance(scaled.get(key), (int, float)) and not isinstance(scaled[key], bool):
+            scaled[key] = scaled[key] * steps_per_step
+    if name == "piecewise_constant" and isinstance(scaled.get("step_rules"), str):
+        scaled["step_rules"] = scaled_step_rules(scaled["step_rules"], steps_per_step)
+    return scaled
+
+
+def scaled_step_rules(rules: str, factor: int) -> str:
+    """diffusers' piecewise_constant rules `MULT:UNTIL_STEP,...,FINAL_MULT` with every step multiplied by `factor`
+    ("1:100,0.1" -> "1:200,0.1" for 2); rules it cannot read are left for diffusers to refuse."""
+    parts = rules.split(",")
+    scaled = []
+    for rule in parts[:-1]:
+        multiplier, sep, until = rule.partition(":")
+        if not sep or not until.strip().lstrip("-").isdigit():
+            return rules
+        scaled.append(f"{multiplier}:{int(until) * factor}")
+    return ",".join([*scaled, parts[-1]])
 
 
 def total_training_steps(

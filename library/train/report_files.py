@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 from library.report.history import history_section
 from library.report.run_page import write_run_report  # imported with the trainer: never half-done by a Ctrl-C
+from library.train.grad_sync import sync_summary
 from library.train.parts import LoopState, ReportBasis, RunParts
 from library.train.run_config import TrainConfig
 from library.train.run_report import build_report, peak_memory, write_report
@@ -92,6 +93,7 @@ def run_report(cfg: TrainConfig, parts: RunParts, state: LoopState) -> dict[str,
         "gradient_checkpointing": cfg.precision.gradient_checkpointing,
         "device": str(accelerator.device),
         "processes": accelerator.num_processes,
+        "gradient_sync": sync_summary(parts.network.get_trainable_params(), accelerator.num_processes),
         "steps": progress.step,
         "epochs": progress.epochs_run,
         "steps_per_epoch": math.ceil(parts.schedule.batches_per_epoch / loop.gradient_accumulation_steps),

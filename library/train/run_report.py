@@ -49,8 +49,12 @@ class MemoryPeak:
     ram_limit_bytes: int | None
     """Physical RAM, or the container's limit when lower."""
     cuda_bytes: int | None = None
-    """Peak CUDA memory allocated by tensors (None without a GPU)."""
+    """Peak CUDA memory allocated by tensors since the training loop started (`reset_cuda_peak`; None without a
+    GPU)."""
     cuda_total_bytes: int | None = None
+    """The GPU's memory."""
+    cuda_reserved_bytes: int | None = None
+    """Peak CUDA memory held by torch's caching allocator over the same time: what the GPU had to have free."""
 
 
 def ram_limit_bytes() -> int | None:
@@ -90,13 +94,21 @@ def peak_rss_bytes() -> int:
     return int(maxrss if sys.platform == "darwin" else maxrss * 1024)  # bytes on macOS, KiB on Linux and BSD
 
 
+def reset_cuda_peak(device: torch.device) -> None:
+    """Start the GPU memory peaks afresh when the training loop starts, so loading and caching (which may hold
+    models the steps never need) are not reported as the training's peak."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_memory(device: torch.device) -> MemoryPeak:
     rss = peak_rss_bytes()
-    cuda = cuda_total = None
+    cuda = cuda_total = cuda_reserved = None
     if device.type == "cuda":
         cuda = torch.cuda.max_memory_allocated(device)
+        cuda_reserved = torch.cuda.max_memory_reserved(device)
         cuda_total = torch.cuda.get_device_properties(device).total_memory
-    return MemoryPeak(rss, ram_limit_bytes(), cuda, cuda_total)
+    return MemoryPeak(rss, ram_limit_bytes(), cuda, cuda_total, cuda_reserved)
 
 
 def memory_warnings(peak: MemoryPeak) -> list[str]:
@@ -106,7 +118,7 @@ def memory_warnings(peak: MemoryPeak) -> list[str]:
         ("RAM", peak.rss_bytes, peak.ram_limit_bytes, "--fp8_base, --cache_latents, --lowram"),
         (
             "GPU memory",
-            peak.cuda_bytes,
+            peak.cuda_reserved_bytes if peak.cuda_reserved_bytes is not None else peak.cuda_bytes,
             peak.cuda_total_bytes,
             "--fp8_base, --gradient_checkpointing, --cache_text_encoder_outputs, a smaller --train_batch_size",
         ),
@@ -141,7 +153,9 @@ def build_report(
             "rss_gib": round(peak.rss_bytes / 2**30, 3),
             "ram_limit_bytes": peak.ram_limit_bytes,
             "cuda_allocated_bytes": peak.cuda_bytes,
+            "cuda_reserved_bytes": peak.cuda_reserved_bytes,
             "cuda_total_bytes": peak.cuda_total_bytes,
+            "cuda_since": "the training loop started (loading and caching excluded)",
         },
         "precision": precision,
         **extra,

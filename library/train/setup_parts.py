@@ -14,7 +14,7 @@ from functools import partial
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 
 from library.data.dataset import BucketBatchSampler, DatasetConfig, TrainDataset, collate_examples, scan_train_data_dir
@@ -319,6 +319,16 @@ def setup_network(
     return network, LoRAEMA(network, ema_cfg.decay, update_after_step=ema_cfg.update_after_step, warmup=ema_cfg.warmup)
 
 
+def seed_noise_per_process(seed: int, process_index: int) -> None:
+    """Each process draws its own noise, timesteps and LoRA dropouts: process r > 0 reseeds every global RNG with
+    `seed + r` (accelerate's `set_seed(device_specific=True)` rule), or all would train on the same draws. Called
+    once the network has its initial weights (drawn alike everywhere) and before a resumed state restores each
+    process's own RNGs. Process 0 keeps the run seed's stream, so a one-process run draws what it always drew; the
+    order of the data has its own generator (`make_loader`)."""
+    if process_index > 0:
+        set_seed(seed + process_index)
+
+
 def format_param_groups(infos: list[ParamGroupInfo], weight_decay: float | None) -> str:
     """The start-up table that shows at a glance whether LoRA+ is on."""
     rows = [("component", "block", "group", "tensors", "parameters", "lr", "weight decay")]
@@ -353,21 +363,21 @@ def setup_optimizer(
 
 def setup_lr_scheduler(opt: OptimizerConfig, optimizer: torch.optim.Optimizer, schedule: Schedule, num_processes: int):
     """--lr_scheduler over the run's steps; accelerate steps a prepared scheduler once per process per optimizer
-    step, so its lengths count every process's steps."""
-    n = num_processes
+    step, so `build_lr_scheduler` counts every length in those steps."""
     return build_lr_scheduler(
         opt.lr_scheduler,
         optimizer,
-        total_steps=schedule.total_steps * n,
-        warmup=warmup_steps(opt.lr_warmup_steps, schedule.total_steps) * n,
+        total_steps=schedule.total_steps,
+        warmup=warmup_steps(opt.lr_warmup_steps, schedule.total_steps),
         num_cycles=opt.lr_scheduler_num_cycles,
         power=opt.lr_scheduler_power,
-        decay=decay_steps(opt.lr_decay_steps, schedule.total_steps) * n,
+        decay=decay_steps(opt.lr_decay_steps, schedule.total_steps),
         min_lr_ratio=opt.lr_scheduler_min_lr_ratio,
         timescale=opt.lr_scheduler_timescale,
         scheduler_type=opt.lr_scheduler_type,
         scheduler_args=opt.lr_scheduler_args,
         initial_lr=opt.learning_rate,
+        num_processes=num_processes,
     )
 
 

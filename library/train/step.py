@@ -8,10 +8,10 @@ import warnings
 from collections.abc import Iterator
 
 import torch
-from accelerate import Accelerator
 
 from library.files.finite import NonFiniteSteps, group_gradient_norms, non_finite_source
 from library.model.text_encoding import encode_captions, time_ids
+from library.train.grad_sync import average_gradients
 from library.train.loss import SDXL_VAE_SCALE, diffusion_loss, noise_batch
 from library.train.parts import LossParts, RunParts
 
@@ -46,16 +46,6 @@ def batch_loss(
     return diffusion_loss(prediction, noised, batch["loss_weights"], parts.noise_scheduler, parts.options)
 
 
-def average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
-    """Mean of the LoRA gradients over processes. The adapters run inside the base model's forward,
-    not the network's, so a DDP wrapper around the network would never see a forward to sync on."""
-    if accelerator.num_processes == 1:
-        return
-    for param in params:
-        if param.grad is not None:
-            param.grad.copy_(accelerator.reduce(param.grad, reduction="mean"))
-
-
 def backward_step(
     parts: RunParts,
     params: list[torch.nn.Parameter],
@@ -66,7 +56,8 @@ def backward_step(
     train_text_encoder: bool,
     non_finite: NonFiniteSteps,
 ) -> tuple[float, bool]:
-    """Forward and backward `size` batches (the loss averaged over them) and the cross-process gradient average;
+    """Forward and backward `size` batches (the loss averaged over them) and the cross-process gradient average
+    (`library.train.grad_sync`: a few bucketed collectives);
     returns the mean loss over batches and processes, and whether the update may be applied.
 
     Step `step`'s loss and then each optimizer group's gradient norm (after the average, so every process decides

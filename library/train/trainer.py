@@ -54,6 +54,7 @@ from library.train.setup_parts import (
     release_text_encoders,
     run_metadata,
     run_settings,
+    seed_noise_per_process,
     setup_diagnostics,
     setup_lr_scheduler,
     setup_network,
@@ -96,9 +97,10 @@ class TrainResult:
 
 
 def make_accelerator(cfg: TrainConfig) -> tuple[Accelerator, PrecisionPlan]:
-    """accelerate with the precision this device can run; fallbacks and what runs are printed once."""
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    plan = plan_precision(cfg.precision.request, device_type)
+    """accelerate with the precision this device can run; fallbacks and what runs are printed once. The device is
+    accelerate's (the process state the Accelerator will share), not whether CUDA exists: `accelerate launch --cpu`
+    on a GPU machine plans for the CPU."""
+    plan = plan_precision(cfg.precision.request, process_state().device.type)
     out = cfg.output
     run_dir = None
     if out.logging_dir is not None:
@@ -264,6 +266,9 @@ def set_up(
     saver = LoRASaver(cfg.output.output_dir, cfg.output.output_name, save_dtype(cfg.output.save_precision), ema=ema)
     settings = run_settings(cfg, plan, schedule, num_train_images=dataset.num_train_images)
     start_trackers(cfg.output, accelerator, settings, validating=validation is not None)
+
+    # From here on each process draws its own noise and timesteps (the initial weights are drawn alike).
+    seed_noise_per_process(cfg.loop.seed, accelerator.process_index)
 
     # Resume: optimizer, scheduler, RNG, LoRA weights and the position in the data come back from the state
     # folder, registered objects in a fixed order (the load must see them in the order they were saved).
