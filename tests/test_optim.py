@@ -513,3 +513,23 @@ def test_a_wrapped_scheduler_class_saves_and_resumes_as_one_process_would():
     )
     resumed.load_state_dict(wrapped.state_dict())
     assert resumed.get_last_lr() == wrapped.get_last_lr() == pytest.approx([LRS[0] * 0.1**2, LRS[1] * 0.1**2])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_adamw_on_half_lora_weights_survives_a_zero_first_gradient(dtype):
+    """--full_fp16 / --full_bf16 with AdamW: A's gradient is exactly zero at the first step (B starts at zero); torch's
+    default AdamW then divides 0 by sqrt(0) + 1e-8 in fp16, where 1e-8 is 0: NaN at the second step. We use the fused
+    AdamW (fp32 math) for half weights."""
+    import torch
+
+    from library.train.optim import build_optimizer
+
+    param = torch.nn.Parameter(torch.ones(8, dtype=getattr(torch, dtype)))
+    optimizer = build_optimizer("AdamW", [{"params": [param], "lr": 1e-2}], 1e-2, None)
+    assert optimizer.defaults["fused"] is True
+    for grad in (0.0, 0.5, 0.5):
+        param.grad = torch.full_like(param, grad)
+        optimizer.step()
+    assert torch.isfinite(param).all() and (param < 1).all()
+    fp32 = build_optimizer("AdamW", [{"params": [torch.nn.Parameter(torch.ones(2))], "lr": 1e-3}], 1e-3, None)
+    assert not fp32.defaults["fused"]  # fp32 LoRA keeps torch's default

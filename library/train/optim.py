@@ -312,9 +312,24 @@ def build_optimizer(
     lr = learning_rate
     if name == "Adafactor":
         param_groups, lr = _adafactor_groups(param_groups, learning_rate, kwargs["relative_step"])
+    if name == "AdamW" and _has_half_params(param_groups) and not {"fused", "foreach"} & kwargs.keys():
+        kwargs["fused"] = True  # see _has_half_params
     optimizer_cls = optimizer_class(name)
     return _call_for_user(
         f"--optimizer_type {name}", "check --optimizer_args", lambda: optimizer_cls(param_groups, lr=lr, **kwargs)
+    )
+
+
+def _has_half_params(param_groups: list[dict]) -> bool:
+    """fp16/bf16 LoRA weights (`--full_fp16` / `--full_bf16`). torch's default (foreach) AdamW keeps its state in the
+    parameter's dtype and adds eps=1e-8 there, which rounds to 0 in fp16: a gradient that is exactly zero at the first
+    step (A's, while B is still zero) makes 0/0 = NaN at the second. The fused AdamW computes in fp32 and does not."""
+    import torch
+
+    return any(
+        getattr(param, "dtype", None) in (torch.float16, torch.bfloat16)
+        for group in param_groups
+        for param in group["params"]
     )
 
 
