@@ -207,3 +207,8 @@ def test_a_sweep_stopped_midway_continues_without_repeating_a_run(tiny_sdxl, sma
     result = train(config_from_args(parse_args(build_parser(), argv_rec)))
     assert result.validation_losses[-1][0] == 4
     assert result.validation_losses[-1][1] == pytest.approx(best["loss"], rel=1e-5, abs=1e-6)
+
+
+def test_a_small_gain_is_still_written_with_its_digits():
+    ranking = rank([_point("a", 1e-4, 1, [1.14093]), _point("b", 1e-4, 16, [1.1408])])
+    assert "the recommended run is 0.011% lower" in recommendation_lines(ranking)[1]

@@ -113,10 +113,15 @@ def recommendation_lines(ranking: Ranking) -> list[str]:
     reached = ranking.reach.get(best.name)
     lines.append(
         f"best plain LoRA: {plain.label()}: {plain.final_loss:.6g} at step {plain.final_step}; "
-        f"the recommended run is {gain:.1%} lower"
+        f"the recommended run is {_percent(gain)} lower"
         + (f" and reached that loss at step {reached} of {plain.final_step}" if reached is not None else "")
     )
     return lines
+
+
+def _percent(fraction: float) -> str:
+    """12.3%, or two significant digits for small gaps (0.011%): validation losses often differ in the 4th digit."""
+    return f"{fraction:.1%}" if abs(fraction) >= 0.01 else f"{fraction * 100:.2g}%"
 
 
 def _number(value: float | None) -> str:
