@@ -219,7 +219,9 @@ def test_a_second_run_on_a_held_output_is_refused_before_loading(tiny_sdxl, data
 
 
 def _start(command: list[str], logs: Path, cwd: Path = REPO) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # The threads this process trains with: a run continued here must compute what the one started there would
+    # (a float sum split over another number of threads can differ in its last bit).
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     return subprocess.Popen(
         command, cwd=cwd, env=env, stdout=open(logs / "stdout", "w"), stderr=open(logs / "stderr", "w")
     )
