@@ -6,8 +6,8 @@
 
 or with the same arguments in a TOML file: `train_network.py --config_file train.toml [flags that win]`.
 
-Exit codes: 0 done, 2 bad input, 3 training diverged (NaN/inf), 75 the output is in use by another run,
-130 Ctrl-C, 143 SIGTERM (see library.errors).
+Exit codes: 0 done, 2 bad input, 3 training diverged (NaN/inf), 69 another process of the run was lost,
+75 the output is in use by another run, 130 Ctrl-C, 143 SIGTERM (see library.errors).
 """
 
 from __future__ import annotations
@@ -52,7 +52,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingInterrupted as stop:  # what was saved, and how to go on
         for line in stop.report_lines():
             print(line, file=sys.stderr)
-        if stop.state_path is not None and stop.is_main_process:
+        if stop.state_path is not None and stop.is_main_process and stop.num_processes > 1:
+            script = resume_command(argv, stop.state_path, program="train_network.py")
+            print(
+                f"state saved to {stop.state_path}; continue with {stop.num_processes} processes, launched as this "
+                f"run was (accelerate launch, torchrun), with:\n  {script}",
+                file=sys.stderr,
+            )
+        elif stop.state_path is not None and stop.is_main_process:
             print(
                 f"state saved to {stop.state_path}; continue with:\n  {resume_command(argv, stop.state_path)}",
                 file=sys.stderr,

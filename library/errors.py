@@ -2,12 +2,14 @@
 the error's own code, so scripts and schedulers can tell the causes apart.
 
 Exit codes of `train_network.py`: 0 done, 2 bad input (`UserInputError`), 3 training diverged (`NonFiniteError`),
+69 another process of a several-process run was lost (`ProcessLostError`, sysexits' EX_UNAVAILABLE),
 75 the output is in use by another run (`OutputInUseError`, sysexits' EX_TEMPFAIL: try again later),
 130 Ctrl-C, 143 SIGTERM (128 + the signal number, as a shell reports a process killed by it).
 """
 
 EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE = 3
+EXIT_PROCESS_LOST = 69
 EXIT_OUTPUT_IN_USE = 75
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
@@ -39,3 +41,10 @@ class OutputInUseError(RunStopped):
     """Another live run writes the same `--output_dir` / `--output_name`."""
 
     exit_code = EXIT_OUTPUT_IN_USE
+
+
+class ProcessLostError(RunStopped):
+    """With several processes, another one stopped, hung past the collective timeout or became unreachable: this
+    one stops too, with one line, instead of waiting for ever."""
+
+    exit_code = EXIT_PROCESS_LOST

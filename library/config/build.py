@@ -324,6 +324,7 @@ def loop_config(args: argparse.Namespace, seed: int) -> LoopConfig:
         cache_text_encoder_outputs_to_disk=cache_te_to_disk,
         text_encoder_cache_variants=args.text_encoder_cache_variants,
         max_nan_steps=args.max_nan_steps,
+        ddp_timeout_minutes=args.ddp_timeout,
     )
 
 

@@ -18,7 +18,7 @@ from library.model.model_files import ModelShapes
 from library.model.precision import save_dtype
 from library.train.optim import is_adaptive, per_group_lr_problem
 from library.train.run_config import LoopConfig, NetworkConfig, OptimizerConfig, OutputConfig
-from library.train.train_state import check_resume_folder, saved_progress
+from library.train.train_state import check_resume_folder, launched_processes, saved_progress
 from networks.block_weights import (
     EMBEDDING_BLOCK,
     LR_WEIGHT_KEYS,
@@ -189,7 +189,7 @@ def check_resume(resume: Path, loop: LoopConfig, with_ema: bool) -> None:
     """A state to resume from leaves something to train, and its folder is complete (with the EMA when this run
     keeps one); nothing left to train is reported first (there is nothing to fix in the folder then)."""
     check_resume_trains(resume, loop.max_train_steps, loop.max_train_epochs)
-    check_resume_folder(resume, with_ema=with_ema)
+    check_resume_folder(resume, with_ema=with_ema, processes=launched_processes())
 
 
 def check_resume_trains(resume: Path, max_train_steps: int, max_train_epochs: int | None) -> None:

@@ -244,6 +244,13 @@ def add_training_arguments(group: FlagGroup) -> None:
         default=1,
         help="caption variants cached per image, so caption shuffle/dropout works with the cache",
     )
+    add(
+        "--ddp_timeout",
+        type=_positive_minutes,
+        default=None,
+        help="several processes: minutes a process waits in a collective (gradient average, barrier) for the others "
+        "before the run stops with one line (default: torch's, 30 for CPU/gloo and 10 for GPU/NCCL)",
+    )
 
 
 def add_precision_arguments(group: FlagGroup) -> None:
@@ -423,6 +430,13 @@ def _off_or_positive(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 (off) or more, not {value}")
+    return value
+
+
+def _positive_minutes(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of minutes above 0, not {text}")
     return value
 
 

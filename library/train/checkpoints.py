@@ -77,7 +77,8 @@ def save_interrupted(
     parts: RunParts, progress: TrainProgress, rng_at_step: RngSnapshot | None
 ) -> tuple[Path | None, Path | None, int]:
     """Save the LoRA and a state as of the last finished optimizer step (the half-done step's gradients are
-    dropped and the RNG is put back to `rng_at_step`, where that step left it), so `--resume` continues exactly."""
+    dropped and the RNG is put back to `rng_at_step`, where that step left it), so `--resume` continues exactly;
+    with several processes every one of them calls this at the same step."""
     accelerator, saver = parts.accelerator, parts.saver
     parts.optimizer.zero_grad(set_to_none=True)
     if rng_at_step is not None:
@@ -86,6 +87,6 @@ def save_interrupted(
     if accelerator.is_main_process:
         metadata = progress_metadata(parts.base_metadata, steps=progress.step, epoch=progress.epoch, finished=False)
         lora_path = saver.save_step(parts.network, metadata, progress.step)
-    if accelerator.num_processes == 1:  # with several processes the ranks may not all reach the save
-        state_path = save_run_state(parts, saver.state_path(saver.step_path(progress.step)), progress)
+    # Every process is here at the same step (several processes stop together, `library.train.process_group`).
+    state_path = save_run_state(parts, saver.state_path(saver.step_path(progress.step)), progress)
     return lora_path, state_path, progress.step

@@ -80,6 +80,33 @@ def interrupts_deferred() -> Iterator[None]:
         previous[received[0]](received[0], None)
 
 
+@contextlib.contextmanager
+def noted_interrupts() -> Iterator[list[str]]:
+    """For the body, Ctrl-C and SIGTERM raise nothing: each is noted, by name ("SIGINT", "SIGTERM"), in the list
+    yielded, for the caller to act on at a point of its choosing (several processes stop together at a batch that
+    they agree on, `library.train.process_group`). Signals that are ignored or left to the OS stay so; nothing
+    changes off the main thread."""
+    noted: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield noted
+        return
+    sigterm = getattr(signal, "SIGTERM", None)
+
+    def note(signum, frame):
+        noted.append("SIGTERM" if signum == sigterm else "SIGINT")
+
+    previous = {}
+    for sig in (signal.SIGINT, sigterm):
+        if sig is not None and callable(handler := signal.getsignal(sig)):
+            previous[sig] = handler
+            signal.signal(sig, note)
+    try:
+        yield noted
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 NOTHING_SAVED = "no LoRA or state was saved"
 
 
@@ -96,9 +123,9 @@ class Phase:
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM stopped the run. In the training loop the LoRA file and (single process) the resumable
-    state of the last finished step were saved (`lora_path`, `state_path`, `step`); before it, `phase` says what
-    was interrupted and nothing was saved."""
+    """Ctrl-C or SIGTERM stopped the run. In the training loop the LoRA file and the resumable state of the last
+    finished step were saved (`lora_path`, `state_path`, `step`; with several processes, by all of them together);
+    before it, `phase` says what was interrupted and nothing was saved."""
 
     def __init__(
         self,
@@ -110,6 +137,7 @@ class TrainingInterrupted(KeyboardInterrupt):
         phase: str | None = None,
         outcome: str = NOTHING_SAVED,
         is_main_process: bool = True,
+        num_processes: int = 1,
     ) -> None:
         where = f"after step {step}" if phase is None else f"while {phase}"
         super().__init__(f"interrupted ({signal_name}) {where}")
@@ -117,6 +145,8 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.signal_name, self.phase, self.outcome = signal_name, phase, outcome
         self.is_main_process = is_main_process
         """Only the main process reports (every process raises)."""
+        self.num_processes = num_processes
+        """A resume needs as many processes as saved the state."""
 
     @classmethod
     def during(cls, phase: Phase, interrupt: BaseException, is_main_process: bool = True) -> TrainingInterrupted:
@@ -143,8 +173,5 @@ class TrainingInterrupted(KeyboardInterrupt):
             + (f"LoRA saved to {self.lora_path}" if self.lora_path is not None else "no LoRA saved")
         ]
         if self.state_path is None:
-            lines.append(
-                "no resumable state was saved (several processes): restart, or resume from the last "
-                "--save_state checkpoint"
-            )
+            lines.append("no resumable state was saved: restart, or resume from the last --save_state checkpoint")
         return lines

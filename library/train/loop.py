@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from library.train.checkpoints import save_epoch_checkpoint, save_step_checkpoint
 from library.train.interrupts import interrupts_deferred
 from library.train.parts import LoopState, RunParts
+from library.train.process_group import StopAgreement
 from library.train.report_files import write_report_files
 from library.train.run_config import LoopConfig, OutputConfig, TrainConfig
 from library.train.run_report import StepTimer, reset_cuda_peak
@@ -45,10 +46,18 @@ class StepInfo:
 OnStep = Callable[[StepInfo], None]
 
 
-def run_loop(cfg: TrainConfig, parts: RunParts, state: LoopState, on_step: OnStep | None = None) -> None:
+def run_loop(
+    cfg: TrainConfig,
+    parts: RunParts,
+    state: LoopState,
+    on_step: OnStep | None = None,
+    *,
+    stops: StopAgreement | None = None,
+) -> None:
     """Epochs of optimizer steps from `state.progress` on (0, or where a resumed state stood); each step's loss
-    and learning rates go to `state`. The progress bar is closed however the loop ends, so an error line starts a
-    line of its own."""
+    and learning rates go to `state`. `stops` (several processes): before each batch the processes agree whether
+    to stop (a Ctrl-C or SIGTERM noted by any of them raises in all). The progress bar is closed however the loop
+    ends, so an error line starts a line of its own."""
     progress_bar = tqdm(
         total=parts.schedule.total_steps,
         initial=state.progress.step,
@@ -56,12 +65,19 @@ def run_loop(cfg: TrainConfig, parts: RunParts, state: LoopState, on_step: OnSte
         disable=not parts.accelerator.is_local_main_process,
     )
     try:
-        _run_steps(cfg, parts, state, on_step, progress_bar)
+        _run_steps(cfg, parts, state, on_step, progress_bar, stops)
     finally:
         progress_bar.close()
 
 
-def _run_steps(cfg: TrainConfig, parts: RunParts, state: LoopState, on_step: OnStep | None, progress_bar: tqdm) -> None:
+def _run_steps(
+    cfg: TrainConfig,
+    parts: RunParts,
+    state: LoopState,
+    on_step: OnStep | None,
+    progress_bar: tqdm,
+    stops: StopAgreement | None,
+) -> None:
     accelerator, progress, schedule = parts.accelerator, state.progress, parts.schedule
     accumulation = cfg.loop.gradient_accumulation_steps
     params = parts.network.get_trainable_params()
@@ -77,7 +93,7 @@ def _run_steps(cfg: TrainConfig, parts: RunParts, state: LoopState, on_step: OnS
         parts.sampler.set_epoch(epoch, skip_batches=progress.steps_in_epoch * accumulation)
         parts.network.on_epoch_start(None, None)
         batches_left = len(parts.sampler) - progress.steps_in_epoch * accumulation
-        batches = iter(parts.loader)
+        batches = iter(parts.loader) if stops is None else stops.checked(iter(parts.loader))
         while batches_left > 0 and progress.step < schedule.total_steps:
             # Forward and backward of `accumulation` batches (fewer at an epoch's end), with the NaN guard; the rates
             # this step runs with (the scheduler stepped at the end of the previous one).
@@ -216,18 +232,24 @@ def maybe_sample(
     step: int,
     epoch: int | None,
 ) -> None:
-    """Render the sample prompts when they are due (main process) into `out.output_dir`, log them to every tracker
-    that takes images, and keep the time out of the step timings. Sampling restores every RNG state, so it never
-    changes the run."""
+    """Render the sample prompts when they are due into `out.output_dir`, log them to every tracker that takes
+    images, and keep the time out of the step timings. Sampling restores every RNG state, so it never changes the
+    run.
+
+    With several processes the prompts are shared out as sd-scripts shares them (process i renders prompts i,
+    i + N, ...): each image is made and written once, by one process, under its own name; the main process then
+    logs them all. The processes wait for each other at most one image's time, not the whole set's."""
     accelerator = parts.accelerator
     if sampling is None or not sampling.due(step, epoch):
         return
-    if accelerator.is_main_process:
-        from library.train.sampling import images_for_tracker, sample_images
+    from library.train.sampling import images_for_tracker, sample_images
 
+    mine = sampling.prompts[accelerator.process_index :: accelerator.num_processes]
+    paths = []
+    if mine:  # more processes than prompts: some have none
         paths = sample_images(
             parts.models,
-            sampling.prompts,
+            mine,
             sampler_name=sampling.sampler,
             device=accelerator.device,
             compute_dtype=parts.plan.compute_dtype,
@@ -239,9 +261,13 @@ def maybe_sample(
             seed_base=loop.seed,
             network=parts.network,
         )
-        if accelerator.trackers:
-            images = [(f"sample_{p.index}", image) for p, image in zip(sampling.prompts, images_for_tracker(paths))]
-            for problem in log_sample_images(accelerator.trackers, images, step):
-                accelerator.print(f"warning: {problem}")
-    accelerator.wait_for_everyone()
+    made = [(prompt.index, str(path)) for prompt, path in zip(mine, paths)]
+    if accelerator.num_processes > 1:  # every process's images, for the main process's trackers (and a barrier)
+        made = sorted(gather_object(made))
+    if accelerator.is_main_process and accelerator.trackers:
+        images = [
+            (f"sample_{index}", image) for (index, _), image in zip(made, images_for_tracker([p for _, p in made]))
+        ]
+        for problem in log_sample_images(accelerator.trackers, images, step):
+            accelerator.print(f"warning: {problem}")
     timer.restart()

@@ -94,6 +94,9 @@ class LoopConfig:
     max_nan_steps: int = 0
     """Optimizer steps with a NaN/inf loss or gradients that may be skipped before the run stops (0: stop at the
     first)."""
+    ddp_timeout_minutes: float | None = None
+    """Several processes: how long a process waits in a collective for the others before the run stops (sd-scripts'
+    `--ddp_timeout`); None: torch's default for the backend."""
 
 
 @dataclass(frozen=True)

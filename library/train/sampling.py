@@ -442,7 +442,8 @@ def sample_images(
 
     `epoch` given (an epoch's end, 0 before training) names the files ``e<epoch:06d>``, else ``<step:06d>``.
     A prompt without a seed uses ``seed_base + index``. `network` (the LoRA network, whose modules are not children
-    of the base models) is put in eval mode too, so no LoRA dropout runs. Call it on the main process only.
+    of the base models) is put in eval mode too, so no LoRA dropout runs. With several processes each calls it with
+    its own share of the prompts (the file names differ by prompt index, so no two write the same file).
     """
     import torch
     from diffusers import StableDiffusionXLPipeline

@@ -13,6 +13,7 @@ import json
 import os
 import pickletools
 import random
+import re
 import shutil
 import tempfile
 import zipfile
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import broadcast_object_list, gather_object
 
 from library.errors import NonFiniteError, UserInputError
 from library.files.atomic import (
@@ -96,46 +98,102 @@ def save_state(
     """Write accelerate's state and `train_state.json` to `folder` atomically: a temporary folder beside it is
     filled and synced, then renamed over it, so an interrupted or failed save leaves the previous state intact.
 
+    With several processes each writes its own RNG file (`random_states_<rank>.pkl`) into the temporary folder, the
+    main process the rest; the folder is renamed into place only after every process has written its part, so a
+    published state always holds every process's RNG (a resumed run continues exactly). A process that cannot write
+    its part (or cannot see the folder: machines without a shared --output_dir) makes every process stop with the
+    same line, and the temporary folder goes.
+
     A failure to write (full disk, permissions) removes the temporary folder and is one `UserInputError` line
     naming the file being written. torch.save reports a full disk without its errno ("unexpected pos ..."), so
     an error without one is followed by asking the disk itself (`full_disk_errno`) before the partial files go.
 
     `check`: the state's tensors (weights, optimizer state, EMA): one holding a NaN or infinity makes every process
-    refuse the save (NonFiniteError) before anything is written, so a broken state never replaces a good one."""
+    refuse the save (NonFiniteError) before anything is written, so a broken state never replaces a good one (the
+    tensors are the same on every process, so all refuse alike)."""
     bad = first_non_finite(check)
     if bad is not None:
         raise NonFiniteError(
             f"refusing to write the state {folder}: {bad} holds NaN or infinite values; states written before are kept"
         )
     folder = Path(folder)
-    tmp = None
+    tmp = _make_temp_folder(accelerator, folder)
+    try:
+        # Every process writes its part; then the main process names the folder, once all parts are there.
+        _agree_or_raise(accelerator, *_write_part(accelerator, tmp, folder))
+        failure: tuple[BaseException | None, str | None] = (None, None)
+        if accelerator.is_main_process:
+            failure = _publish(tmp, folder, progress)
+        _agree_or_raise(accelerator, *failure)
+    finally:
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _make_temp_folder(accelerator, folder: Path) -> Path:
+    """The main process makes the temporary folder beside `folder`; every process gets its name."""
+    tmp, problem = None, None
     if accelerator.is_main_process:
         try:
             folder.parent.mkdir(parents=True, exist_ok=True)
             prefix, suffix = temp_affixes(folder.name)
-            tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=folder.parent))
+            tmp = tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=folder.parent)
         except OSError as error:
-            raise write_failure(error.errno or errno.EIO, folder, what="state folder") from None
-    tmp_name = accelerator.gather_for_metrics([str(tmp)])[0] if accelerator.num_processes > 1 else str(tmp)
-    tmp = Path(tmp_name)
+            problem = str(write_failure(error.errno or errno.EIO, folder, what="state folder"))
+    if accelerator.num_processes > 1:
+        tmp, problem = broadcast_object_list([tmp, problem])
+    if problem is not None:
+        raise UserInputError(problem)
+    return Path(tmp)
+
+
+def _write_part(accelerator, tmp: Path, folder: Path) -> tuple[BaseException | None, str | None]:
+    """This process's files of the state (accelerate's: its RNG file; the main process also the optimizer,
+    scheduler and registered objects) -> (the error, its one line), or (None, None)."""
+    if not tmp.is_dir():  # made by the main process on a disk this machine does not see
+        return None, (
+            f"cannot write the state {folder}: process {accelerator.process_index} does not see the folder the main "
+            "process made for it: with several machines, --output_dir must be on a disk every machine shares"
+        )
     try:
         accelerator.save_state(str(tmp))
-        if accelerator.is_main_process:
-            (tmp / TRAIN_STATE_FILE).write_text(json.dumps(progress.state_dict(), indent=2) + "\n")
-            sync_tree(tmp)
-            os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; give the folder normal permissions
-            replace_folder(tmp, folder)
     except Exception as error:
-        failure = _state_write_failure(error, tmp, folder) if accelerator.is_main_process else None
-        if failure is None:
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise failure from None
-    finally:
-        if accelerator.is_main_process and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return folder
+        return _failure(error, tmp, folder, f"process {accelerator.process_index} failed writing")
+    return None, None
+
+
+def _publish(tmp: Path, folder: Path, progress: TrainProgress) -> tuple[BaseException | None, str | None]:
+    """The main process, once every part is written: `train_state.json`, sync, and the rename into place."""
+    try:
+        (tmp / TRAIN_STATE_FILE).write_text(json.dumps(progress.state_dict(), indent=2) + "\n")
+        sync_tree(tmp)
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; give the folder normal permissions
+        replace_folder(tmp, folder)
+    except Exception as error:
+        return _failure(error, tmp, folder, "the main process failed publishing")
+    return None, None
+
+
+def _failure(error: Exception, tmp: Path, folder: Path, doing: str) -> tuple[BaseException | None, str]:
+    """(None, the one line) for a write failure; (the error, a line for the other processes) for anything else,
+    which the failing process raises as it is (its traceback is the useful part)."""
+    failure = _state_write_failure(error, tmp, folder)
+    if failure is None:
+        return error, f"{doing} the state {folder} ({type(error).__name__}: {str(error)[:200]})"
+    return None, str(failure)
+
+
+def _agree_or_raise(accelerator, error: BaseException | None, problem: str | None) -> None:
+    """Every process learns whether any failed (one collective with several processes), and all stop alike: the
+    failing process with its own error, the others with its line."""
+    if accelerator.num_processes > 1:
+        problems = gather_object([problem])
+        problem = next((line for line in problems if line is not None), None)
+    if error is not None:
+        raise error
+    if problem is not None:
+        raise UserInputError(problem)
 
 
 def _state_write_failure(error: Exception, tmp: Path, folder: Path) -> UserInputError | None:
@@ -169,12 +227,13 @@ _TORCH_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")
 _CRC_CHECK_LIMIT = 64 << 20  # files up to this size have every byte checked against the zip's checksums
 
 
-def check_resume_folder(folder: Path, with_ema: bool = False) -> None:
+def check_resume_folder(folder: Path, with_ema: bool = False, processes: int = 1) -> None:
     """One line, before any model loads, when `--resume` does not name a complete, readable state folder.
 
-    Cheap (no torch): `train_state.json` parses, every file accelerate wrote is present and a complete torch
-    zip archive whose pickle parses (and whose checksums match, up to 64 MiB), a safetensors file has its whole
-    data section. A damaged file is named with what to do; it is never reported as a flag mismatch."""
+    Cheap (no torch): `train_state.json` parses, every file accelerate wrote is present (the RNG file of each of
+    this run's `processes`, `check_state_processes`) and a complete torch zip archive whose pickle parses (and whose
+    checksums match, up to 64 MiB), a safetensors file has its whole data section. A damaged file is named with
+    what to do; it is never reported as a flag mismatch."""
     if not folder.is_dir():
         raise UserInputError(f"--resume: no such state folder: {folder}")
     if not (folder / TRAIN_STATE_FILE).exists():
@@ -187,6 +246,7 @@ def check_resume_folder(folder: Path, with_ema: bool = False) -> None:
             raise UserInputError(
                 f"--resume: {folder} lacks {name}: the state is incomplete; resume from another state folder"
             )
+    check_state_processes(folder, processes)
     if with_ema and not (folder / EMA_STATE_FILE).exists():
         raise UserInputError(
             f"--resume: {folder} has no EMA state ({EMA_STATE_FILE}): it was saved without "
@@ -196,6 +256,38 @@ def check_resume_folder(folder: Path, with_ema: bool = False) -> None:
         problem = state_file_problem(path)
         if problem:
             raise _damaged(path, problem)
+
+
+RNG_FILE = re.compile(r"random_states_(\d+)\.pkl")
+"""accelerate's RNG file of process N: `random_states_<N>.pkl`."""
+
+
+def check_state_processes(folder: Path, processes: int) -> None:
+    """The state holds one RNG file per process of this run, no more and no fewer: accelerate loads each process's
+    own and, when it is missing, silently keeps the current RNG, so a resume would run on but not continue exactly;
+    and each process's place in the data depends on the count. One line naming the count to resume with."""
+    ranks = sorted(int(match[1]) for path in folder.iterdir() if (match := RNG_FILE.fullmatch(path.name)))
+    missing = sorted(set(range(max(ranks, default=-1) + 1)) - set(ranks))
+    if missing:
+        raise UserInputError(
+            f"--resume: {folder} lacks random_states_{missing[0]}.pkl: the state is incomplete; resume from another "
+            "state folder"
+        )
+    if ranks and len(ranks) != processes:
+        saved = f"{len(ranks)} process" + ("es" if len(ranks) > 1 else "")
+        raise UserInputError(
+            f"--resume: the state in {folder} was saved by {saved} and this run has {processes}: resume with "
+            f"{len(ranks)} (each process's random state and place in the data belong to that count)"
+        )
+
+
+def launched_processes() -> int:
+    """How many processes the launcher (torchrun, accelerate launch) started for this run, from the `WORLD_SIZE` it
+    sets, before the process group exists; 1 without a launcher."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 def _damaged(path: Path, problem: str) -> UserInputError:
@@ -290,6 +382,7 @@ def load_state(accelerator, folder: Path, progress: TrainProgress) -> None:
     """Restore everything registered with accelerate (optimizer, scheduler, RNG, network, progress, EMA); a state
     from a differently set-up run (other dims, optimizer, groups, EMA) is one line that says so, a damaged file
     one line naming it."""
+    check_state_processes(folder, accelerator.num_processes)
     try:
         accelerator.load_state(str(folder))
     except Exception as error:

@@ -37,11 +37,18 @@ from library.model.loading import model_hashes
 from library.model.precision import PrecisionPlan, plan_precision, save_dtype
 from library.train.accelerate_compat import allow_fp16_gradients, reset_accelerator_state
 from library.train.checkpoints import save_interrupted, save_run_state
-from library.train.interrupts import Phase, TrainingInterrupted, signal_name, sigterm_interrupts
+from library.train.interrupts import Phase, TrainingInterrupted, noted_interrupts, signal_name, sigterm_interrupts
 from library.train.loop import OnStep, StepInfo, run_loop
 from library.train.loss import loss_option_warnings, make_noise_scheduler
 from library.train.metadata import progress_metadata
 from library.train.parts import LoopState, LossParts, RunParts
+from library.train.process_group import (
+    StopAgreement,
+    accelerator_available,
+    init_kwargs,
+    lost_process_error,
+    release_process_group,
+)
 from library.train.report_files import earlier_history, report_basis, write_report_files
 from library.train.run_config import OutputConfig, TrainConfig
 from library.train.saving import LoRASaver, output_file_pattern
@@ -62,7 +69,7 @@ from library.train.setup_parts import (
     split_validation,
     start_trackers,
 )
-from library.train.train_state import TrainProgress, load_state
+from library.train.train_state import TrainProgress, launched_processes, load_state
 from networks.lora import ParamGroupInfo
 
 __all__ = ["StepInfo", "TrainResult", "TrainingInterrupted", "train"]
@@ -137,12 +144,24 @@ def train(cfg: TrainConfig, *, on_step: OnStep | None = None) -> TrainResult:
             raise
         except KeyboardInterrupt as interrupt:
             raise TrainingInterrupted.during(phase, interrupt, process_state().is_main_process) from None
+        except Exception as error:  # several processes: another one was lost -> one line, not a traceback
+            lost = lost_process_error(error)
+            if lost is None:
+                raise
+            release_process_group()
+            raise lost from None
 
 
-def process_state() -> PartialState:
+def process_state(timeout_minutes: float | None = None) -> PartialState:
     """accelerate's process state (rank, process count) as the Accelerator made later will have it: made now with
-    the same `ACCELERATE_USE_CPU` reading as accelerate's own, or several CPU processes would each be rank 0."""
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    the same `ACCELERATE_USE_CPU` reading as accelerate's own, or several CPU processes would each be rank 0. The
+    first call makes the process group, with the collective timeout (--ddp_timeout) it keeps for the run.
+
+    Several processes on a machine without an accelerator (`accelerate launch --multi_gpu` or torchrun where no
+    GPU is visible) are CPU processes over gloo too: accelerate would make each of them a single-process run of its
+    own, all writing the same files."""
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (launched_processes() > 1 and not accelerator_available())
+    return PartialState(cpu=cpu, **init_kwargs(timeout_minutes))
 
 
 @contextlib.contextmanager
@@ -171,24 +190,28 @@ def run_training(
     """Set-up, the loop and the final files; `phase` says what is going on, for the line an interrupt prints;
     `run_scope` holds the output lock until the run ends, however it ends."""
     parts, state = set_up(cfg, started_at, phase, run_scope)
-    # The loop; an interrupt in it saves the last finished step.
+    # The loop; an interrupt in it saves the last finished step (several processes: all stop at one batch).
     phase.enter("training")
-    try:
-        run_loop(cfg, parts, state, on_step)
-    except KeyboardInterrupt as interrupt:
-        phase.enter(
-            f"saving step {state.progress.step} after an interrupt",
-            "files being written were left as they were (writes are atomic); checkpoints saved before are kept",
-        )
-        lora_path, state_path, step = save_interrupted(parts, state.progress, state.rng_at_step)
-        report_after_interrupt(cfg, parts, state)
-        raise TrainingInterrupted(
-            lora_path,
-            state_path,
-            step,
-            signal_name=signal_name(interrupt),
-            is_main_process=parts.accelerator.is_main_process,
-        ) from None
+    accelerator = parts.accelerator
+    with noted_interrupts() if accelerator.num_processes > 1 else contextlib.nullcontext() as noted:
+        stops = StopAgreement(accelerator, noted) if noted is not None else None
+        try:
+            run_loop(cfg, parts, state, on_step, stops=stops)
+        except KeyboardInterrupt as interrupt:
+            phase.enter(
+                f"saving step {state.progress.step} after an interrupt",
+                "files being written were left as they were (writes are atomic); checkpoints saved before are kept",
+            )
+            lora_path, state_path, step = save_interrupted(parts, state.progress, state.rng_at_step)
+            report_after_interrupt(cfg, parts, state)
+            raise TrainingInterrupted(
+                lora_path,
+                state_path,
+                step,
+                signal_name=signal_name(interrupt),
+                is_main_process=accelerator.is_main_process,
+                num_processes=accelerator.num_processes,
+            ) from None
     return finish(cfg, parts, state, phase)
 
 
@@ -210,7 +233,7 @@ def set_up(
     records, validation = split_validation(cfg.data, cfg.validation, cfg.loop.batch_size)
     dataset = TrainDataset(records, cfg.data)
     # One run per output: a second run on the same --output_dir/--output_name stops here.
-    run_scope.enter_context(held_output(cfg.output, process_state()))
+    run_scope.enter_context(held_output(cfg.output, process_state(cfg.loop.ddp_timeout_minutes)))
     phase.enter("setting up the run")
     accelerator, plan = make_accelerator(cfg)
     accelerator.print(dataset.bucket_report())
