@@ -49,13 +49,13 @@ def run_main(argv: list[str], on_step=None) -> tuple[int, list[StepInfo], str]:
     seen: list[StepInfo] = []
     real_loop = trainer_module.run_loop
 
-    def run_loop(cfg, parts, state, _=None):
+    def run_loop(cfg, parts, state, _=None, **options):
         def hook(info: StepInfo) -> None:
             seen.append(info)
             if on_step is not None:
                 on_step(info, cfg.output.output_dir)
 
-        return real_loop(cfg, parts, state, hook)
+        return real_loop(cfg, parts, state, hook, **options)
 
     stdout = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
