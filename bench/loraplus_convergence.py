@@ -75,11 +75,11 @@ WIDTHS = ("tiny", "640", "1280")
 OPTIMIZERS = ("AdamW", "Lion")
 RATIOS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 LR_GRIDS: dict[str, tuple[float, ...]] = {
-    "AdamW": (3e-4, 1e-3, 3e-3, 1e-2),
-    "Lion": (1e-4, 3e-4, 1e-3, 3e-3),
+    "AdamW": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
+    "Lion": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
 }
-USER_LR = {"AdamW": 1e-3, "Lion": 3e-4}
-"""Protocol (a)'s lr: the lower middle value of each grid (Lion's a third of AdamW's, as usual)."""
+USER_LR = {"AdamW": 3e-3, "Lion": 1e-3}
+"""Protocol (a)'s lr: the middle of each grid (Lion's a third of AdamW's, as usual)."""
 LORA_DIM, LORA_ALPHA = 4, 1.0
 TEACHER_RANK = 4
 TEACHER_REL_NORM = 0.1

@@ -58,7 +58,7 @@ def test_the_student_learns_the_hidden_change_at_ratio_1(quick):
     _, stored, _ = quick
     plain = [r for r in stored["runs"] if r["ratio"] == 1.0 and r["optimizer"] == "AdamW" and r["lr"] == 3e-3]
     assert plain and all(r["val_loss"][0] == 1.0 for r in plain)
-    assert all(r["val_loss"][-1] < 0.9 for r in plain), [r["val_loss"] for r in plain]
+    assert all(r["val_loss"][-1] < 0.95 for r in plain), [r["val_loss"] for r in plain]
 
 
 @pytest.mark.slow
