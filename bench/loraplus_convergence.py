@@ -611,6 +611,7 @@ def _finite(value: float | None) -> float | None:
 
 
 def _cell(stat: dict[str, float | int], digits: str) -> str:
+    """ "mean ± std", "(k/n)" when only k of n seeds have a value, "never" when none has."""
     if not stat["n"]:
         return "never" if stat["n_total"] else "-"
     text = f"{stat['mean']:{digits}} ± {stat['std']:{digits}}"
@@ -618,45 +619,49 @@ def _cell(stat: dict[str, float | int], digits: str) -> str:
 
 
 def markdown_tables(result: dict[str, Any]) -> str:
-    """The two protocols as README tables: per (width, optimizer) the final loss and the steps to plain's final."""
+    """The two protocols as README tables: per (width, optimizer) the final loss and the steps to plain's final
+    (protocol (b) also the lr each ratio got; * = at the grid's edge)."""
     settings = result["settings"]
     ratios = [_ratio_key(r) for r in settings["ratios"]]
-    head = "| width | optimizer | | " + " | ".join(f"ratio {r}" for r in ratios) + " |\n"
-    rule = "|---|---|---|" + "---|" * len(ratios) + "\n"
+    header = _row(["width", "optimizer", ""] + [f"ratio {r}" for r in ratios]) + _row(["---"] * (3 + len(ratios)))
+    titles = {"a": "(a) same base lr", "b": "(b) each ratio at its own best lr (picked on the first seed)"}
     parts = []
-    for protocol, title in (("a", "(a) same base lr"), ("b", "(b) each ratio at its best lr")):
+    for protocol, title in titles.items():
         lines = [
-            f"**{title}**: final validation loss after {settings['steps']} steps (relative to the untrained "
-            "LoRA) and steps to reach plain LoRA's final loss; mean ± std over seeds "
-            "((k/n) = reached in k of n seeds)\n\n",
-            head,
-            rule,
+            f"**{title}**: final validation loss after {settings['steps']} steps (relative to the untrained LoRA; "
+            "0 = the hidden change learned) and steps to reach plain LoRA's final loss; mean ± std over "
+            f"{len(settings['seeds'])} seeds; (k/n) = reached in k of n seeds\n\n",
+            header,
         ]
         for width, per_optimizer in result["summary"].items():
             for optimizer, protocols in per_optimizer.items():
-                cells = protocols[protocol]
-                label = f"| {width} | {optimizer} |"
-                if protocol == "a":
-                    label_lr = f" lr {settings['user_lr'][optimizer]:g}"
-                    lines.append(
-                        f"{label} final loss,{label_lr} | "
-                        + " | ".join(_cell(cells[r]["final_val_loss"], ".3f") for r in ratios)
-                        + " |\n"
-                    )
-                else:
-                    lines.append(f"{label} best lr | " + " | ".join(f"{cells[r]['lr']:g}" for r in ratios) + " |\n")
-                    lines.append(
-                        f"{label} final loss | "
-                        + " | ".join(_cell(cells[r]["final_val_loss"], ".3f") for r in ratios)
-                        + " |\n"
-                    )
-                lines.append(
-                    f"{label} steps to plain's final | "
-                    + " | ".join(_cell(cells[r]["steps_to_plain_final"], ".0f") for r in ratios)
-                    + " |\n"
-                )
+                lines += _table_rows(width, optimizer, protocol, protocols[protocol], ratios, settings)
         parts.append("".join(lines))
     return "\n".join(parts)
+
+
+def _table_rows(
+    width: str, optimizer: str, protocol: str, cells: dict[str, Any], ratios: Sequence[str], settings: dict[str, Any]
+) -> list[str]:
+    rows = []
+    if protocol == "a":
+        final_label = f"final loss, lr {settings['user_lr'][optimizer]:g}"
+    else:
+        grid = settings["lr_grids"][optimizer]
+        rows.append(_row([width, optimizer, "best lr"] + [_lr_text(cells[r]["lr"], grid) for r in ratios]))
+        final_label = "final loss"
+    rows.append(_row([width, optimizer, final_label] + [_cell(cells[r]["final_val_loss"], ".3f") for r in ratios]))
+    steps = [_cell(cells[r]["steps_to_plain_final"], ".0f") for r in ratios]
+    rows.append(_row([width, optimizer, "steps to plain's final"] + steps))
+    return rows
+
+
+def _row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |\n"
+
+
+def _lr_text(lr: float, grid: Sequence[float]) -> str:
+    return f"{lr:g}*" if lr in (min(grid), max(grid)) else f"{lr:g}"
 
 
 def figure_png(result: dict[str, Any]) -> bytes:
@@ -730,8 +735,8 @@ def _csv(kind: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
     return lambda text: tuple(kind(part) for part in text.split(",") if part.strip())
 
 
-def parse_settings(argv: Sequence[str] | None) -> tuple[Settings, Path, int]:
-    """(settings, output folder, processes) from the command line."""
+def parse_settings(argv: Sequence[str] | None) -> tuple[Settings, Path, int, Path | None]:
+    """(settings, output folder, processes, stored JSON to redraw) from the command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--quick", action="store_true", help="tiny budget (2 seeds, 2 lrs, 16 steps): the harness check"
@@ -743,6 +748,7 @@ def parse_settings(argv: Sequence[str] | None) -> tuple[Settings, Path, int]:
     parser.add_argument("--ratios", type=_csv(float), help="LoRA+ ratios (1 = plain LoRA, always included)")
     parser.add_argument("--steps", type=int, help="training steps per run")
     parser.add_argument("--jobs", type=int, default=2, help="processes (one thread each); 1 = run here")
+    parser.add_argument("--from-json", type=Path, help="train nothing: redraw the figure and table of a stored JSON")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else Settings()
     chosen = {
@@ -756,22 +762,25 @@ def parse_settings(argv: Sequence[str] | None) -> tuple[Settings, Path, int]:
     bad = [w for w in settings.widths if w not in WIDTHS] + [o for o in settings.optimizers if o not in OPTIMIZERS]
     if bad or not settings.seeds or settings.steps < 1:
         parser.error(f"unknown width or optimizer {bad}, or no seeds / steps" if bad else "give seeds and steps >= 1")
-    return settings, args.out, max(1, args.jobs)
+    return settings, args.out, max(1, args.jobs), args.from_json
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    settings, out, jobs = parse_settings(argv)
+    settings, out, jobs, stored = parse_settings(argv)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "loraplus_convergence.json"
 
     def write_json(result: dict[str, Any]) -> None:
         write_text_atomic(json_path, json.dumps(result, indent=1) + "\n")
 
-    result = run_benchmark(settings, jobs, checkpoint=write_json)
-    write_json(result)
+    if stored is not None:
+        result = json.loads(stored.read_text())
+    else:
+        result = run_benchmark(settings, jobs, checkpoint=write_json)
+        write_json(result)
     write_bytes_atomic(out / "loraplus_convergence.png", figure_png(result))
     print(markdown_tables(result))
-    print(f"wrote {out / 'loraplus_convergence.json'} and {out / 'loraplus_convergence.png'}")
+    print(f"wrote {'' if stored else f'{json_path} and '}{out / 'loraplus_convergence.png'}")
     return result
 
 
