@@ -703,11 +703,17 @@ def figure_png(result: dict[str, Any]) -> bytes:
             ax.bar(xs, means, bar_width, yerr=errs, label=optimizer, capsize=2)
         ax.set_xticks(range(len(ratios)), [f"{r:g}" for r in ratios])
         ax.set_yscale("log")
-        ax.set_title(f"{width}: best lr each (b)", fontsize=9)
+        ax.set_title(f"{width}: each ratio at its best lr (b)", fontsize=9)
         ax.set_xlabel("LoRA+ ratio", fontsize=8)
+        if col == 0:
+            ax.set_ylabel("final val loss (rel.), mean ± std", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7)
     axes[0][0].legend(fontsize=7)
+    fig.suptitle(
+        f"LoRA+ convergence: {settings['steps']} steps, {len(settings['seeds'])} seeds (curves: mean over seeds)",
+        fontsize=10,
+    )
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=72)
