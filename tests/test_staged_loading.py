@@ -201,7 +201,7 @@ def test_components_resident_at_each_cache_step(tiny_sdxl, data, tmp_path, monke
 
 # --- Same LoRA, and the report's phases --------------------------------------------------------------------------
 def _train(model: Path, data: Path, out: Path) -> dict[str, torch.Tensor]:
-    argv = tiny_train_argv(model, data, out, "--max_train_steps", "2", "--network_dim", "4", *CACHED_BOTH)
+    argv = tiny_train_argv(model, data, out, "--max_train_steps", "1", "--network_dim", "4", *CACHED_BOTH)
     argv += ["--loraplus_lr_ratio", "16", "--learning_rate", "1e-3", "--output_name", "run"]
     result = trainer.train(config_from_args(build_parser().parse_args(argv)))
     return load_file(result.final_path)
