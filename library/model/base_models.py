@@ -1,21 +1,52 @@
-"""The frozen base model once loaded: freezing, placement, weight storage, attention and checkpointing; releasing
-models whose outputs are cached; the VAE as a latent encoder."""
+"""The frozen base model: which components load before caching and which after (staged loading); once loaded,
+freezing, placement, weight storage, attention and checkpointing; releasing models whose outputs are cached; the
+VAE as a latent encoder."""
 
 from __future__ import annotations
 
 import gc
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from library.model.fp8 import store_weights
-from library.model.loading import SDXLModels
+from library.model.loading import COMPONENTS, SDXLModels
 from library.model.precision import PrecisionConfig, PrecisionPlan
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadingStages:
+    """Which components a run loads before each caching step, and which after all of them (staged loading).
+
+    A component whose outputs are cached is loaded just before its caching step and released (or, needed for
+    samples, kept or moved to CPU RAM) right after it, before the next one loads: the VAE alone, then the text
+    encoders, then the UNet with whatever the training step still encodes per batch. The models a run needs are
+    then never resident all at once when their outputs are cached, and the peak is the largest stage, the UNet's
+    (with everything needed later, the peak is the same as loading all at once). Empty stages are skipped."""
+
+    for_latents: tuple[str, ...]
+    """Loaded before the latents are cached: ("vae",) with --cache_latents, else ()."""
+    for_text: tuple[str, ...]
+    """Loaded before the text-encoder outputs are cached: both text encoders with --cache_text_encoder_outputs."""
+    for_training: tuple[str, ...]
+    """The rest: the UNet, the VAE when latents are encoded per batch, the text encoders when captions are."""
+
+
+TEXT_ENCODERS = ("text_encoder1", "text_encoder2")
+
+
+def loading_stages(*, cache_latents: bool, cache_text_encoder_outputs: bool) -> LoadingStages:
+    """The stages (see `LoadingStages`) for a run caching latents and / or text-encoder outputs."""
+    for_latents = ("vae",) if cache_latents else ()
+    for_text = TEXT_ENCODERS if cache_text_encoder_outputs else ()
+    for_training = tuple(c for c in COMPONENTS if c not in for_latents + for_text)
+    return LoadingStages(for_latents, for_text, for_training)
 
 
 def set_attention(unet, attention: str) -> str:
@@ -44,37 +75,46 @@ def set_attention(unet, attention: str) -> str:
 
 
 def prepare_base_models(
-    models: SDXLModels, plan: PrecisionPlan, precision: PrecisionConfig, train_text_encoder: bool, device: torch.device
+    models: SDXLModels,
+    plan: PrecisionPlan,
+    precision: PrecisionConfig,
+    train_text_encoder: bool,
+    device: torch.device,
+    components: Sequence[str] = COMPONENTS,
 ) -> str:
     """Freeze the base model, place it, and apply weight storage, attention and checkpointing choices; returns the
     attention that runs (`plan.attention`, or "sdpa" when xformers failed).
 
     The loader already stored the weights as the plan says; `store_weights` then only installs the per-layer
-    up-cast (and converts, for models that were loaded some other way)."""
-    if models.vae is not None:
+    up-cast (and converts, for models that were loaded some other way). A staged load prepares each component
+    once, as it arrives: only `components` are touched (the attention is then the UNet's when it is among them)."""
+    if "vae" in components and models.vae is not None:
         vae = models.vae
         if vae.dtype != plan.vae_dtype or vae.device != device:  # the loader already placed it: no extra copy
             vae.to(device, plan.vae_dtype)
         vae.requires_grad_(False).eval()
-    for model in (models.unet, models.text_encoder1, models.text_encoder2):
+    storages = {
+        "unet": plan.unet_storage_dtype,
+        "text_encoder1": plan.text_encoder_storage_dtype,
+        "text_encoder2": plan.text_encoder_storage_dtype,
+    }
+    prepared = {name: getattr(models, name) for name in storages if name in components}
+    for model in prepared.values():
         model.requires_grad_(False)
         model.to(device)
         model.eval()
-    attention = set_attention(models.unet, plan.attention)
-    for model, storage in (
-        (models.unet, plan.unet_storage_dtype),
-        (models.text_encoder1, plan.text_encoder_storage_dtype),
-        (models.text_encoder2, plan.text_encoder_storage_dtype),
-    ):
-        if storage is not None:
-            store_weights(model, storage, plan.compute_dtype)
-    if precision.gradient_checkpointing:
+    attention = set_attention(models.unet, plan.attention) if "unet" in prepared else plan.attention
+    for name, model in prepared.items():
+        if storages[name] is not None:
+            store_weights(model, storages[name], plan.compute_dtype)
+    if precision.gradient_checkpointing and "unet" in prepared:
         models.unet.enable_gradient_checkpointing()
         models.unet.train()
-        if train_text_encoder:
-            for te in (models.text_encoder1, models.text_encoder2):
-                enable_text_encoder_checkpointing(te)
-                te.train()
+    if precision.gradient_checkpointing and train_text_encoder:
+        for name in ("text_encoder1", "text_encoder2"):
+            if name in prepared:
+                enable_text_encoder_checkpointing(prepared[name])
+                prepared[name].train()
     return attention
 
 

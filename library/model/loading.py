@@ -15,9 +15,9 @@ Its original (SGM) names map to diffusers' through ``networks.sdxl_keys``; a dif
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +39,8 @@ _HINT = "give an SDXL .safetensors single file or a diffusers folder"
 
 @dataclass
 class SDXLModels:
-    """The SDXL components the trainer uses, plus where they came from."""
+    """The SDXL components the trainer uses, plus where they came from. A component is None while a staged load
+    has not loaded it yet, and once released (its outputs cached, nothing needing it later)."""
 
     unet: Any  # diffusers UNet2DConditionModel
     vae: Any  # diffusers AutoencoderKL
@@ -50,6 +51,9 @@ class SDXLModels:
     scheduler: Any  # the pipeline's scheduler (EulerDiscreteScheduler for SDXL base), for sampling
     source: Path  # the file or folder given
     config_dir: Path  # the diffusers-format folder the configs came from (the folder itself for a folder)
+    pending: dict[str, Any] = field(default_factory=dict, repr=False)
+    """Components a staged load has checked against the file but not loaded yet: built on the meta device (no
+    weight memory), filled by a later ``load_sdxl(..., into=...)``."""
 
     @property
     def is_single_file(self) -> bool:
@@ -128,6 +132,8 @@ def load_sdxl(
     device: str | torch.device = "cpu",
     linear_weight_dtypes: Mapping[str, torch.dtype] | None = None,
     vae_dtype: torch.dtype | None = None,
+    components: Sequence[str] = COMPONENTS,
+    into: SDXLModels | None = None,
 ) -> SDXLModels:
     """Load SDXL from a single file (original layout) or a diffusers folder, offline, in eval mode on ``device``.
 
@@ -137,33 +143,49 @@ def load_sdxl(
     floating tensor, except the weights of ``Linear`` / ``Conv2d`` modules of a component named in
     ``linear_weight_dtypes`` ("unet", "text_encoder1", "text_encoder2"; e.g. ``torch.float8_e4m3fn`` storage),
     and the VAE, which gets ``vae_dtype`` (None: ``dtype``). Integer buffers keep their dtype.
+
+    Staged loading (a trainer that caches the VAE's and text encoders' outputs need not hold them with the UNet):
+    ``components`` (of :data:`COMPONENTS`) are loaded and the others left None; a later call with ``into`` (the
+    models a first call returned, same arguments otherwise) loads more of them into it and returns it. Each tensor
+    is read once over all calls (no whole-file read; only the file's header again). The first call checks every
+    component against the file, loaded now or not, so a misfit still fails before any work with the first ones.
     """
     import torch
 
+    unknown = sorted(set(components) - set(COMPONENTS))
+    if unknown:
+        raise ValueError(f"components: unknown {unknown} (use {list(COMPONENTS)})")
+    wanted = [c for c in COMPONENTS if c in components]
     check_model_path(path)
     source = Path(path)
     resolved = source if source.is_dir() else resolve_config_dir(source, config_dir)
+    if into is not None and (source != into.source or resolved != into.config_dir):
+        raise ValueError(f"into: models of {into.source} ({into.config_dir}), not of {path} ({resolved})")
+    loaded = [c for c in wanted if into is not None and getattr(into, c) is not None]
+    if loaded:
+        raise ValueError(f"components: {loaded} already loaded")
     precisions = _precisions(dtype or torch.float32, dict(linear_weight_dtypes or {}), vae_dtype)
-    models = _empty_models(resolved)
-    tokenizer1, tokenizer2, scheduler = _tokenizers_and_scheduler(resolved)  # before the weights: fails fast
+    if into is None:
+        pending = empty_models(resolved)
+        tokenizer1, tokenizer2, scheduler = _tokenizers_and_scheduler(resolved)  # before the weights: fails fast
+        into = SDXLModels(None, None, None, None, tokenizer1, tokenizer2, scheduler, source, resolved, pending)
+        checked = list(COMPONENTS)
+    else:  # parked by the first call (already checked), or built again after a release
+        missing = [c for c in wanted if c not in into.pending]
+        into.pending.update(empty_models(resolved, missing) if missing else {})
+        checked = wanted
+    if not checked:
+        return into
     with ExitStack() as stack:
-        readers = _open_readers(source, stack)
+        readers = _open_readers(source, stack, checked)
         # Every name and shape is checked before the first tensor is read: a misfit fails in a second.
         plan_for = _folder_plan if source.is_dir() else _single_file_plan
-        plans = {c: plan_for(c, models[c], readers[c], resolved, precisions[c]) for c in COMPONENTS}
-        for c in COMPONENTS:
-            _fill(models[c], readers[c], plans[c], precisions[c], torch.device(device))
-    return SDXLModels(
-        unet=models["unet"],
-        vae=models["vae"],
-        text_encoder1=models["text_encoder1"],
-        text_encoder2=models["text_encoder2"],
-        tokenizer1=tokenizer1,
-        tokenizer2=tokenizer2,
-        scheduler=scheduler,
-        source=source,
-        config_dir=resolved,
-    )
+        plans = {c: plan_for(c, into.pending[c], readers[c], resolved, precisions[c]) for c in checked}
+        for c in wanted:
+            model = into.pending.pop(c)
+            _fill(model, readers[c], plans[c], precisions[c], torch.device(device))
+            setattr(into, c, model)  # SDXLModels' fields are named as COMPONENTS
+    return into
 
 
 @dataclass(frozen=True)
@@ -186,28 +208,33 @@ def _precisions(
     return precisions
 
 
-def _empty_models(config_dir: Path) -> dict[str, torch.nn.Module]:
-    """The four models built from the configs in ``config_dir`` with their parameters on the meta device (no
-    weight memory; buffers such as ``position_ids`` are real), keyed as :data:`COMPONENTS`."""
+def empty_models(config_dir: Path, components: Sequence[str] = COMPONENTS) -> dict[str, torch.nn.Module]:
+    """The ``components`` built from the configs in ``config_dir`` with their parameters on the meta device (no
+    weight memory; buffers such as ``position_ids`` are real), keyed as :data:`COMPONENTS`. Their structure (module
+    names, layer shapes) is the loaded model's: what a LoRA network needs to name and create its adapters."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    for component in COMPONENTS:
+    for component in components:
         if not (config_dir / SUBFOLDERS[component] / "config.json").is_file():
             raise UserInputError(f"config folder {config_dir} lacks {SUBFOLDERS[component]}/config.json")
-    with _config_errors(config_dir, "the model configs"):
-        unet_config = UNet2DConditionModel.load_config(config_dir, subfolder="unet", local_files_only=True)
-        vae_config = AutoencoderKL.load_config(config_dir, subfolder="vae", local_files_only=True)
-        te1_config = CLIPTextConfig.from_pretrained(config_dir / "text_encoder", local_files_only=True)
-        te2_config = CLIPTextConfig.from_pretrained(config_dir / "text_encoder_2", local_files_only=True)
-        with init_empty_weights(include_buffers=False):
-            return {
-                "unet": UNet2DConditionModel.from_config(unet_config),
-                "vae": AutoencoderKL.from_config(vae_config),
-                "text_encoder1": CLIPTextModel(te1_config),
-                "text_encoder2": CLIPTextModelWithProjection(te2_config),
-            }
+    builders = {
+        "unet": lambda: UNet2DConditionModel.from_config(
+            UNet2DConditionModel.load_config(config_dir, subfolder="unet", local_files_only=True)
+        ),
+        "vae": lambda: AutoencoderKL.from_config(
+            AutoencoderKL.load_config(config_dir, subfolder="vae", local_files_only=True)
+        ),
+        "text_encoder1": lambda: CLIPTextModel(
+            CLIPTextConfig.from_pretrained(config_dir / "text_encoder", local_files_only=True)
+        ),
+        "text_encoder2": lambda: CLIPTextModelWithProjection(
+            CLIPTextConfig.from_pretrained(config_dir / "text_encoder_2", local_files_only=True)
+        ),
+    }
+    with _config_errors(config_dir, "the model configs"), init_empty_weights(include_buffers=False):
+        return {component: builders[component]() for component in COMPONENTS if component in components}
 
 
 @contextmanager
@@ -321,15 +348,15 @@ def _assign_parameter(model: torch.nn.Module, name: str, value: torch.Tensor) ->
     setattr(module, leaf, torch.nn.Parameter(value, requires_grad=requires_grad))
 
 
-def _open_readers(source: Path, stack: ExitStack) -> dict[str, TensorReader]:
-    """A reader per component: the single file for all four, or each diffusers subfolder's weights file."""
+def _open_readers(source: Path, stack: ExitStack, components: Sequence[str]) -> dict[str, TensorReader]:
+    """A reader per component: the single file for all, or each diffusers subfolder's weights file."""
     from library.files.weight_files import TensorReader, component_weight_candidates, find_component_weights
 
     if source.is_file():
         reader = stack.enter_context(TensorReader(source))
-        return dict.fromkeys(COMPONENTS, reader)
+        return dict.fromkeys(components, reader)
     readers = {}
-    for component in COMPONENTS:
+    for component in components:
         subfolder = source / SUBFOLDERS[component]
         weights = find_component_weights(subfolder)
         if weights is None:

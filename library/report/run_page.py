@@ -167,6 +167,7 @@ def cost_table(cost: Mapping[str, Any]) -> str:
                 f"{collectives} collective{'s' if collectives != 1 else ''} per step",
             )
         )
+    rows.extend(memory_phase_rows(cost.get("memory_phases")))
     for key, value in (cost.get("precision") or {}).items():
         rows.append((f"precision: {key}", str(value)))
     for key in (
@@ -186,6 +187,21 @@ def cost_table(cost: Mapping[str, Any]) -> str:
             rows.append((key.replace("_", " "), str(cost[key])))
     rows.extend(("warning", line) for line in cost.get("warnings") or [])
     return html.table(("", ""), rows) if rows else ""
+
+
+def memory_phase_rows(phases: Any) -> list[tuple[str, str]]:
+    """One row per phase of the run (load, cache, set-up, train, in order) with its peak RAM and what it did."""
+    if not isinstance(phases, Mapping) or not isinstance(phases.get("phases"), list):
+        return []
+    cumulative = not str(phases.get("method", "")).startswith("per phase")
+    rows = []
+    for phase in phases["phases"]:
+        if not isinstance(phase, Mapping) or not isinstance(phase.get("peak_rss_bytes"), int):
+            continue
+        what = f" ({phase['what']})" if phase.get("what") else ""
+        label = f"peak RAM: {phase.get('phase')}{what}{' (peak so far)' if cumulative else ''}"
+        rows.append((label, _gib(phase["peak_rss_bytes"], None)))
+    return rows
 
 
 def _gib(used: int, limit: int | None) -> str:

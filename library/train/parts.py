@@ -24,6 +24,7 @@ from library.report.history import Scalar
 from library.train.diagnostics import LoRADiagnostics
 from library.train.ema import LoRAEMA
 from library.train.loss import LossOptions
+from library.train.memory_phases import MemoryPhases
 from library.train.run_report import StepTimer
 from library.train.saving import LoRASaver
 from library.train.train_state import RngSnapshot, TrainProgress
@@ -113,6 +114,8 @@ class RunParts:
     report: ReportBasis
     ema: LoRAEMA | None = None
     validation: ValidationSource | None = None
+    memory: MemoryPhases = field(default_factory=MemoryPhases)
+    """The peak RAM of each phase (load, cache, set-up, train), for the run report."""
 
     @property
     def group_descriptions(self) -> list[str]:

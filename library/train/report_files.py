@@ -20,7 +20,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -102,9 +102,12 @@ def run_report(cfg: TrainConfig, parts: RunParts, state: LoopState) -> dict[str,
         "non_finite_steps_skipped": len(state.non_finite.skipped),
         "load_seconds": round(parts.report.load_seconds, 3),
         "total_seconds": round(time.time() - parts.report.started_at, 3),
+        "memory_phases": parts.memory.report(),
         **history_sections(parts, state),
     }
-    return build_report(state.timer, samples_per_step, peak_memory(accelerator.device), plan.summary(), extra)
+    peak = peak_memory(accelerator.device)  # the run's peak RSS: its phases' highest (each resets the mark)
+    peak = replace(peak, rss_bytes=max(peak.rss_bytes, parts.memory.peak()))
+    return build_report(state.timer, samples_per_step, peak, plan.summary(), extra)
 
 
 def write_report_files(

@@ -9,7 +9,8 @@ import importlib
 import math
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -27,6 +28,7 @@ from library.data.text_encoder_cache import (
     collate_with_text_outputs,
 )
 from library.model.base_models import (
+    TEXT_ENCODERS,
     Encoder,
     free_memory,
     prepare_base_models,
@@ -34,12 +36,13 @@ from library.model.base_models import (
     vae_encoder,
     vae_fingerprint,
 )
-from library.model.loading import SDXLModels, load_sdxl
+from library.model.loading import COMPONENTS, SDXLModels, empty_models, load_sdxl
 from library.model.precision import PrecisionConfig, PrecisionPlan
 from library.model.text_encoding import encode_captions
 from library.train.diagnostics import LoRADiagnostics
 from library.train.ema import EMAConfig, LoRAEMA
 from library.train.interrupts import NOTHING_SAVED, Phase
+from library.train.memory_phases import MemoryPhases
 from library.train.metadata import DatasetSummary, training_metadata
 from library.train.optim import build_lr_scheduler, build_optimizer, decay_steps, total_training_steps, warmup_steps
 from library.train.parts import Schedule, ValidationSource
@@ -128,9 +131,12 @@ def load_base_model(
     accelerator: Accelerator,
     *,
     train_text_encoder: bool,
+    components: Sequence[str] = COMPONENTS,
+    into: SDXLModels | None = None,
 ) -> tuple[SDXLModels, str]:
     """SDXL, frozen, loaded tensor by tensor straight into its storage dtype on the device, then prepared; returns
-    it and the attention that runs (sdpa when xformers failed on its first call)."""
+    it and the attention that runs (sdpa when xformers failed on its first call). Staged loading: only
+    `components` are loaded (into `into`, the models of an earlier stage; `load_sdxl`)."""
     models = load_sdxl(
         model_cfg.path,
         config_dir=model_cfg.config_dir,
@@ -138,8 +144,10 @@ def load_base_model(
         device=accelerator.device,
         linear_weight_dtypes=plan.storage_dtypes(),
         vae_dtype=plan.vae_dtype,
+        components=components,
+        into=into,
     )
-    attention = prepare_base_models(models, plan, precision, train_text_encoder, accelerator.device)
+    attention = prepare_base_models(models, plan, precision, train_text_encoder, accelerator.device, components)
     return models, attention
 
 
@@ -158,6 +166,49 @@ def describe_cache_pass(what: str, made: CachePass, items: str, seconds: float) 
     if made.encoded_here != made.encoded:
         line += f" (this process: {made.encoded_here})"
     return line
+
+
+COMPONENT_NAMES = {"unet": "UNet", "vae": "VAE", "text_encoder1": "text encoder 1", "text_encoder2": "text encoder 2"}
+
+
+@dataclass
+class StagedLoad:
+    """The base model loaded stage by stage (`loading_stages`): each `load` adds components to the same models,
+    marks the memory phase and the interrupt line, and adds to the loading time."""
+
+    model_cfg: ModelConfig
+    precision: PrecisionConfig
+    plan: PrecisionPlan
+    accelerator: Accelerator
+    train_text_encoder: bool
+    memory: MemoryPhases
+    phase: Phase
+    models: SDXLModels | None = None
+    attention: str | None = None
+    """The attention that runs (sdpa when xformers failed), once the UNet is loaded."""
+    seconds: float = 0.0
+    """Time spent loading and preparing, over all stages."""
+
+    def load(self, components: Sequence[str]) -> SDXLModels:
+        """Load and prepare `components` (none: only the first call's check of every component, if first)."""
+        if self.models is not None and not components:
+            return self.models
+        self.phase.enter("loading the model")
+        self.memory.enter("load", ", ".join(COMPONENT_NAMES[c] for c in components) or "checking the file")
+        started = time.perf_counter()
+        self.models, attention = load_base_model(
+            self.model_cfg,
+            self.precision,
+            self.plan,
+            self.accelerator,
+            train_text_encoder=self.train_text_encoder,
+            components=components,
+            into=self.models,
+        )
+        if "unet" in components:
+            self.attention = attention
+        self.seconds += time.perf_counter() - started
+        return self.models
 
 
 def cache_latents_once(
@@ -273,8 +324,8 @@ def cache_text_outputs(
 
 
 def release_text_encoders(models: SDXLModels, *, keep: bool, highvram: bool, device: torch.device) -> None:
-    """Their outputs are cached and the network is built (it names their modules): free them, or keep them for
-    samples (`keep`)."""
+    """Their outputs are cached: free them (the network is built from their structure alone,
+    `text_encoder_structures`), or keep them for samples (`keep`)."""
     models.text_encoder1 = release_model(models.text_encoder1, keep, highvram, device)
     models.text_encoder2 = release_model(models.text_encoder2, keep, highvram, device)
     free_memory(device)
@@ -283,10 +334,19 @@ def release_text_encoders(models: SDXLModels, *, keep: bool, highvram: bool, dev
 # --- The LoRA network and its optimizer ----------------------------------------------------------------------------
 
 
+def text_encoder_structures(models: SDXLModels) -> list[torch.nn.Module]:
+    """The two text encoders, or, where one was released once its outputs were cached (staged loading), an empty
+    one built from its config (meta device, no memory): the network creates and seeds its adapters from their
+    layers' names and shapes, as sd-scripts does, before dropping them for a UNet-only run."""
+    missing = [name for name in TEXT_ENCODERS if getattr(models, name) is None]
+    empty = empty_models(models.config_dir, missing) if missing else {}
+    return [getattr(models, name) if name not in empty else empty[name] for name in TEXT_ENCODERS]
+
+
 def create_lora_network(net_cfg: NetworkConfig, models: SDXLModels):
     """Build the network through `--network_module` (sd-scripts' plug-in point) and attach it."""
     module = importlib.import_module(net_cfg.module)
-    text_encoders = [models.text_encoder1, models.text_encoder2]
+    text_encoders = text_encoder_structures(models)
     if net_cfg.dim_from_weights:
         network, _ = module.create_network_from_weights(
             1.0, net_cfg.weights, models.vae, text_encoders, models.unet, **net_cfg.args

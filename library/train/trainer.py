@@ -33,6 +33,7 @@ from library.errors import OutputInUseError
 from library.files.finite import NonFiniteSteps
 from library.files.run_lock import output_lock
 from library.files.stale_files import remove_stale_temp_files
+from library.model.base_models import loading_stages, vae_encoder
 from library.model.loading import model_hashes
 from library.model.precision import PrecisionPlan, plan_precision, save_dtype
 from library.train.accelerate_compat import allow_fp16_gradients, reset_accelerator_state
@@ -40,6 +41,7 @@ from library.train.checkpoints import save_interrupted, save_run_state
 from library.train.interrupts import Phase, TrainingInterrupted, noted_interrupts, signal_name, sigterm_interrupts
 from library.train.loop import OnStep, StepInfo, run_loop
 from library.train.loss import loss_option_warnings, make_noise_scheduler
+from library.train.memory_phases import MemoryPhases
 from library.train.metadata import progress_metadata
 from library.train.parts import LoopState, LossParts, RunParts
 from library.train.process_group import (
@@ -53,9 +55,9 @@ from library.train.report_files import earlier_history, report_basis, write_repo
 from library.train.run_config import OutputConfig, TrainConfig
 from library.train.saving import LoRASaver, output_file_pattern
 from library.train.setup_parts import (
+    StagedLoad,
     cache_latents_once,
     cache_text_outputs,
-    load_base_model,
     make_loader,
     plan_schedule,
     release_text_encoders,
@@ -192,6 +194,7 @@ def run_training(
     parts, state = set_up(cfg, started_at, phase, run_scope)
     # The loop; an interrupt in it saves the last finished step (several processes: all stop at one batch).
     phase.enter("training")
+    parts.memory.enter("train")
     accelerator = parts.accelerator
     with noted_interrupts() if accelerator.num_processes > 1 else contextlib.nullcontext() as noted:
         stops = StopAgreement(accelerator, noted) if noted is not None else None
@@ -228,6 +231,8 @@ def set_up(
     cfg: TrainConfig, started_at: float, phase: Phase, run_scope: contextlib.ExitStack
 ) -> tuple[RunParts, LoopState]:
     """The run's fixed parts and its loop state (resumed when --resume is given)."""
+    memory = MemoryPhases()  # the peak RAM of each phase, for the run report
+    memory.enter("start")
     # Data first: a missing folder or broken image stops here, before any model loads.
     phase.enter("reading the training data")
     records, validation = split_validation(cfg.data, cfg.validation, cfg.loop.batch_size)
@@ -240,31 +245,40 @@ def set_up(
     set_seed(cfg.loop.seed)
     sampling, highvram, device = cfg.sampling is not None, cfg.precision.highvram, accelerator.device
 
-    # Base model, frozen; latents and, UNet-only, text-encoder outputs cached once (then those models are
-    # released), or both encoded per batch.
-    phase.enter("loading the model")
-    load_started = time.perf_counter()
-    models, attention = load_base_model(
-        cfg.model, cfg.precision, plan, accelerator, train_text_encoder=cfg.network.train_text_encoder
+    # Base model, frozen, loaded in stages (`loading_stages`): the VAE and text encoders whose outputs are cached
+    # are loaded just before their caching step and released right after it (kept for samples), so they are never
+    # resident with the UNet; the UNet and what the steps still encode with load last (all at once when nothing
+    # is cached). The first load checks every component against the file, so a misfit fails before any caching.
+    stages = loading_stages(
+        cache_latents=cfg.loop.cache_latents, cache_text_encoder_outputs=cfg.loop.cache_text_encoder_outputs
     )
-    if attention != plan.attention:  # xformers failed on its first call: SDPA runs, and the report says so
-        plan = replace(plan, attention=attention)
-    load_seconds = time.perf_counter() - load_started
+    base = StagedLoad(cfg.model, cfg.precision, plan, accelerator, cfg.network.train_text_encoder, memory, phase)
+    models = base.load(stages.for_latents)
     held_out = [validation.dataset] if validation is not None else []
-    encode = cache_latents_once(
-        cfg.loop, [dataset, *held_out], models, accelerator, keep_vae=sampling, highvram=highvram, phase=phase
-    )
+    if cfg.loop.cache_latents:
+        memory.enter("cache", "latents")
+        cache_latents_once(
+            cfg.loop, [dataset, *held_out], models, accelerator, keep_vae=sampling, highvram=highvram, phase=phase
+        )
     phase.enter("hashing the model file")
     hashes = model_hashes(cfg.model.path)
+    base.load(stages.for_text)
+    if cfg.loop.cache_text_encoder_outputs:
+        memory.enter("cache", "text-encoder outputs")
     text_cache, validation_source = cache_text_outputs(
         cfg.loop, dataset, validation, models, plan, accelerator, model_id=hashes[1], phase=phase
     )
+    if text_cache is not None:  # the network is built from their structure (`text_encoder_structures`)
+        release_text_encoders(models, keep=sampling, highvram=highvram, device=device)
+    base.load(stages.for_training)
+    if base.attention is not None and base.attention != plan.attention:  # xformers failed: SDPA runs, as reported
+        plan = replace(plan, attention=base.attention)
+    encode = None if cfg.loop.cache_latents else vae_encoder(models.vae, device)
 
     # LoRA network, optimizer groups (LoRA+), loader, schedule.
     phase.enter("setting up the LoRA network")
+    memory.enter("set-up")
     network, ema = setup_network(cfg.network, cfg.ema, models, plan, device)
-    if text_cache is not None:
-        release_text_encoders(models, keep=sampling, highvram=highvram, device=device)
     optimizer, groups = setup_optimizer(cfg.optimizer, network, accelerator)
     loader, sampler = make_loader(dataset, cfg.loop, accelerator, text_cache)
     schedule = plan_schedule(cfg.loop, len(sampler))
@@ -309,7 +323,7 @@ def set_up(
         settings,
         first_step=state.progress.step,
         started_at=started_at,
-        load_seconds=load_seconds,
+        load_seconds=base.seconds,
         earlier_history=resumed_history(cfg.output, saver, accelerator),
     )
     loss = LossParts(
@@ -338,6 +352,7 @@ def set_up(
         report,
         ema=ema,
         validation=validation_source,
+        memory=memory,
     )
     return parts, state
 
