@@ -48,6 +48,7 @@ from library.train.saving import LoRASaver, output_file_pattern
 from library.train.setup_parts import (
     cache_latents_once,
     cache_text_outputs,
+    compile_for_loss,
     load_base_model,
     make_loader,
     plan_schedule,
@@ -284,14 +285,18 @@ def set_up(
         load_seconds=load_seconds,
         earlier_history=resumed_history(cfg.output, saver, accelerator),
     )
+    loss_models, compiled = compile_for_loss(
+        cfg.compile, models, accelerator, train_text_encoder=cfg.network.train_text_encoder
+    )
     loss = LossParts(
-        models,
+        loss_models,
         encode,
         make_noise_scheduler(cfg.loss.zero_terminal_snr),
         plan,
         accelerator,
         cfg.loop.max_token_length,
         cfg.loss,
+        compiled=compiled,
     )
     parts = RunParts(
         accelerator,
