@@ -31,9 +31,14 @@ FP8_DTYPE = torch.float8_e4m3fn
 TABLE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 """Storage dtypes up-cast by table on a CPU (one byte per element: 256 codes)."""
 
-CHUNK_ELEMENTS = 1 << 18
-"""Weight elements up-cast at a time on a CPU (1 MiB in fp32, within one core's L2 cache). Measured per layer on
-this project's 2-core CPU: 2^16 loses to per-call overhead, 2^20 to cache misses."""
+CHUNK_ELEMENTS = 1 << 20
+"""Weight elements up-cast at a time on a CPU (4 MiB in fp32). Measured on a 1280x5120 layer, forward and backward,
+on this project's 2-core CPU shared with other jobs: with one thread 2^18-2^21 are within 10% of each other; with
+two, every chunk is a few parallel regions whose threads wait for each other, and 2^18 took 10x longer than 2^20
+(2^21 2x)."""
+
+MIN_CHUNKED_ELEMENTS = 1 << 16
+"""Smaller weights are up-cast by `.to`: one call, where per-call overhead outweighs the table's speed."""
 
 UPCASTS = ("table", "cast")
 """How a CPU up-casts stored weights: "table" (chunked, by table: the default) or "cast" (`.to`, as before)."""
@@ -129,10 +134,11 @@ def upcast_rows(
 
 
 def _chunked(weight: torch.Tensor, dtype: torch.dtype, upcast_mode: str) -> bool:
-    """Whether this layer computes chunk by chunk (CPU, table dtypes, outside torch.compile's tracing, where
-    inductor generates its own conversion)."""
+    """Whether this layer computes chunk by chunk (CPU, table dtypes, not a small weight, outside torch.compile's
+    tracing, where inductor generates its own conversion)."""
     return (
         upcast_mode == "table"
+        and weight.numel() >= MIN_CHUNKED_ELEMENTS
         and uses_table(weight, dtype)
         and weight.is_contiguous()
         and not torch.compiler.is_compiling()
@@ -140,7 +146,8 @@ def _chunked(weight: torch.Tensor, dtype: torch.dtype, upcast_mode: str) -> bool
 
 
 def _upcast_whole(weight: torch.Tensor, dtype: torch.dtype, upcast_mode: str) -> torch.Tensor:
-    return upcast(weight, dtype) if upcast_mode == "table" and not torch.compiler.is_compiling() else weight.to(dtype)
+    table = upcast_mode == "table" and weight.numel() >= MIN_CHUNKED_ELEMENTS and not torch.compiler.is_compiling()
+    return upcast(weight, dtype) if table else weight.to(dtype)
 
 
 def _linear_chunked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, buffers: UpcastBuffers):
