@@ -260,6 +260,7 @@ def store_weights(
     """Store every Linear/Conv2d weight of a frozen model in `storage_dtype` (a no-op cast when the loader
     already did) and compute those layers in `compute_dtype`. Biases are kept in `compute_dtype`. `upcast`
     is one of `UPCASTS` ("cast": plain `.to` everywhere, the reference the benchmark compares against).
+    Call it once per model: the layers of one call share one `UpcastBuffers` (8 MiB at most on a CPU).
     Returns the number of layers converted."""
     if upcast not in UPCASTS:
         raise ValueError(f"upcast must be one of {UPCASTS}, not {upcast!r}")
