@@ -8,10 +8,10 @@ of rising as it does when the up-cast copy is kept alive by autograd. Base weigh
 gradient is ever computed. Norms and embeddings are not touched (the loader gives them the compute dtype).
 
 On a CPU, fp8 weights are up-cast by table and a few rows at a time (`upcast_rows`): PyTorch's own fp8 `.to`
-converts about 250-300 M elements/s there, a 65,536-entry table indexed by pairs of fp8 bytes about 2 G/s (same
-bits: the table is made by `.to` itself), and a layer computed chunk by chunk through one small reused buffer
-never writes its whole fp32 weight to memory nor faults in fresh pages for it. On full-size SDXL this takes an
-fp8 step from ~4x to ~1.3x the fp32 step (bench/step_overhead.py). CUDA and other storage dtypes keep `.to`.
+converts about 200-300 M elements/s there, a 65,536-entry table indexed by pairs of fp8 bytes (same bits: the table
+is made by `.to` itself) about 2 G/s per thread, and a layer computed chunk by chunk through one small reused buffer
+never writes its whole fp32 weight to memory nor faults in fresh pages for it. CUDA and fp16 storage keep `.to`.
+bench/step_overhead.py measures the step against fp32 (section fp8).
 """
 
 from __future__ import annotations
@@ -31,11 +31,18 @@ FP8_DTYPE = torch.float8_e4m3fn
 TABLE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 """Storage dtypes up-cast by table on a CPU (one byte per element: 256 codes)."""
 
-CHUNK_ELEMENTS = 1 << 20
-"""Weight elements up-cast at a time on a CPU (4 MiB in fp32). Measured on a 1280x5120 layer, forward and backward,
-on this project's 2-core CPU shared with other jobs: with one thread 2^18-2^21 are within 10% of each other; with
-two, every chunk is a few parallel regions whose threads wait for each other, and 2^18 took 10x longer than 2^20
-(2^21 2x)."""
+CHUNK_ELEMENTS = 1 << 15
+"""Weight elements up-cast at a time on a CPU (128 KiB in fp32). Below PyTorch's parallel grain (32,768) the table
+ops of a chunk run on one thread: with several threads on a busy machine, every parallel region waits for a thread
+that is not running. Measured on a 1280x5120 layer, forward and input gradient, 4 tokens, this project's 2-core CPU
+shared with other jobs: 11.6 ms in chunks of 2^15, 1,284 ms of 2^17, 203 ms of 2^20 with two threads; 10-11.5 ms
+for all three with one (fp32 weights: 3.4 ms; `.to`: 64-80 ms)."""
+
+LARGE_CHUNK_ELEMENTS = 1 << 20
+"""The chunk when a layer sees many rows of input (`MANY_TOKENS`): its matrix products then dominate, and larger
+chunks keep them efficient."""
+
+MANY_TOKENS = 256
 
 MIN_CHUNKED_ELEMENTS = 1 << 16
 """Smaller weights are up-cast by `.to`: one call, where per-call overhead outweighs the table's speed."""
@@ -119,13 +126,14 @@ class UpcastBuffers:
 
 
 def upcast_rows(
-    weight: torch.Tensor, dtype: torch.dtype, buffers: UpcastBuffers
+    weight: torch.Tensor, dtype: torch.dtype, buffers: UpcastBuffers, tokens: int = 1
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """(start, stop, weight[start:stop] up-cast) over the first dimension, about `CHUNK_ELEMENTS` at a time, each
-    chunk written over the previous one in `buffers`: use a chunk before taking the next."""
+    """(start, stop, weight[start:stop] up-cast) over the first dimension, about `CHUNK_ELEMENTS` at a time (or
+    `LARGE_CHUNK_ELEMENTS` for an input of `tokens` >= `MANY_TOKENS` rows), each chunk written over the previous
+    one in `buffers`: use a chunk before taking the next."""
     rows = weight.shape[0]
     per_row = weight[0].numel()
-    step = max(1, CHUNK_ELEMENTS // per_row)
+    step = max(1, (LARGE_CHUNK_ELEMENTS if tokens >= MANY_TOKENS else CHUNK_ELEMENTS) // per_row)
     values, index = buffers.take(min(rows, step) * per_row, dtype)
     for start in range(0, rows, step):
         stop = min(rows, start + step)
@@ -154,7 +162,7 @@ def _linear_chunked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """F.linear with the weight up-cast a few rows at a time: out^T[rows] = W[rows] @ x^T."""
     x2 = x.reshape(-1, x.shape[-1])
     out_t = torch.empty(weight.shape[0], x2.shape[0], dtype=x.dtype)
-    for start, stop, rows in upcast_rows(weight, x.dtype, buffers):
+    for start, stop, rows in upcast_rows(weight, x.dtype, buffers, tokens=x2.shape[0]):
         torch.mm(rows, x2.t(), out=out_t[start:stop])
     out = out_t.t().contiguous().view(*x.shape[:-1], weight.shape[0])  # contiguous, as F.linear's output
     return out if bias is None else out.add_(bias)
@@ -164,7 +172,7 @@ def _linear_input_grad_chunked(grad_out: torch.Tensor, weight: torch.Tensor, buf
     """grad_out @ W, summed over row chunks of W."""
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
     grad_x = torch.empty(g2.shape[0], weight.shape[1], dtype=grad_out.dtype)
-    for start, stop, rows in upcast_rows(weight, grad_out.dtype, buffers):
+    for start, stop, rows in upcast_rows(weight, grad_out.dtype, buffers, tokens=g2.shape[0]):
         if start == 0:
             torch.mm(g2[:, start:stop], rows, out=grad_x)
         else:
@@ -207,8 +215,10 @@ class _Fp8Conv2d(torch.autograd.Function):
         x = x.to(dtype)
         bias = None if bias is None else bias.to(dtype)
         if groups == 1 and _chunked(weight, dtype, upcast_mode):
+            pixels = x.shape[0] * x.shape[-1] * x.shape[-2]
             outs = [
-                F.conv2d(x, rows, None, stride, padding, dilation) for _, _, rows in upcast_rows(weight, dtype, buffers)
+                F.conv2d(x, rows, None, stride, padding, dilation)
+                for _, _, rows in upcast_rows(weight, dtype, buffers, tokens=pixels)
             ]
             out = torch.cat(outs, 1)
             return out if bias is None else out.add_(bias.view(1, -1, 1, 1))
@@ -223,7 +233,8 @@ class _Fp8Conv2d(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dtype = grad_out.dtype
             if groups == 1 and _chunked(weight, dtype, upcast_mode):
-                for start, stop, rows in upcast_rows(weight, dtype, buffers):
+                pixels = shape[0] * shape[-1] * shape[-2]
+                for start, stop, rows in upcast_rows(weight, dtype, buffers, tokens=pixels):
                     part = torch.nn.grad.conv2d_input(shape, rows, grad_out[:, start:stop], stride, padding, dilation)
                     grad_x = part if grad_x is None else grad_x.add_(part)
             else:
