@@ -31,18 +31,19 @@ FP8_DTYPE = torch.float8_e4m3fn
 TABLE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 """Storage dtypes up-cast by table on a CPU (one byte per element: 256 codes)."""
 
-CHUNK_ELEMENTS = 1 << 15
-"""Weight elements up-cast at a time on a CPU (128 KiB in fp32). Below PyTorch's parallel grain (32,768) the table
-ops of a chunk run on one thread: with several threads on a busy machine, every parallel region waits for a thread
-that is not running. Measured on a 1280x5120 layer, forward and input gradient, 4 tokens, this project's 2-core CPU
-shared with other jobs: 11.6 ms in chunks of 2^15, 1,284 ms of 2^17, 203 ms of 2^20 with two threads; 10-11.5 ms
-for all three with one (fp32 weights: 3.4 ms; `.to`: 64-80 ms)."""
+UPCAST_PIECE = 1 << 15
+"""Elements up-cast by one table lookup on a CPU. Below PyTorch's parallel grain (32,768) each lookup runs on one
+thread: with several threads on a busy machine, every parallel region waits for a thread that is not running.
+Measured on a 1280x5120 layer, forward and input gradient, 4 tokens, this project's 2-core CPU shared with other
+jobs, two threads: 11.2 ms in pieces of 2^15, 1,284 ms of 2^17, 203 ms of 2^20 (fp32 weights 16.6 ms, `.to` 70 ms);
+one thread: 10-11.5 ms for all three (fp32 3.3 ms, `.to` 53-64 ms)."""
 
-LARGE_CHUNK_ELEMENTS = 1 << 20
-"""The chunk when a layer sees many rows of input (`MANY_TOKENS`): its matrix products then dominate, and larger
-chunks keep them efficient."""
+CHUNK_ELEMENTS = UPCAST_PIECE
+"""Weight elements a Linear layer multiplies with at a time: the product of so few rows also runs on one thread."""
 
-MANY_TOKENS = 256
+CONV_CHUNK_ELEMENTS = 1 << 20
+"""The same for Conv2d (4 MiB in fp32): a convolution call costs far more than a matrix product, so fewer, larger
+chunks."""
 
 MIN_CHUNKED_ELEMENTS = 1 << 16
 """Smaller weights are up-cast by `.to`: one call, where per-call overhead outweighs the table's speed."""
@@ -84,6 +85,12 @@ def upcast_into(weight: torch.Tensor, out: torch.Tensor, index: torch.Tensor | N
     """`weight` (one-byte floats on a CPU, contiguous) converted into `out` (same number of elements), bit for bit
     what `weight.to(out.dtype)` gives; `index` is int32 scratch of at least half as many elements (made if None)."""
     count = weight.numel()
+    if count > UPCAST_PIECE and count % 2 == 0:  # piece by piece: each table lookup stays on one thread
+        flat_in, flat_out = weight.reshape(-1), out.reshape(-1)
+        for start in range(0, count, UPCAST_PIECE):
+            stop = min(count, start + UPCAST_PIECE)
+            upcast_into(flat_in[start:stop], flat_out[start:stop], index)
+        return out
     flat = weight.reshape(-1).view(torch.uint8)
     if count % 2 == 0:
         pairs = count // 2
@@ -126,14 +133,13 @@ class UpcastBuffers:
 
 
 def upcast_rows(
-    weight: torch.Tensor, dtype: torch.dtype, buffers: UpcastBuffers, tokens: int = 1
+    weight: torch.Tensor, dtype: torch.dtype, buffers: UpcastBuffers, chunk: int | None = None
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """(start, stop, weight[start:stop] up-cast) over the first dimension, about `CHUNK_ELEMENTS` at a time (or
-    `LARGE_CHUNK_ELEMENTS` for an input of `tokens` >= `MANY_TOKENS` rows), each chunk written over the previous
-    one in `buffers`: use a chunk before taking the next."""
+    """(start, stop, weight[start:stop] up-cast) over the first dimension, about `chunk` (`CHUNK_ELEMENTS`)
+    elements at a time, each chunk written over the previous one in `buffers`: use a chunk before taking the next."""
     rows = weight.shape[0]
     per_row = weight[0].numel()
-    step = max(1, (LARGE_CHUNK_ELEMENTS if tokens >= MANY_TOKENS else CHUNK_ELEMENTS) // per_row)
+    step = max(1, (CHUNK_ELEMENTS if chunk is None else chunk) // per_row)
     values, index = buffers.take(min(rows, step) * per_row, dtype)
     for start in range(0, rows, step):
         stop = min(rows, start + step)
@@ -162,7 +168,7 @@ def _linear_chunked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """F.linear with the weight up-cast a few rows at a time: out^T[rows] = W[rows] @ x^T."""
     x2 = x.reshape(-1, x.shape[-1])
     out_t = torch.empty(weight.shape[0], x2.shape[0], dtype=x.dtype)
-    for start, stop, rows in upcast_rows(weight, x.dtype, buffers, tokens=x2.shape[0]):
+    for start, stop, rows in upcast_rows(weight, x.dtype, buffers):
         torch.mm(rows, x2.t(), out=out_t[start:stop])
     out = out_t.t().contiguous().view(*x.shape[:-1], weight.shape[0])  # contiguous, as F.linear's output
     return out if bias is None else out.add_(bias)
@@ -172,7 +178,7 @@ def _linear_input_grad_chunked(grad_out: torch.Tensor, weight: torch.Tensor, buf
     """grad_out @ W, summed over row chunks of W."""
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
     grad_x = torch.empty(g2.shape[0], weight.shape[1], dtype=grad_out.dtype)
-    for start, stop, rows in upcast_rows(weight, grad_out.dtype, buffers, tokens=g2.shape[0]):
+    for start, stop, rows in upcast_rows(weight, grad_out.dtype, buffers):
         if start == 0:
             torch.mm(g2[:, start:stop], rows, out=grad_x)
         else:
@@ -215,10 +221,9 @@ class _Fp8Conv2d(torch.autograd.Function):
         x = x.to(dtype)
         bias = None if bias is None else bias.to(dtype)
         if groups == 1 and _chunked(weight, dtype, upcast_mode):
-            pixels = x.shape[0] * x.shape[-1] * x.shape[-2]
             outs = [
                 F.conv2d(x, rows, None, stride, padding, dilation)
-                for _, _, rows in upcast_rows(weight, dtype, buffers, tokens=pixels)
+                for _, _, rows in upcast_rows(weight, dtype, buffers, CONV_CHUNK_ELEMENTS)
             ]
             out = torch.cat(outs, 1)
             return out if bias is None else out.add_(bias.view(1, -1, 1, 1))
@@ -233,8 +238,7 @@ class _Fp8Conv2d(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dtype = grad_out.dtype
             if groups == 1 and _chunked(weight, dtype, upcast_mode):
-                pixels = shape[0] * shape[-1] * shape[-2]
-                for start, stop, rows in upcast_rows(weight, dtype, buffers, tokens=pixels):
+                for start, stop, rows in upcast_rows(weight, dtype, buffers, CONV_CHUNK_ELEMENTS):
                     part = torch.nn.grad.conv2d_input(shape, rows, grad_out[:, start:stop], stride, padding, dilation)
                     grad_x = part if grad_x is None else grad_x.add_(part)
             else:
