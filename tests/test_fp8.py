@@ -157,7 +157,9 @@ def test_chunked_layers_match_the_cast_path(monkeypatch, compute_dtype):
     """Linear (2-D and 3-D input) and Conv2d computed a few rows at a time (here 3-4 chunks, the last one short)
     give the output and input gradient of the plain up-cast, and leave nothing fp32 of the weight's size for
     backward."""
-    monkeypatch.setattr(fp8, "CHUNK_ELEMENTS", 1000)
+    for name in ("CHUNK_ELEMENTS", "ONE_THREAD_CHUNK_ELEMENTS", "CONV_CHUNK_ELEMENTS"):
+        monkeypatch.setattr(fp8, name, 1000)
+    monkeypatch.setattr(fp8, "UPCAST_PIECE", 300)  # several lookups per chunk (with more than one thread)
     monkeypatch.setattr(fp8, "MIN_CHUNKED_ELEMENTS", 0)
     torch.manual_seed(0)
     tolerance = {"rtol": 1e-5, "atol": 1e-5} if compute_dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
