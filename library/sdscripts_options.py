@@ -90,8 +90,6 @@ UNIMPLEMENTED_FLAGS: dict[str, Option] = {
     "async_upload": Option(False, needs="huggingface_repo_id"),
     # training loop
     "save_n_epoch_ratio": Option(None),
-    "torch_compile": Option(False),
-    "dynamo_backend": Option("inductor", needs="torch_compile"),
     "ddp_gradient_as_bucket_view": Option(False, any_value=True),  # no DDP wrapper: gradients are averaged here
     "ddp_static_graph": Option(False, any_value=True),
     "fused_backward_pass": Option(False),

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from library.model.fp8 import FP8_DTYPE, store_weights_in_fp8
+from library.model import fp8
+from library.model.fp8 import FP8_DTYPE, UpcastBuffers, store_weights_in_fp8, upcast, upcast_rows, uses_table
 
 
 def _dequantized(weight: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -109,3 +110,72 @@ def test_fp8_unet_trains_lora_in_fp32(tiny_models):
     grads = [m.lora_up.weight.grad for m in network.unet_loras]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+# --- The CPU up-cast by table, chunk by chunk -----------------------------------------------------------------------
+_BITS = {4: torch.int32, 2: torch.int16}
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.view(_BITS[tensor.element_size()])
+
+
+@pytest.mark.parametrize("storage", [FP8_DTYPE, torch.float8_e5m2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_table_upcast_is_bit_exact_for_every_code(storage, dtype):
+    """Every one of the 256 codes (NaNs, infinities, subnormals, both zeros) in both places of a byte pair, and an
+    odd-sized tensor (up-cast a byte at a time), give the same bits as `.to`."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    pairs = torch.stack(torch.meshgrid(codes, codes, indexing="ij"), -1).reshape(-1).view(storage)
+    assert uses_table(pairs, dtype)
+    expected = pairs.to(dtype)
+    assert int(torch.isnan(expected).sum()) > 0  # NaN codes are in the comparison
+    assert torch.equal(_bits(upcast(pairs, dtype)), _bits(expected))
+    assert torch.equal(_bits(upcast(pairs[:255], dtype)), _bits(expected[:255]))
+    matrix = pairs[: 256 * 17].view(256, 17)  # rows of odd length, as a layer's chunks may be
+    chunks = [rows.clone() for _, _, rows in upcast_rows(matrix, dtype, UpcastBuffers())]
+    assert torch.equal(_bits(torch.cat(chunks)), _bits(matrix.to(dtype)))
+
+
+def test_the_table_is_for_cpu_fp8_only():
+    weight = torch.zeros(4, 4, dtype=FP8_DTYPE)
+    assert uses_table(weight, torch.float32)
+    assert not uses_table(weight.to(torch.float16), torch.float32)  # fp16 storage: .to is fast already
+    assert not uses_table(torch.zeros(4, 4, dtype=FP8_DTYPE, device="meta"), torch.float32)  # not a CPU: `.to`
+
+
+def _pair(module: nn.Module, compute_dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
+    """The module stored in fp8 twice: up-cast by table (chunked) and by `.to` (the reference)."""
+    table, cast = copy.deepcopy(module), copy.deepcopy(module)
+    store_weights_in_fp8(table, compute_dtype)
+    store_weights_in_fp8(cast, compute_dtype, upcast="cast")
+    return table, cast
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_chunked_layers_match_the_cast_path(monkeypatch, compute_dtype):
+    """Linear (2-D and 3-D input) and Conv2d computed a few rows at a time (here 3-4 chunks, the last one short)
+    give the output and input gradient of the plain up-cast, and leave nothing fp32 of the weight's size for
+    backward."""
+    for name in ("CHUNK_ELEMENTS", "ONE_THREAD_CHUNK_ELEMENTS", "CONV_CHUNK_ELEMENTS"):
+        monkeypatch.setattr(fp8, name, 1000)
+    monkeypatch.setattr(fp8, "UPCAST_PIECE", 300)  # several lookups per chunk (with more than one thread)
+    monkeypatch.setattr(fp8, "MIN_CHUNKED_ELEMENTS", 0)
+    torch.manual_seed(0)
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if compute_dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for module, shape in (
+        (nn.Linear(96, 40), (3, 96)),
+        (nn.Linear(96, 40, bias=False), (2, 5, 96)),
+        (nn.Conv2d(16, 20, 3, padding=1), (2, 16, 6, 6)),
+        (nn.Conv2d(16, 20, 3, stride=2, bias=False), (1, 16, 9, 9)),
+    ):
+        table, cast = _pair(module, compute_dtype)
+        x = torch.randn(shape, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_(True)
+        out, out_ref = table(x), cast(x_ref)
+        assert out.shape == out_ref.shape and out.is_contiguous() and out.dtype == compute_dtype
+        assert torch.allclose(out.float(), out_ref.float(), **tolerance), (module, (out - out_ref).abs().max())
+        grad = torch.randn(out.shape)
+        out.backward(grad.to(out.dtype))
+        out_ref.backward(grad.to(out.dtype))
+        assert torch.allclose(x.grad, x_ref.grad, **tolerance), (module, (x.grad - x_ref.grad).abs().max())

@@ -44,9 +44,9 @@ def peak():  # this process's own high-water mark (ru_maxrss may carry pytest's 
             return int(line.split()[1]) * 1024
     raise SystemExit("no VmHWM")
 # Warm-up: the first kernels load code pages and thread pools worth ~100 MB; keep them out of the measurement.
-w = nn.Linear(64, 64)
+w = nn.Linear(512, 512)  # big enough for the CPU's chunked table up-cast (library.model.fp8.MIN_CHUNKED_ELEMENTS)
 store_weights(w, FP8_DTYPE, torch.float32)
-nn.functional.gelu(w(torch.randn(2, 64, requires_grad=True)) @ torch.randn(64, 64)).sum().backward()
+nn.functional.gelu(w(torch.randn(2, 512, requires_grad=True)) @ torch.randn(512, 512)).sum().backward()
 del w
 # glibc's dynamic threshold rises to the size of a freed mmapped chunk (<= 32 MiB): above the 16 MiB up-casts.
 # Nothing of it is touched, so it adds no resident pages.
@@ -64,12 +64,12 @@ for _ in range(layers):
     storage = torch.float32 if variant == "fp32" else FP8_DTYPE
     layer.weight = nn.Parameter((torch.randn(width, width) * 0.02).to(storage), requires_grad=False)
     layer.bias = nn.Parameter(torch.zeros(width), requires_grad=False)
-    if variant == "fp8":
-        store_weights(layer, FP8_DTYPE, torch.float32)
-    elif variant == "fp8_naive":
+    if variant == "fp8_naive":
         layer.forward = naive_forward.__get__(layer)
     stack.append(layer)
 model = nn.Sequential(*[m for layer in stack for m in (layer, nn.GELU())])
+if variant == "fp8":
+    store_weights(model, FP8_DTYPE, torch.float32)  # once per model, as the trainer: its layers share one scratch
 model(x).square().mean().backward()
 assert x.grad is not None and torch.isfinite(x.grad).all()
 print(json.dumps({"peak_bytes": peak() - baseline}))

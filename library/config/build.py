@@ -1,10 +1,10 @@
 """The one place the argparse namespace becomes typed, frozen, validated configuration.
 
 One builder per slice of `TrainConfig` (`model_config`, `data_config`, `network_config`, `optimizer_config`,
-`loop_config`, `precision_config`, `output_config`, `loss_config`, `sampling_config`, `validation_config`,
-`ema_config`) reads the flags of its part and checks them; `config_from_args` runs them and then the checks that need
-several slices (`library.config.checks`). Everything below this module receives the dataclass slice it needs.
-Validation here is cheap and runs before any model loads, so bad input costs a second and one clear line.
+`loop_config`, `precision_config`, `compile_config`, `output_config`, `loss_config`, `sampling_config`,
+`validation_config`, `ema_config`) reads the flags of its part and checks them; `config_from_args` runs them and then
+the checks that need several slices (`library.config.checks`). Everything below this module receives the dataclass slice
+it needs. Validation here is cheap and runs before any model loads, so bad input costs a second and one clear line.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from library.data.dataset_config import DatasetConfig, load_dataset_config
 from library.errors import UserInputError
 from library.files.lora_io import check_lora_file
 from library.files.weight_files import read_safetensors_header
+from library.model.compiled import CompileConfig
 from library.model.model_files import check_model_files
 from library.model.precision import PrecisionConfig, PrecisionRequest, check_precision_flags
 from library.model.text_encoding import check_max_token_length
@@ -92,6 +93,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         sampling=sampling_config(args),
         validation=validation_config(args, seed),
         ema=ema,
+        compile=compile_config(args),
     )
 
 
@@ -359,6 +361,11 @@ def precision_config(args: argparse.Namespace) -> PrecisionConfig:
     return PrecisionConfig(
         request=request, gradient_checkpointing=args.gradient_checkpointing, lowram=args.lowram, highvram=args.highvram
     )
+
+
+def compile_config(args: argparse.Namespace) -> CompileConfig | None:
+    """--torch_compile with its --dynamo_backend (which, as in sd-scripts, means nothing without it)."""
+    return CompileConfig(backend=args.dynamo_backend) if args.torch_compile else None
 
 
 SAVE_EVERY_FLAGS = (

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from library.config.argv_edit import join_command
+from library.model.compiled import DEFAULT_BACKEND, DYNAMO_BACKENDS, NO_BACKEND
 from library.train.loss import HUBER_SCHEDULES, LOSS_TYPES
 from library.train.optim import OPTIMIZER_TYPES, SCHEDULERS
 from library.train.sampling import DEFAULT_SAMPLER, SAMPLERS
@@ -281,6 +282,19 @@ def add_precision_arguments(group: FlagGroup) -> None:
         "the device, and cached-away models are freed unless samples need them",
     )
     add("--highvram", action="store_true", help="keep the VAE and text encoders on the GPU after caching")
+    add(
+        "--torch_compile",
+        action="store_true",
+        help="compile the UNet (and the text encoders when they train) with torch.compile; where it cannot compile, "
+        "training runs uncompiled after one warning line saying why",
+    )
+    add(
+        "--dynamo_backend",
+        default=DEFAULT_BACKEND,
+        choices=(*DYNAMO_BACKENDS, NO_BACKEND),
+        help="torch.compile's backend under --torch_compile (sd-scripts' names; 'no', as GUI configs write, "
+        "compiles nothing)",
+    )
 
 
 def add_output_arguments(group: FlagGroup) -> None:

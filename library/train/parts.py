@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from library.data.dataset import BucketBatchSampler
 from library.files.finite import NonFiniteSteps
 from library.model.base_models import Encoder
+from library.model.compiled import CompileState
 from library.model.loading import SDXLModels
 from library.model.precision import PrecisionPlan
 from library.report.history import Scalar
@@ -53,6 +54,8 @@ class LossParts:
     accelerator: Accelerator
     max_token_length: int
     options: LossOptions
+    compiled: CompileState | None = None
+    """With --torch_compile: whether `models`' UNet (and trained text encoders) still run compiled."""
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from library.model.compiled import CompileState
 from library.report.history import history_section
 from library.report.run_page import write_run_report  # imported with the trainer: never half-done by a Ctrl-C
 from library.train.grad_sync import sync_summary
@@ -84,6 +85,14 @@ def history_sections(parts: RunParts, state: LoopState) -> dict[str, Any]:
     )
 
 
+def compile_report(compiled: CompileState | None, durations: list[float]) -> dict[str, Any] | None:
+    """--torch_compile's backend, what ran (it or "eager") and why, and the first step's time (compiling happens
+    in it: compare with the median); None without the flag."""
+    if compiled is None:
+        return None
+    return {**compiled.summary(), "first_step_s": round(durations[0], 3) if durations else None}
+
+
 def run_report(cfg: TrainConfig, parts: RunParts, state: LoopState) -> dict[str, Any]:
     """The content of `<output_name>_report.json` as the run stands: what it cost, what actually ran, its history."""
     accelerator, plan, loop, progress = parts.accelerator, parts.plan, cfg.loop, state.progress
@@ -91,6 +100,7 @@ def run_report(cfg: TrainConfig, parts: RunParts, state: LoopState) -> dict[str,
     extra = {
         "attention": plan.attention,
         "gradient_checkpointing": cfg.precision.gradient_checkpointing,
+        "torch_compile": compile_report(parts.loss.compiled, state.timer.durations),
         "device": str(accelerator.device),
         "processes": accelerator.num_processes,
         "gradient_sync": sync_summary(parts.network.get_trainable_params(), accelerator.num_processes),

@@ -1,10 +1,11 @@
-"""The typed configuration of one run: frozen dataclasses, one slice per part of the run, built once from the
-command line by `library.config.build` and read by everything below it.
+"""The typed configuration of one run: frozen dataclasses, one slice per part of the run, built once from the command
+line by `library.config.build` and read by everything below it.
 
 The slices that belong to one part live beside it (`LossOptions` in `loss`, `SamplingConfig` in `sampling`,
 `ValidationConfig` in `validation`, `EMAConfig` in `ema`, `DatasetConfig` in `library.data.dataset_config`,
-`PrecisionConfig` in `library.model.precision`); the slices here are those of the recipe itself, and `TrainConfig`
-gathers them all. Nothing here reads the command line: the train wing imports nothing from `library.config`.
+`PrecisionConfig` in `library.model.precision`, `CompileConfig` in `library.model.compiled`); the slices here are those
+of the recipe itself, and `TrainConfig` gathers them all. Nothing here reads the command line: the train wing imports
+nothing from `library.config`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from library.data.dataset_config import DatasetConfig
+from library.model.compiled import CompileConfig
 from library.model.precision import PrecisionConfig
 from library.train.ema import EMAConfig
 from library.train.loss import LossOptions
@@ -142,3 +144,5 @@ class TrainConfig:
     """Held-out images and when to compute the validation loss (None or not `.enabled`: none)."""
     ema: EMAConfig | None = None
     """EMA of the LoRA weights (None: off)."""
+    compile: CompileConfig | None = None
+    """torch.compile of the models a step calls (None: off, `--torch_compile` not given)."""

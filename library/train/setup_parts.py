@@ -36,6 +36,7 @@ from library.model.base_models import (
     vae_encoder,
     vae_fingerprint,
 )
+from library.model.compiled import CompileConfig, CompileState, compile_models
 from library.model.loading import COMPONENTS, SDXLModels, empty_models, load_sdxl
 from library.model.precision import PrecisionConfig, PrecisionPlan
 from library.model.text_encoding import encode_captions
@@ -329,6 +330,23 @@ def release_text_encoders(models: SDXLModels, *, keep: bool, highvram: bool, dev
     models.text_encoder1 = release_model(models.text_encoder1, keep, highvram, device)
     models.text_encoder2 = release_model(models.text_encoder2, keep, highvram, device)
     free_memory(device)
+
+
+def compile_for_loss(
+    cfg: CompileConfig | None, models: SDXLModels, accelerator: Accelerator, *, train_text_encoder: bool
+) -> tuple[SDXLModels, CompileState | None]:
+    """The models the loss calls: with --torch_compile (once the LoRA is attached and the base prepared) the UNet
+    and trained text encoders compiled, or eager after one warning where that is not possible; `models` itself
+    (and None) without it."""
+    if cfg is None:
+        return models, None
+    return compile_models(
+        models,
+        cfg,
+        accelerator.device.type,
+        train_text_encoder=train_text_encoder,
+        warn=lambda line: accelerator.print(f"warning: {line}"),
+    )
 
 
 # --- The LoRA network and its optimizer ----------------------------------------------------------------------------

@@ -3,6 +3,7 @@ NaN guard (`backward_step`), and the update (`apply_update`)."""
 
 from __future__ import annotations
 
+import itertools
 import re
 import warnings
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 import torch
 
 from library.files.finite import NonFiniteSteps, group_gradient_norms, non_finite_source
+from library.model.compiled import first_line, rng_state, set_rng_state
 from library.model.text_encoding import encode_captions, time_ids
 from library.train.grad_sync import average_gradients
 from library.train.loss import SDXL_VAE_SCALE, diffusion_loss, noise_batch
@@ -46,6 +48,39 @@ def batch_loss(
     return diffusion_loss(prediction, noised, batch["loss_weights"], parts.noise_scheduler, parts.options)
 
 
+def accumulate_gradients(
+    parts: RunParts, batches: Iterator[dict], size: int, *, train_text_encoder: bool
+) -> torch.Tensor:
+    """Forward and backward `size` batches, each loss divided by `size`; returns the sum of their losses.
+
+    While the models run compiled (--torch_compile), the step keeps its batches and starting RNG state: compiled
+    code that fails here (backward is compiled at its first use) switches the run to eager (one warning) and the
+    step starts again from the same state, with no gradients (every step starts without)."""
+    accelerator, compiled = parts.accelerator, parts.loss.compiled
+    guarded = compiled is not None and compiled.active
+    start = rng_state() if guarded else None
+    taken: list[dict] = []
+    total = torch.zeros((), device=accelerator.device)
+    for _ in range(size):
+        batch = next(batches)
+        try:
+            loss = batch_loss(batch, parts.loss, train_text_encoder=train_text_encoder)
+            accelerator.backward(loss / size)
+        except Exception as error:
+            if not guarded:
+                raise
+            compiled.fall_back(f"the compiled step failed ({first_line(error)})")
+            set_rng_state(start)
+            parts.optimizer.zero_grad(set_to_none=True)
+            return accumulate_gradients(
+                parts, itertools.chain(taken, [batch], batches), size, train_text_encoder=train_text_encoder
+            )
+        if guarded:
+            taken.append(batch)
+        total += loss.detach()
+    return total
+
+
 def backward_step(
     parts: RunParts,
     params: list[torch.nn.Parameter],
@@ -64,11 +99,7 @@ def backward_step(
     alike) must be finite; if not, the step is skipped under --max_nan_steps (`non_finite` counts it; a warning
     line) or the run stops (NonFiniteError). One host sync covers the loss and the norms."""
     accelerator = parts.accelerator
-    total = torch.zeros((), device=accelerator.device)
-    for _ in range(size):
-        loss = batch_loss(next(batches), parts.loss, train_text_encoder=train_text_encoder)
-        accelerator.backward(loss / size)
-        total += loss.detach()
+    total = accumulate_gradients(parts, batches, size, train_text_encoder=train_text_encoder)
     mean_loss = accelerator.reduce(total / size, reduction="mean").float().reshape(1)
     average_gradients(params, accelerator)
     # Under fp16 loss scaling inf gradients are the GradScaler's to handle: it skips the step and lowers its scale.

@@ -58,6 +58,7 @@ from library.train.setup_parts import (
     StagedLoad,
     cache_latents_once,
     cache_text_outputs,
+    compile_for_loss,
     make_loader,
     plan_schedule,
     release_text_encoders,
@@ -326,14 +327,18 @@ def set_up(
         load_seconds=base.seconds,
         earlier_history=resumed_history(cfg.output, saver, accelerator),
     )
+    loss_models, compiled = compile_for_loss(
+        cfg.compile, models, accelerator, train_text_encoder=cfg.network.train_text_encoder
+    )
     loss = LossParts(
-        models,
+        loss_models,
         encode,
         make_noise_scheduler(cfg.loss.zero_terminal_snr),
         plan,
         accelerator,
         cfg.loop.max_token_length,
         cfg.loss,
+        compiled=compiled,
     )
     parts = RunParts(
         accelerator,
