@@ -279,6 +279,8 @@ def set_up(
     # LoRA network, optimizer groups (LoRA+), loader, schedule.
     phase.enter("setting up the LoRA network")
     memory.enter("set-up")
+    if accelerator.num_processes > 1:  # caching shares drew different amounts of randomness on each process:
+        set_seed(cfg.loop.seed)  # the LoRA's initial weights must be drawn alike everywhere (one process: unchanged)
     network, ema = setup_network(cfg.network, cfg.ema, models, plan, device)
     optimizer, groups = setup_optimizer(cfg.optimizer, network, accelerator)
     loader, sampler = make_loader(dataset, cfg.loop, accelerator, text_cache)
