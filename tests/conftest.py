@@ -21,6 +21,19 @@ import pytest
 TRAINING_FIXTURES = frozenset({"validated_runs", "runs", "state_folder", "trained_file", "uninterrupted"})
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Signals as in a terminal, however the suite was started: a shell starts a background job (`cmd &`, nohup)
+    with SIGINT ignored, and the tests of Ctrl-C and SIGTERM (and every child process they start, which inherits
+    an ignored signal) would then fail."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    sigterm = getattr(signal, "SIGTERM", None)
+    if sigterm is not None and signal.getsignal(sigterm) == signal.SIG_IGN:
+        signal.signal(sigterm, signal.SIG_DFL)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if TRAINING_FIXTURES.intersection(getattr(item, "fixturenames", ())):
